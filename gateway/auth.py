@@ -1,0 +1,89 @@
+"""Principals and token checks.
+
+Tokens are stored only as SHA-256 hashes; a presented token is hashed and compared in
+constant time. Tokens never reach a log line: the access log scrubs ``token=`` from URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from gateway.clock import now_iso
+from gateway.errors import AuthenticationRequired
+from gateway.store import Store
+
+ROLES = ("agent", "reviewer", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a name (recorded on every session, step and event) and a role."""
+
+    name: str
+    role: str
+
+    @property
+    def sees_everything(self) -> bool:
+        return self.role in ("admin", "reviewer")
+
+    @property
+    def may_write_anything(self) -> bool:
+        return self.role == "admin"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+class TokenAuthority:
+    """Maps tokens to principals. Created once per server; consulted on every request."""
+
+    def __init__(self, store: Store, configured_admin_token: str | None = None):
+        self.store = store
+        self._configured: list[tuple[str, Principal]] = []
+        if configured_admin_token:
+            self._configured.append((hash_token(configured_admin_token), Principal("admin", "admin")))
+        self._by_hash: dict[str, Principal] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the stored tokens (after one is created or revoked)."""
+        self._by_hash = {row["token_hash"]: Principal(row["name"], row["role"]) for row in self.store.active_tokens()}
+        for digest, principal in self._configured:
+            self._by_hash[digest] = principal
+
+    def has_tokens(self) -> bool:
+        return bool(self._by_hash)
+
+    def create(self, name: str, role: str) -> str:
+        """Store a new token for ``name``; returns the token itself, which is shown once."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        token = new_token()
+        self.store.add_token(name=name, role=role, token_hash=hash_token(token), created_at=now_iso())
+        self.reload()
+        return token
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal a token belongs to; raises ``AuthenticationRequired`` otherwise."""
+        if not token:
+            raise AuthenticationRequired(
+                "This request needs a token: send 'Authorization: Bearer <token>' (or 'token <token>', or ?token=).",
+                code="missing_token")
+        digest = hash_token(token)
+        found: Principal | None = None
+        for known, principal in self._by_hash.items():
+            # Every known hash is compared, in constant time, whatever matched.
+            if hmac.compare_digest(known, digest):
+                found = principal
+        if found is None:
+            raise AuthenticationRequired("The token is not valid. Check it, or ask an admin for a new one.",
+                                         code="invalid_token")
+        return found

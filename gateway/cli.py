@@ -1,0 +1,58 @@
+"""The command line: ``agent-gateway serve`` and ``agent-gateway token create``. The one synchronous edge."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Sequence
+
+from gateway import __version__
+from gateway.settings import REGISTRY, Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent-gateway", description="Agent Kernel Gateway: persistent, recorded "
+                                     "Jupyter kernel sessions for AI agents.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="Start the gateway on its embedded default (SQLite, local kernels).")
+    for setting in REGISTRY:
+        default = "none" if setting.default is None else setting.default
+        serve.add_argument(setting.flag, dest=setting.name, type=setting.type, default=None,
+                           help=f"{setting.help} (env {setting.env}; default {default})")
+
+    token = commands.add_parser("token", help="Manage access tokens.")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="Create a token for a principal and print it once.")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=("agent", "reviewer", "admin"))
+    create.add_argument("--data-dir", dest="data_dir", default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "token_command", "name", "role")}
+    settings = Settings.resolve(overrides)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from gateway.server import run
+
+        asyncio.run(run(settings))
+        return 0
+    if args.command == "token" and args.token_command == "create":
+        from gateway.auth import TokenAuthority
+        from gateway.store import Store
+
+        store = Store(settings.data_path / "gateway.db")
+        try:
+            token = TokenAuthority(store).create(args.name, args.role)
+        finally:
+            store.close()
+        print(token)
+        return 0
+    return 2

@@ -1,0 +1,111 @@
+"""Runs one execute_request on a kernel and gathers what it produced.
+
+The discipline of nbclient and jupyter_client: one request, its iopub messages filtered by
+parent ``msg_id``, done at ``status: idle`` plus the shell reply; always a deadline; the
+kernel's liveness checked while waiting so a dead kernel never hangs a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.channels import KernelConnection
+from gateway.outputs import EventSink, OutputCollector
+
+LIVENESS_INTERVAL = 0.25
+
+
+@dataclass
+class RawExecution:
+    """What the kernel did with one request, before it becomes a recorded step."""
+
+    outputs: list[dict[str, Any]]
+    reply: dict[str, Any] | None
+    execution_count: int | None
+    truncated: bool
+    ended: str  # "reply"; "timeout" (stopped by the interrupt); "stuck" (ignored it); "died"; "aborted"
+    interrupted_by_timeout: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Listener:
+    def __init__(self, collector: OutputCollector, done: asyncio.Future[None]):
+        self.collector = collector
+        self.done = done
+        self.reply: dict[str, Any] | None = None
+        self.idle = False
+
+    def on_message(self, channel: str, msg: dict[str, Any]) -> None:
+        if channel == "iopub":
+            msg_type = msg["header"]["msg_type"]
+            if msg_type == "status":
+                if msg["content"].get("execution_state") == "idle":
+                    self.idle = True
+            elif msg_type == "execute_input":
+                self.collector.execution_count = msg["content"].get("execution_count")
+            else:
+                self.collector.handle(msg)
+        elif channel == "shell" and msg["header"]["msg_type"] == "execute_reply":
+            self.reply = msg
+        if self.idle and self.reply is not None and not self.done.done():
+            self.done.set_result(None)
+
+
+async def execute(connection: KernelConnection, code: str, *, timeout: float, output_limit: int,
+                  is_alive: Any, interrupt: Any, interrupt_grace: float,
+                  sink: EventSink | None = None, silent: bool = False, store_history: bool = True,
+                  abort: asyncio.Future[str] | None = None) -> RawExecution:
+    """Run ``code``; returns when the kernel is idle again, the deadline passed, or the kernel died.
+
+    ``is_alive`` and ``interrupt`` are coroutine functions of the kernel that owns the connection.
+    On timeout the kernel is interrupted and given ``interrupt_grace`` seconds to finish.
+    When ``abort`` resolves first (restart, terminate), the wait ends with "aborted".
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    collector = OutputCollector(output_limit, sink)
+    listener = _Listener(collector, done)
+    request = connection.session.msg("execute_request", {
+        "code": code, "silent": silent, "store_history": store_history,
+        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True,
+    })
+    msg_id = request["header"]["msg_id"]
+    connection.send("shell", request, listener)
+    try:
+        ended = await _wait(done, loop.time() + timeout, is_alive, abort)
+        timed_out = ended == "timeout"
+        if timed_out:
+            await interrupt()
+            after = await _wait(done, loop.time() + interrupt_grace, is_alive, abort)
+            ended = {"reply": "timeout", "timeout": "stuck"}.get(after, after)
+    finally:
+        connection.forget(msg_id)
+    execution_count = collector.execution_count
+    reply = listener.reply["content"] if listener.reply else None
+    if reply and reply.get("execution_count") is not None:
+        execution_count = reply["execution_count"]
+    return RawExecution(outputs=collector.finish(), reply=reply, execution_count=execution_count,
+                        truncated=collector.truncated, ended=ended, interrupted_by_timeout=timed_out)
+
+
+async def _wait(done: asyncio.Future[None], deadline: float, is_alive: Any,
+                abort: asyncio.Future[str] | None) -> str:
+    """Wait for ``done`` until ``deadline``; "reply", "timeout", "died" or "aborted"."""
+    loop = asyncio.get_running_loop()
+    waitables: set[asyncio.Future[Any]] = {done} if abort is None else {done, abort}
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return "timeout"
+        await asyncio.wait(waitables, timeout=min(remaining, LIVENESS_INTERVAL),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if done.done():
+            return "reply"
+        if abort is not None and abort.done():
+            return "aborted"
+        if not await is_alive():
+            # Messages already in flight may still land; give them a moment.
+            await asyncio.sleep(0.05)
+            return "reply" if done.done() else "died"

@@ -1,0 +1,213 @@
+"""The one base handler: authentication, request bodies, JSON responses and the error envelope."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+from gateway.auth import Principal
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("gateway.access")
+
+TOKEN_IN_URL = re.compile(r"([?&]token=)[^&]*", re.IGNORECASE)
+STATUS_CODES = {400: "bad_request", 401: "invalid_token", 403: "forbidden", 404: "route_not_found",
+                405: "method_not_allowed", 413: "body_too_large", 500: "internal_error"}
+
+
+def scrub(uri: str) -> str:
+    """A request URI with any token removed, fit for logs."""
+    return TOKEN_IN_URL.sub(r"\1[redacted]", uri)
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log: method, scrubbed URI, status, time. Never a token."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "%d %s %s %.2fms", status, handler.request.method, scrub(handler.request.uri or ""),
+                       1000.0 * handler.request.request_time())
+
+
+class BodyBuffer:
+    """Collects a request body up to a limit; past it, remembers only that it was too large."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] = []
+        self.too_large = False
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.too_large = True
+            self.chunks.clear()
+        elif not self.too_large:
+            self.chunks.append(chunk)
+
+    def close(self) -> None:
+        self.chunks.clear()
+
+
+@tornado.web.stream_request_body
+class BaseHandler(tornado.web.RequestHandler):
+    """Every route's handler derives from this. ``public = True`` skips authentication."""
+
+    public = False
+    gateway: "Gateway"
+
+    def initialize(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+        self.principal: Principal | None = None
+        self.body_sink: Any = None
+
+    # request side -----------------------------------------------------------------------
+
+    def body_limit(self) -> int:
+        return self.gateway.settings.max_body_bytes
+
+    def prepare(self) -> None:
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None and not getattr(stream, "_gateway_nodelay", False):
+            stream.set_nodelay(True)
+            stream._gateway_nodelay = True
+        self.gateway.metrics.requests += 1
+        if not self.public:
+            self.principal = self.gateway.auth.authenticate(self.request_token())
+        limit = self.body_limit()
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            # Drain the body, then answer 413 from the method (see require_body_within_limit).
+            self.body_sink = BodyBuffer(0)
+        else:
+            self.body_sink = self.open_body_sink(limit)
+
+    def open_body_sink(self, limit: int) -> Any:
+        return BodyBuffer(limit)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.body_sink is not None:
+            self.body_sink.write(chunk)
+
+    def request_token(self) -> str | None:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() in ("bearer", "token") and value.strip():
+            return value.strip()
+        token = self.get_query_argument("token", None)
+        return token or None
+
+    def require_body_within_limit(self) -> None:
+        if self.body_sink is not None and self.body_sink.too_large:
+            limit = self.body_limit()
+            raise PayloadTooLarge(f"The request body is larger than this server's limit of {limit} bytes.",
+                                  details={"limit_bytes": limit})
+
+    def body_bytes(self) -> bytes:
+        self.require_body_within_limit()
+        return b"".join(self.body_sink.chunks) if self.body_sink is not None else b""
+
+    def json_body(self, fields: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The body as a JSON object whose fields are all known and of the right types."""
+        raw = self.body_bytes()
+        if not raw.strip():
+            data: Any = {}
+        else:
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)}. Allowed: {', '.join(sorted(fields))}.",
+                                 code="unknown_field", details={"fields": unknown, "allowed": sorted(fields)})
+        for name in required:
+            if data.get(name) is None:
+                raise InvalidRequest(f"The field '{name}' is required.", code="missing_field", details={"field": name})
+        for name, value in data.items():
+            expected = fields[name]
+            if value is None:
+                continue
+            if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
+                ok = False
+            else:
+                ok = isinstance(value, expected)
+            if not ok:
+                names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+                raise InvalidRequest(f"The field '{name}' must be of type {_json_type(names)}.",
+                                     code="invalid_field", details={"field": name})
+        return data
+
+    def int_query(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            raise InvalidRequest(f"The query parameter '{name}' must be a whole number from {low} to {high}.",
+                                 code="invalid_query", details={"parameter": name})
+        return int(raw)
+
+    # response side ----------------------------------------------------------------------
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GatewayError):
+            error = exc
+            self.set_status(exc.status)
+        elif isinstance(exc, tornado.web.HTTPError):
+            error = GatewayError(exc.log_message or self._reason, code=STATUS_CODES.get(status_code, "http_error"))
+        elif status_code == 500:
+            error = GatewayError("The gateway hit an internal error; it was logged. Retry, or report it with the time.")
+        else:
+            error = GatewayError(self._reason, code=STATUS_CODES.get(status_code, "http_error"))
+        if isinstance(error, GatewayError) and error.status == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="agent-gateway"')
+        for header in ("Content-Disposition",):
+            self.clear_header(header)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.envelope()))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, (GatewayError, tornado.web.HTTPError)):
+            log.debug("%s %s: %s", self.request.method, scrub(self.request.uri or ""), value)
+        elif isinstance(value, StreamClosedError):
+            log.info("%s %s: the client went away", self.request.method, scrub(self.request.uri or ""))
+        else:
+            log.error("%s %s failed", self.request.method, scrub(self.request.uri or ""), exc_info=(typ, value, tb))
+
+    def on_finish(self) -> None:
+        if self.body_sink is not None:
+            self.body_sink.close()
+
+
+class NotFoundHandler(BaseHandler):
+    """Any path no route claims."""
+
+    public = True
+
+    def prepare(self) -> None:
+        super().prepare()
+        raise NotFound(f"There is no route {self.request.path}. See docs/api.md for the routes.",
+                       code="route_not_found", details={"path": self.request.path})
+
+
+def _json_type(names: str) -> str:
+    return (names.replace("str", "string").replace("dict", "object").replace("list", "array")
+            .replace("float", "number").replace("int", "integer").replace("bool", "boolean"))

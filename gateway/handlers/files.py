@@ -1,0 +1,108 @@
+"""The files routes of a session's workspace: list, download, upload, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gateway.handlers.base import BaseHandler
+from gateway.handlers.sessions import SID
+from gateway.notebook import INLINE_UPLOAD_LIMIT
+
+CHUNK = 256 * 1024
+
+
+class FileListHandler(BaseHandler):
+    """GET /v1/sessions/{id}/files[?path=dir]"""
+
+    async def get(self, session_id: str) -> None:
+        assert self.principal is not None
+        workspace = self.gateway.sessions.workspace(self.principal, session_id)
+        self.write_json({"files": workspace.list(self.get_query_argument("path", None))})
+
+
+class UploadSink:
+    """Receives an upload into a temporary file outside the workspace, hashing as it goes."""
+
+    def __init__(self, directory: Path, limit: int):
+        self.limit = limit
+        self.size = 0
+        self.too_large = False
+        self.digest = hashlib.sha256()
+        self.head = bytearray()
+        fd, name = tempfile.mkstemp(dir=directory, prefix="upload-")
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.too_large = True
+            return
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        if len(self.head) <= INLINE_UPLOAD_LIMIT:
+            self.head.extend(chunk)
+
+    def finish(self) -> None:
+        self.file.close()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class FileHandler(BaseHandler):
+    """GET downloads raw bytes; PUT uploads the raw body; DELETE removes a file or directory."""
+
+    def body_limit(self) -> int:
+        if self.request.method == "PUT":
+            return self.gateway.settings.max_upload_bytes
+        return super().body_limit()
+
+    def open_body_sink(self, limit: int) -> Any:
+        if self.request.method != "PUT":
+            return super().open_body_sink(limit)
+        assert self.principal is not None
+        session_id = self.path_kwargs["session_id"]
+        sessions = self.gateway.sessions
+        directory = sessions.upload_dir(self.principal, session_id)
+        sessions.workspace(self.principal, session_id).resolve(self.path_kwargs["path"])
+        return UploadSink(directory, limit)
+
+    async def get(self, session_id: str, path: str) -> None:
+        assert self.principal is not None
+        target = self.gateway.sessions.workspace(self.principal, session_id).existing_file(path)
+        kind, _ = mimetypes.guess_type(target.name)
+        self.set_header("Content-Type", kind or "application/octet-stream")
+        self.set_header("Content-Length", str(target.stat().st_size))
+        with open(target, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                self.write(chunk)
+                await self.flush()
+        self.finish()
+
+    async def put(self, session_id: str, path: str) -> None:
+        assert self.principal is not None
+        self.require_body_within_limit()
+        sink: UploadSink = self.body_sink
+        sink.finish()
+        content = bytes(sink.head) if sink.size <= INLINE_UPLOAD_LIMIT else None
+        result = self.gateway.sessions.put_file(self.principal, session_id, path, sink.path, size=sink.size,
+                                                sha256=sink.digest.hexdigest(), content=content)
+        self.write_json(result, status=201)
+
+    async def delete(self, session_id: str, path: str) -> None:
+        assert self.principal is not None
+        self.write_json(self.gateway.sessions.delete_file(self.principal, session_id, path))
+
+
+routes = [
+    (rf"/v1/sessions/{SID}/files", FileListHandler),
+    (rf"/v1/sessions/{SID}/files/(?P<path>.+)", FileHandler),
+]

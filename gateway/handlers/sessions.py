@@ -1,0 +1,172 @@
+"""The agent API's session routes under /v1/sessions: lifecycle, execute, trajectory."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+from gateway.errors import InvalidRequest, NotImplementedYet
+from gateway.handlers.base import BaseHandler
+
+KEEPALIVE_SECONDS = 5.0
+SESSION_STATES = ("starting", "idle", "busy", "paused", "terminated", "failed")
+
+
+class SessionsHandler(BaseHandler):
+    """GET lists the caller's sessions; POST creates one."""
+
+    async def get(self) -> None:
+        state = self.get_query_argument("state", None)
+        if state is not None and state not in SESSION_STATES:
+            raise InvalidRequest(f"'state' must be one of {', '.join(SESSION_STATES)}.", code="invalid_query",
+                                 details={"parameter": "state"})
+        label = self.get_query_argument("label", None)
+        label_pair = None
+        if label is not None:
+            key, sep, value = label.partition(":")
+            if not sep or not key:
+                raise InvalidRequest("'label' must look like key:value.", code="invalid_query",
+                                     details={"parameter": "label"})
+            label_pair = (key, value)
+        assert self.principal is not None
+        self.write_json(self.gateway.sessions.list(
+            self.principal, state=state, label=label_pair, owner=self.get_query_argument("owner", None),
+            limit=self.int_query("limit", 50, 1, 500), cursor=self.get_query_argument("cursor", None)))
+
+    async def post(self) -> None:
+        body = self.json_body({"kernel": str, "labels": dict, "env": dict, "setup": str})
+        labels = body.get("labels") or {}
+        if not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 1024
+                   for k, v in labels.items()):
+            raise InvalidRequest("'labels' must map strings (up to 128 characters) to strings (up to 1024).",
+                                 code="invalid_field", details={"field": "labels"})
+        assert self.principal is not None
+        session = await self.gateway.sessions.create(
+            self.principal, kernel=body.get("kernel") or "python3", labels=labels, env=body.get("env"),
+            setup=body.get("setup"))
+        self.set_header("Location", f"/v1/sessions/{session['id']}")
+        self.write_json(session, status=201)
+
+
+class SessionHandler(BaseHandler):
+    """GET one session; DELETE terminates it."""
+
+    async def get(self, session_id: str) -> None:
+        assert self.principal is not None
+        self.write_json(self.gateway.sessions.get(self.principal, session_id))
+
+    async def delete(self, session_id: str) -> None:
+        assert self.principal is not None
+        self.write_json(await self.gateway.sessions.terminate(self.principal, session_id))
+
+
+class ExecuteHandler(BaseHandler):
+    """POST runs one step; ``Accept: application/x-ndjson`` streams its outputs."""
+
+    client_gone = False
+
+    def on_connection_close(self) -> None:
+        self.client_gone = True
+
+    async def post(self, session_id: str) -> None:
+        body = self.json_body({"code": str, "timeout": (int, float)}, required=("code",))
+        assert self.principal is not None
+        sessions = self.gateway.sessions
+        if "application/x-ndjson" not in self.request.headers.get("Accept", ""):
+            execution = await sessions.execute(self.principal, session_id, body["code"], timeout=body.get("timeout"))
+            self.write_json(execution)
+            return
+        sessions.check_timeout(body.get("timeout"))
+        last_line = [time.monotonic()]
+
+        def send(event: dict[str, Any]) -> None:
+            if self.client_gone:
+                return
+            if not self._headers_written:
+                self.set_header("Content-Type", "application/x-ndjson")
+            self.write(json.dumps(event) + "\n")
+            last_line[0] = time.monotonic()
+            self.flush().add_done_callback(_ignore_closed)
+
+        def keepalive() -> None:
+            if time.monotonic() - last_line[0] >= KEEPALIVE_SECONDS:
+                send({"type": "keepalive"})
+
+        timer = PeriodicCallback(keepalive, KEEPALIVE_SECONDS * 1000 / 2)
+        timer.start()
+        try:
+            execution = await sessions.execute(self.principal, session_id, body["code"],
+                                               timeout=body.get("timeout"), sink=send)
+        finally:
+            timer.stop()
+        send({"type": "done", "execution": execution})
+        if not self.client_gone:
+            self.finish()
+
+
+def _ignore_closed(future: Any) -> None:
+    future.exception()
+
+
+class InterruptHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        self.json_body({})
+        assert self.principal is not None
+        self.write_json(await self.gateway.sessions.interrupt(self.principal, session_id))
+
+
+class RestartHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        self.json_body({})
+        assert self.principal is not None
+        self.write_json(await self.gateway.sessions.restart(self.principal, session_id))
+
+
+class StepsHandler(BaseHandler):
+    async def get(self, session_id: str) -> None:
+        assert self.principal is not None
+        self.write_json({"steps": self.gateway.sessions.steps(self.principal, session_id)})
+
+
+class NotebookHandler(BaseHandler):
+    async def get(self, session_id: str) -> None:
+        assert self.principal is not None
+        text = self.gateway.sessions.notebook(self.principal, session_id)
+        self.set_header("Content-Type", "application/x-ipynb+json")
+        if self.get_query_argument("download", None) is not None:
+            self.set_header("Content-Disposition", f'attachment; filename="{session_id}.ipynb"')
+        self.finish(text)
+
+
+class EventsHandler(BaseHandler):
+    async def get(self, session_id: str) -> None:
+        assert self.principal is not None
+        self.write_json({"events": self.gateway.sessions.events(self.principal, session_id)})
+
+
+class NotYetHandler(BaseHandler):
+    """Routes of the contract that this version does not serve yet: a clear 501, never a silent 404."""
+
+    async def post(self, session_id: str) -> None:
+        assert self.principal is not None
+        self.gateway.sessions.get(self.principal, session_id)
+        action = self.request.path.rstrip("/").rsplit("/", 1)[-1]
+        raise NotImplementedYet(f"'{action}' is not available in this version of the gateway.",
+                                details={"action": action})
+
+
+SID = r"(?P<session_id>[A-Za-z0-9_-]{1,64})"
+routes = [
+    (r"/v1/sessions", SessionsHandler),
+    (rf"/v1/sessions/{SID}", SessionHandler),
+    (rf"/v1/sessions/{SID}/execute", ExecuteHandler),
+    (rf"/v1/sessions/{SID}/interrupt", InterruptHandler),
+    (rf"/v1/sessions/{SID}/restart", RestartHandler),
+    (rf"/v1/sessions/{SID}/steps", StepsHandler),
+    (rf"/v1/sessions/{SID}/notebook", NotebookHandler),
+    (rf"/v1/sessions/{SID}/events", EventsHandler),
+    (rf"/v1/sessions/{SID}/(?:pause|resume|fork|replay)", NotYetHandler),
+]

@@ -1,0 +1,145 @@
+"""Renders a session's trajectory (steps and events from the store) as an nbformat v4 notebook.
+
+The notebook is a view: SQLite is the source of truth. Cells are assembled as JSON text from
+the stored columns, so rendering does not parse every recorded output again. Steps that did
+not finish are tagged ``skip-execution`` and failed ones ``raises-exception``, so the notebook
+runs top to bottom with nbclient. File uploads small enough to inline become code cells that
+recreate the file; restarts and kernel deaths become markdown cells.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import nbformat
+
+INLINE_UPLOAD_LIMIT = 256 * 1024
+NOTEBOOK_FILE = "trajectory.ipynb"
+
+
+def _lines(text: str) -> str:
+    return json.dumps(text)
+
+
+def step_tags(status: str) -> list[str]:
+    if status in ("timeout", "interrupted", "died"):
+        return ["skip-execution", "raises-exception"]
+    if status == "error":
+        return ["raises-exception"]
+    return []
+
+
+def step_cell_json(row: Any) -> str:
+    """One code cell, as JSON text, from a ``steps`` row."""
+    gateway = {
+        "step": row["step"], "status": row["status"], "started_at": row["started_at"],
+        "finished_at": row["finished_at"], "duration_ms": row["duration_ms"], "source": row["source"],
+        "principal": row["principal"],
+    }
+    if row["truncated"]:
+        gateway["truncated"] = True
+    metadata: dict[str, Any] = {"gateway": gateway}
+    tags = step_tags(row["status"])
+    if tags:
+        metadata["tags"] = tags
+    count = "null" if row["execution_count"] is None else str(int(row["execution_count"]))
+    return ('{"cell_type": "code", "execution_count": %s, "id": "step-%d", "metadata": %s, '
+            '"outputs": %s, "source": %s}' % (count, row["step"], json.dumps(metadata), row["outputs"],
+                                               _lines(row["code"])))
+
+
+def event_cell(row: Any) -> dict[str, Any] | None:
+    """A cell for an event that changes what re-running needs (files, restarts), else None."""
+    details = json.loads(row["details"] or "{}")
+    action = row["action"]
+    meta = {"gateway": {"event": action, "at": row["at"], "principal": row["principal"], **{
+        k: v for k, v in details.items() if k != "content_b64"}}}
+    cell_id = f"event-{row['seq']}"
+    if action == "file_upload":
+        path = details["path"]
+        if "content_b64" in details:
+            source = (
+                f"# Recorded by the gateway: {row['principal']} uploaded {path!r} ({details['size']} bytes).\n"
+                "import base64 as _b64, pathlib as _pl\n"
+                f"_p = _pl.Path({path!r}); _p.parent.mkdir(parents=True, exist_ok=True)\n"
+                f"_p.write_bytes(_b64.b64decode({details['content_b64']!r}))\n"
+                "del _b64, _pl, _p"
+            )
+            return _code_event(cell_id, source, meta)
+        return _markdown(cell_id, f"**File uploaded** by {row['principal']}: `{path}` ({details['size']} bytes, "
+                                  f"sha256 `{details.get('sha256', '')}`). Too large to inline here.", meta)
+    if action == "file_delete":
+        path = details["path"]
+        if details.get("kind") == "directory":
+            source = f"# Recorded by the gateway: {row['principal']} deleted the directory {path!r}.\nimport shutil as _sh\n_sh.rmtree({path!r}, ignore_errors=True)\ndel _sh"
+        else:
+            source = f"# Recorded by the gateway: {row['principal']} deleted {path!r}.\nimport pathlib as _pl\n_pl.Path({path!r}).unlink(missing_ok=True)\ndel _pl"
+        return _code_event(cell_id, source, meta)
+    if action == "kernel_restarted":
+        why = details.get("reason", "restart requested")
+        return _markdown(cell_id, f"**Kernel restarted** ({why}): variables and imports defined above are gone; "
+                                  "files in the workspace are kept.", meta)
+    if action == "kernel_died":
+        return _markdown(cell_id, f"**Kernel died**: {details.get('message', '')}", meta)
+    return None
+
+
+def _code_event(cell_id: str, source: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"cell_type": "code", "execution_count": None, "id": cell_id,
+            "metadata": {**meta, "tags": ["gateway-event"]}, "outputs": [], "source": source}
+
+
+def _markdown(cell_id: str, text: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"cell_type": "markdown", "id": cell_id, "metadata": meta, "source": text}
+
+
+def render(session: dict[str, Any], display_name: str, timeline: Iterable[tuple[str, Any]]) -> str:
+    """The whole notebook as JSON text (``application/x-ipynb+json``)."""
+    parent = None
+    if session.get("parent_session_id"):
+        parent = {"session_id": session["parent_session_id"], "step": session.get("parent_step")}
+    metadata = {
+        "kernelspec": {"name": session["kernel"], "display_name": display_name,
+                       "language": (session.get("language_info") or {}).get("name", "python")},
+        "language_info": session.get("language_info") or {"name": "python"},
+        "gateway": {"session_id": session["id"], "owner": session["owner"], "kernel": session["kernel"],
+                    "created_at": session["created_at"], "parent": parent},
+    }
+    cells = []
+    for kind, row in timeline:
+        if kind == "step":
+            cells.append(step_cell_json(row))
+        else:
+            cell = event_cell(row)
+            if cell is not None:
+                cells.append(json.dumps(cell))
+    return ('{"cells": [%s], "metadata": %s, "nbformat": %d, "nbformat_minor": 5}'
+            % (",\n".join(cells), json.dumps(metadata), nbformat.v4.nbformat))
+
+
+def upload_details(path: str, content: bytes | None, size: int, sha256: str) -> dict[str, Any]:
+    """The details of a ``file_upload`` event; the bytes are kept only when small enough to inline."""
+    details: dict[str, Any] = {"path": path, "size": size, "sha256": sha256}
+    if content is not None and size <= INLINE_UPLOAD_LIMIT:
+        details["content_b64"] = base64.b64encode(content).decode()
+    return details
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".trajectory-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,188 @@
+"""Turns a kernel's iopub messages for one execution into nbformat outputs.
+
+Called by the executor for every iopub message of a step. Consecutive stream outputs are
+coalesced, carriage returns and backspaces resolved, ANSI codes stripped from tracebacks,
+and everything past the per-step output budget is cut and marked.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from nbformat.v4 import output_from_msg
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+TRUNCATION_NOTE = "\n[output truncated: this step produced more than {limit} bytes of output; the rest was discarded]\n"
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI_ESCAPE.sub("", text)
+
+
+def resolve_control_chars(text: str) -> str:
+    """Apply ``\\r`` (back to line start) and ``\\b`` (erase one character) as a terminal would."""
+    if "\r" not in text and "\b" not in text:
+        return text
+    text = text.replace("\r\n", "\n")
+    lines = []
+    for line in text.split("\n"):
+        if "\r" in line:
+            # Each \r returns to column 0; later text overwrites earlier text.
+            current: list[str] = []
+            for segment in line.split("\r"):
+                current[: len(segment)] = list(segment)
+            line = "".join(current)
+        if "\b" in line:
+            chars: list[str] = []
+            for ch in line:
+                if ch == "\b":
+                    if chars:
+                        chars.pop()
+                else:
+                    chars.append(ch)
+            line = "".join(chars)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _data_size(data: dict[str, Any]) -> int:
+    return sum(len(v) if isinstance(v, str) else len(str(v)) for v in data.values())
+
+
+class OutputCollector:
+    """Accumulates the outputs of one execution, within a byte budget.
+
+    ``sink`` (optional) receives streaming events as they arrive, in the agent API's
+    NDJSON shape (``{"type": "stdout", "text": ...}`` and so on).
+    """
+
+    def __init__(self, limit_bytes: int, sink: EventSink | None = None):
+        self.limit = limit_bytes
+        self.sink = sink
+        self.outputs: list[dict[str, Any]] = []
+        self.used = 0
+        self.truncated = False
+        self.execution_count: int | None = None
+        self._clear_pending = False
+
+    # budget -----------------------------------------------------------------------------
+
+    def _take(self, size: int) -> int:
+        """How many of ``size`` units still fit in the budget; marks truncation."""
+        room = max(self.limit - self.used, 0)
+        taken = min(size, room)
+        self.used += taken
+        if taken < size:
+            self.truncated = True
+        return taken
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink(event)
+
+    # message handling -------------------------------------------------------------------
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        """Fold one iopub message into the outputs (status and execute_input are ignored)."""
+        msg_type = msg["header"]["msg_type"]
+        content = msg["content"]
+        if msg_type == "stream":
+            self._stream(content.get("name", "stdout"), content.get("text", ""))
+        elif msg_type in ("display_data", "execute_result"):
+            self._rich(msg, msg_type)
+        elif msg_type == "error":
+            self._error(content)
+        elif msg_type == "update_display_data":
+            self._update_display(content)
+        elif msg_type == "clear_output":
+            if content.get("wait"):
+                self._clear_pending = True
+            else:
+                self.outputs.clear()
+
+    def _apply_pending_clear(self) -> None:
+        if self._clear_pending:
+            self.outputs.clear()
+            self._clear_pending = False
+
+    def _stream(self, name: str, text: str) -> None:
+        self._apply_pending_clear()
+        if self.truncated:
+            return
+        kept = self._take(len(text))
+        if kept < len(text):
+            text = text[:kept] + TRUNCATION_NOTE.format(limit=self.limit)
+        if self.outputs and self.outputs[-1]["output_type"] == "stream" and self.outputs[-1]["name"] == name:
+            self.outputs[-1]["_chunks"].append(text)
+        else:
+            self.outputs.append({"output_type": "stream", "name": name, "_chunks": [text]})
+        self._emit({"type": name, "text": text})
+
+    def _rich(self, msg: dict[str, Any], msg_type: str) -> None:
+        self._apply_pending_clear()
+        content = msg["content"]
+        if msg_type == "execute_result":
+            self.execution_count = content.get("execution_count")
+        size = _data_size(content.get("data", {}))
+        if msg_type == "display_data" and (self.truncated or self._take(size) < size):
+            return
+        output = output_from_msg(msg)
+        display_id = content.get("transient", {}).get("display_id")
+        if display_id:
+            output["_display_id"] = display_id
+        self.outputs.append(output)
+        kind = "result" if msg_type == "execute_result" else "display"
+        event: dict[str, Any] = {"type": kind, "data": content.get("data", {})}
+        if kind == "display":
+            event["metadata"] = content.get("metadata", {})
+        self._emit(event)
+
+    def _error(self, content: dict[str, Any]) -> None:
+        self._apply_pending_clear()
+        traceback = [strip_ansi(line) for line in content.get("traceback", [])]
+        output = {
+            "output_type": "error",
+            "ename": content.get("ename", ""),
+            "evalue": strip_ansi(content.get("evalue", "")),
+            "traceback": traceback,
+        }
+        self.outputs.append(output)
+        self._emit({"type": "error", "name": output["ename"], "value": output["evalue"],
+                    "traceback": "\n".join(traceback)})
+
+    def _update_display(self, content: dict[str, Any]) -> None:
+        display_id = content.get("transient", {}).get("display_id")
+        for output in self.outputs:
+            if display_id and output.get("_display_id") == display_id:
+                output["data"] = content.get("data", {})
+                output["metadata"] = content.get("metadata", {})
+        self._emit({"type": "display", "data": content.get("data", {}), "metadata": content.get("metadata", {})})
+
+    # results ----------------------------------------------------------------------------
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The final nbformat outputs: streams joined and control characters resolved."""
+        final = []
+        for output in self.outputs:
+            output = {k: v for k, v in output.items() if k != "_display_id"}
+            if output["output_type"] == "stream":
+                output["text"] = resolve_control_chars("".join(output.pop("_chunks")))
+            final.append(output)
+        return final
+
+
+def summarise(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Execution fields derived from outputs: ``stdout``, ``stderr``, ``result``, ``error``."""
+    stdout = "".join(o["text"] for o in outputs if o["output_type"] == "stream" and o["name"] == "stdout")
+    stderr = "".join(o["text"] for o in outputs if o["output_type"] == "stream" and o["name"] == "stderr")
+    result = None
+    error = None
+    for output in outputs:
+        if output["output_type"] == "execute_result":
+            result = output.get("data", {}).get("text/plain")
+        elif output["output_type"] == "error":
+            error = {"name": output["ename"], "value": output["evalue"], "traceback": "\n".join(output["traceback"])}
+    return {"stdout": stdout, "stderr": stderr, "result": result, "error": error}

@@ -1,0 +1,127 @@
+"""Records a session's trajectory: steps and events into the store, and the notebook file on disk.
+
+Called by the session manager. A step is committed before its response is sent; the notebook
+file, a view of the store, is rewritten shortly after (changes within ``notebook_write_delay``
+are gathered into one write) and on shutdown, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tornado.ioloop import IOLoop
+
+from gateway import notebook
+from gateway.clock import now_iso
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+STEP_VIEW_FIELDS = ("session_id", "step", "execution_count", "status", "stdout", "stderr", "result", "error",
+                    "outputs", "started_at", "finished_at", "duration_ms", "truncated")
+
+
+@dataclass
+class Trajectory:
+    """Where the next step and event of one session go."""
+
+    session_id: str
+    directory: Path
+    next_step: int = 0
+    next_seq: int = 1
+
+    def take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    def take_step(self) -> int:
+        step = self.next_step
+        self.next_step += 1
+        return step
+
+    @property
+    def notebook_path(self) -> Path:
+        return self.directory / notebook.NOTEBOOK_FILE
+
+
+def execution_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The agent API's Execution object from a ``steps`` row."""
+    view = {name: row[name] for name in STEP_VIEW_FIELDS}
+    view["error"] = json.loads(view["error"]) if view["error"] else None
+    view["outputs"] = json.loads(view["outputs"])
+    view["truncated"] = bool(view["truncated"])
+    return view
+
+
+class Recorder:
+    """Writes the trajectory. One per server."""
+
+    def __init__(self, store: Store, write_delay: float, display_name: Callable[[str], str]):
+        self.store = store
+        self.write_delay = write_delay
+        self.display_name = display_name
+        self._pending: dict[str, Trajectory] = {}
+
+    def record_step(self, trajectory: Trajectory, execution: dict[str, Any], *, seq: int, code: str,
+                    source: str, principal: str) -> None:
+        """Commit one step (``execution`` is its Execution view); then schedule the notebook write."""
+        row = {
+            "session_id": execution["session_id"], "step": execution["step"], "seq": seq,
+            "execution_count": execution["execution_count"], "code": code, "status": execution["status"],
+            "stdout": execution["stdout"], "stderr": execution["stderr"], "result": execution["result"],
+            "error": json.dumps(execution["error"]) if execution["error"] else None,
+            "outputs": json.dumps(execution["outputs"]), "started_at": execution["started_at"],
+            "finished_at": execution["finished_at"], "duration_ms": execution["duration_ms"],
+            "truncated": int(execution["truncated"]), "source": source, "principal": principal,
+        }
+        self.store.record_step(row, last_activity=execution["finished_at"])
+        self.schedule(trajectory)
+
+    def record_event(self, trajectory: Trajectory | None, action: str, principal: str | None,
+                     details: dict[str, Any] | None = None) -> None:
+        """Commit one event of a session (or of the gateway when ``trajectory`` is None)."""
+        self.store.record_event(
+            session_id=trajectory.session_id if trajectory else None,
+            seq=trajectory.take_seq() if trajectory else None,
+            at=now_iso(), principal=principal, action=action, details=details,
+        )
+        if trajectory is not None:
+            self.schedule(trajectory)
+
+    def notebook_text(self, session_id: str) -> str:
+        """The trajectory notebook, rendered from the store now."""
+        session = self.store.get_session(session_id)
+        assert session is not None
+        return notebook.render(session, self.display_name(session["kernel"]), self.store.timeline(session_id))
+
+    # the notebook file ------------------------------------------------------------------
+
+    def schedule(self, trajectory: Trajectory) -> None:
+        if trajectory.session_id in self._pending:
+            return
+        self._pending[trajectory.session_id] = trajectory
+        IOLoop.current().call_later(self.write_delay, self._write_pending, trajectory.session_id)
+
+    def _write_pending(self, session_id: str) -> None:
+        trajectory = self._pending.pop(session_id, None)
+        if trajectory is not None:
+            self.write_file(trajectory)
+
+    def write_file(self, trajectory: Trajectory) -> None:
+        try:
+            notebook.write_atomically(trajectory.notebook_path, self.notebook_text(trajectory.session_id))
+        except Exception:
+            log.exception("session %s: could not write the notebook file", trajectory.session_id)
+
+    def flush(self, session_id: str | None = None) -> None:
+        """Write pending notebook files now (one session, or all); called on terminate and shutdown."""
+        ids = [session_id] if session_id else list(self._pending)
+        for sid in ids:
+            trajectory = self._pending.pop(sid, None)
+            if trajectory is not None:
+                self.write_file(trajectory)

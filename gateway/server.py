@@ -1,0 +1,107 @@
+"""Builds the tornado application and runs the server until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
+
+from gateway import __version__
+from gateway.auth import TokenAuthority
+from gateway.handlers import files, ops, sessions
+from gateway.handlers.base import NotFoundHandler, log_request
+from gateway.kernels import KernelLauncher
+from gateway.metrics import Metrics
+from gateway.sessions import SessionManager
+from gateway.settings import Settings
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+KERNEL_WATCH_MS = 2000
+
+
+@dataclass
+class Gateway:
+    """The services one server process is made of; handed to every handler by ``initialize``."""
+
+    settings: Settings
+    store: Store
+    auth: TokenAuthority
+    sessions: SessionManager
+    metrics: Metrics
+
+    @classmethod
+    def open(cls, settings: Settings) -> "Gateway":
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
+        store = Store(data / "gateway.db")
+        metrics = Metrics()
+        launcher = KernelLauncher(data / "runtime")
+        manager = SessionManager(settings, store, launcher, metrics)
+        return cls(settings, store, TokenAuthority(store, settings.token), manager, metrics)
+
+
+def make_app(gateway: Gateway) -> tornado.web.Application:
+    """The tornado application with every route of the gateway."""
+    routes = [*ops.routes, *sessions.routes, *files.routes]
+    kwargs = {"gateway": gateway}
+    return tornado.web.Application(
+        [(pattern, handler, kwargs) for pattern, handler in routes],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=kwargs,
+        log_function=log_request,
+        compress_response=False,
+        xsrf_cookies=False,
+    )
+
+
+def ensure_admin_token(gateway: Gateway, announce: Callable[[str], None]) -> None:
+    """On first start with no token configured, create an admin token and show it once."""
+    if gateway.auth.has_tokens():
+        return
+    token = gateway.auth.create("admin", "admin")
+    announce(f"Created the admin token (shown only this once; only its hash is stored):\n\n    {token}\n")
+
+
+async def run(settings: Settings, announce: Callable[[str], None] = print) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down cleanly: steps recorded, kernels stopped, store closed."""
+    gateway = Gateway.open(settings)
+    gateway.sessions.recover()
+    ensure_admin_token(gateway, announce)
+    app = make_app(gateway)
+    limit = max(settings.max_upload_bytes, settings.max_body_bytes) + 1024 * 1024
+    server = HTTPServer(app, max_body_size=limit, idle_connection_timeout=3600, xheaders=False)
+    sockets = bind_sockets(settings.port, settings.host)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    announce(f"Agent Kernel Gateway {__version__} listening on http://{host}:{port} "
+             f"(data: {settings.data_path})")
+    sys.stdout.flush()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = PeriodicCallback(gateway.sessions.watch_kernels, KERNEL_WATCH_MS)
+    watcher.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: stopping sessions")
+        watcher.stop()
+        server.stop()
+        await gateway.sessions.shutdown()
+        await server.close_all_connections()
+        gateway.store.close()
+        log.info("shut down cleanly")

@@ -1,0 +1,449 @@
+"""The session manager: every session's kernel, workspace and trajectory, behind one API.
+
+Handlers of both faces call it with the caller's ``Principal``. It enforces visibility (a
+session the caller may not see is ``NotFound``), serialises the steps of a session in arrival
+order, records every step and event through the recorder, and replaces a kernel that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway import executor
+from gateway.auth import Principal
+from gateway.clock import iso, now_iso, utcnow
+from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unavailable
+from gateway.metrics import Metrics
+from gateway.kernels import KernelLauncher, RunningKernel, validate_env
+from gateway.notebook import upload_details
+from gateway.outputs import EventSink, strip_ansi, summarise
+from gateway.recorder import Recorder, Trajectory, execution_view
+from gateway.settings import Settings
+from gateway.store import Store
+from gateway.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = ("starting", "idle", "busy")
+ENDED_STATES = ("terminated", "failed")
+
+
+@dataclass
+class RunningStep:
+    """The step a session is executing now; lets interrupt, restart and terminate reach it."""
+
+    abort: asyncio.Future[str]
+    interrupt_requested: bool = False
+
+
+@dataclass
+class LiveSession:
+    """A session whose kernel this process runs."""
+
+    row: dict[str, Any]
+    kernel: RunningKernel | None
+    trajectory: Trajectory
+    workspace: Workspace
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    current: RunningStep | None = None
+    generation: int = 0
+
+    @property
+    def id(self) -> str:
+        return str(self.row["id"])
+
+
+class SessionManager:
+    """Creates, runs and ends sessions. One per server; its methods are what handlers call."""
+
+    def __init__(self, settings: Settings, store: Store, launcher: KernelLauncher, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store
+        self.launcher = launcher
+        self.recorder = Recorder(store, settings.notebook_write_delay, self.display_name)
+        self.sessions_dir = settings.data_path / "sessions"
+        self.sessions_dir.mkdir(parents=True, exist_ok=True)
+        self.live: dict[str, LiveSession] = {}
+        self.by_kernel: dict[str, str] = {}
+        self.closing = False
+
+    def display_name(self, kernel: str) -> str:
+        try:
+            return str(self.launcher.get_spec(kernel).display_name)
+        except GatewayError:
+            return kernel
+
+    # start-up and shutdown --------------------------------------------------------------
+
+    def recover(self) -> None:
+        """At start: sessions left live by a previous process that did not stop cleanly are failed."""
+        for row in self.store.sessions_in_states(LIVE_STATES):
+            reason = ("The gateway stopped unexpectedly while this session was live, so its kernel is gone. "
+                      "Its files and recorded steps are kept.")
+            trajectory = self._trajectory(row["id"])
+            self.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
+            self.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
+            log.warning("session %s: marked failed; the previous gateway process did not stop cleanly", row["id"])
+        self.recorder.flush()
+
+    async def shutdown(self) -> None:
+        """Interrupt running steps (they are recorded), stop every kernel, write every notebook."""
+        self.closing = True
+        sessions = list(self.live.values())
+        for live in sessions:
+            if live.current is not None and live.kernel is not None:
+                live.current.interrupt_requested = True
+                try:
+                    await live.kernel.interrupt()
+                except Exception:
+                    log.warning("session %s: interrupt at shutdown failed", live.id, exc_info=True)
+        await asyncio.gather(*(self._end(live, None, "terminated", "The gateway was shut down.",
+                                         grace=self.settings.interrupt_grace) for live in sessions))
+        self.recorder.flush()
+
+    # lookups ----------------------------------------------------------------------------
+
+    def _trajectory(self, session_id: str) -> Trajectory:
+        next_step, next_seq = self.store.next_positions(session_id)
+        return Trajectory(session_id, self.sessions_dir / session_id, next_step, next_seq)
+
+    def _row(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        """The session's current row if the principal may see it; else ``NotFound``."""
+        live = self.live.get(session_id)
+        row = live.row if live is not None else self.store.get_session(session_id)
+        if row is None or not (principal.sees_everything or row["owner"] == principal.name):
+            raise NotFound(f"There is no session '{session_id}'. List yours with GET /v1/sessions.",
+                           code="session_not_found", details={"session_id": session_id})
+        return row
+
+    def _writable(self, principal: Principal, session_id: str) -> LiveSession:
+        """A live session the principal may act on (404 unseen, 403 read-only, 409 ended)."""
+        row = self._row(principal, session_id)
+        if not (principal.may_write_anything or row["owner"] == principal.name):
+            raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not change it.",
+                            details={"session_id": session_id})
+        live = self.live.get(session_id)
+        if live is None or live.row["state"] in ENDED_STATES:
+            raise Conflict(f"Session '{session_id}' is {row['state']}: it runs nothing more. "
+                           f"{row.get('reason') or ''} Create a new session to continue.".replace("  ", " "),
+                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+        return live
+
+    def session_id_for_kernel(self, kernel_id: str) -> str | None:
+        if kernel_id in self.by_kernel:
+            return self.by_kernel[kernel_id]
+        row = self.store.get_session_by_kernel(kernel_id)
+        return row["id"] if row else None
+
+    @staticmethod
+    def view(row: dict[str, Any]) -> dict[str, Any]:
+        """The API's Session object."""
+        parent = None
+        if row.get("parent_session_id"):
+            parent = {"session_id": row["parent_session_id"], "step": row.get("parent_step")}
+        view = {
+            "id": row["id"], "kernel_id": row["kernel_id"], "kernel": row["kernel"], "state": row["state"],
+            "owner": row["owner"], "labels": row.get("labels") or {}, "created_at": row["created_at"],
+            "last_activity": row["last_activity"], "steps": row["steps"], "parent": parent,
+        }
+        if row.get("reason"):
+            view["reason"] = row["reason"]
+        return view
+
+    def get(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        return self.view(self._row(principal, session_id))
+
+    def list(self, principal: Principal, *, state: str | None = None, label: tuple[str, str] | None = None,
+             owner: str | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
+        if not principal.sees_everything:
+            if owner is not None and owner != principal.name:
+                return {"sessions": [], "next": None}
+            owner = principal.name
+        rows, next_cursor = self.store.list_sessions(owner=owner, state=state, label=label, limit=limit,
+                                                     cursor=cursor)
+        views = [self.view(self.live[r["id"]].row if r["id"] in self.live else r) for r in rows]
+        return {"sessions": views, "next": next_cursor}
+
+    # create, terminate ------------------------------------------------------------------
+
+    async def create(self, principal: Principal, *, kernel: str = "python3", labels: dict[str, str] | None = None,
+                     env: dict[str, str] | None = None, setup: str | None = None) -> dict[str, Any]:
+        """Start a session and its kernel; runs ``setup`` as step 0. Returns the Session view."""
+        if self.closing:
+            raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
+        if principal.role == "reviewer":
+            raise Forbidden("Reviewers read sessions; they cannot create them.")
+        self.launcher.get_spec(kernel)
+        env = validate_env(env)
+        session_id = "s_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
+        kernel_id = str(uuid.uuid4())
+        created = now_iso()
+        row: dict[str, Any] = {
+            "id": session_id, "kernel_id": kernel_id, "kernel": kernel, "state": "starting",
+            "owner": principal.name, "labels": labels or {}, "created_at": created, "last_activity": created,
+            "steps": 0,
+        }
+        self.store.insert_session(row)
+        trajectory = Trajectory(session_id, self.sessions_dir / session_id, next_step=0 if setup else 1)
+        live = LiveSession(row, None, trajectory, Workspace(trajectory.directory / "workspace"))
+        self.live[session_id] = live
+        self.by_kernel[kernel_id] = session_id
+        self.recorder.record_event(trajectory, "session_created", principal.name,
+                                   {"kernel": kernel, "labels": row["labels"], "env_names": sorted(env)})
+        try:
+            live.kernel = await self.launcher.start(kernel_id=kernel_id, spec_name=kernel, cwd=live.workspace.root,
+                                                    env=env, ready_timeout=self.settings.kernel_start_timeout)
+        except Exception as exc:
+            reason = f"The kernel could not be started: {exc}"
+            log.error("session %s: %s", session_id, reason)
+            await self._end(live, principal.name, "failed", reason)
+            raise Unavailable(reason + " Check the kernel spec and the server log, then retry.",
+                              code="kernel_start_failed", details={"session_id": session_id}) from None
+        row["state"] = "idle"
+        row["language_info"] = live.kernel.kernel_info.get("language_info")
+        self.store.update_session(session_id, state="idle", language_info=row["language_info"])
+        log.info("session %s: created by %s (kernel %s)", session_id, principal.name, kernel_id)
+        if setup:
+            await self.execute(principal, session_id, setup)
+        return self.view(row)
+
+    async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        """Shut the kernel down; the trajectory and workspace stay."""
+        live = self._writable(principal, session_id)
+        await self._end(live, principal.name, "terminated", f"Terminated by {principal.name}.")
+        return self.view(live.row)
+
+    async def _end(self, live: LiveSession, principal: str | None, state: str, reason: str,
+                   grace: float = 0.0) -> None:
+        """End a session: let a running step finish within ``grace``, abort it otherwise, then close."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while live.current is not None and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if live.current is not None and not live.current.abort.done():
+            live.current.abort.set_result(state)
+        live.row["state"] = state
+        async with live.lock:
+            await self._close(live, principal, state, reason)
+
+    async def _close(self, live: LiveSession, principal: str | None, state: str, reason: str) -> None:
+        """Stop the kernel and record the end; the caller holds the session's lock."""
+        live.row["state"] = state
+        if live.kernel is not None:
+            await live.kernel.shutdown(now=state == "failed")
+        ended = now_iso()
+        live.row.update(reason=reason, ended_at=ended)
+        self.store.update_session(live.id, state=state, reason=reason, ended_at=ended)
+        self.recorder.record_event(live.trajectory, f"session_{state}", principal, {"reason": reason})
+        self.live.pop(live.id, None)
+        self.by_kernel.pop(live.row["kernel_id"], None)
+        self.recorder.flush(live.id)
+        log.info("session %s: %s (%s)", live.id, state, reason)
+
+    # steps ------------------------------------------------------------------------------
+
+    def check_timeout(self, timeout: Any) -> float:
+        if timeout is None:
+            return self.settings.default_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidRequest("'timeout' must be a positive number of seconds.", code="invalid_field",
+                                 details={"field": "timeout"})
+        return min(float(timeout), self.settings.max_timeout)
+
+    async def execute(self, principal: Principal, session_id: str, code: str, *, timeout: float | None = None,
+                      sink: EventSink | None = None, source: str = "agent") -> dict[str, Any]:
+        """Run one step and record it; returns the Execution (committed before this returns)."""
+        live = self._writable(principal, session_id)
+        limit = self.check_timeout(timeout)
+        async with live.lock:
+            if live.row["state"] in ENDED_STATES or live.kernel is None:
+                raise Conflict(f"Session '{session_id}' ended while this step waited to run.", code="session_ended",
+                               details={"session_id": session_id, "state": live.row["state"]})
+            if not await live.kernel.is_alive():
+                await self._replace_kernel(live, "kernel_died", None,
+                                           f"The kernel had stopped ({live.kernel.exit_description()}) before this "
+                                           "step; a new one was started: variables and imports are gone, files are kept.")
+            return await self._run_step(live, principal, code, limit, sink, source)
+
+    async def _run_step(self, live: LiveSession, principal: Principal, code: str, limit: float,
+                        sink: EventSink | None, source: str) -> dict[str, Any]:
+        kernel = live.kernel
+        assert kernel is not None and kernel.connection is not None
+        step, seq = live.trajectory.take_step(), live.trajectory.take_seq()
+        running = RunningStep(asyncio.get_running_loop().create_future())
+        live.current, live.row["state"] = running, "busy"
+        started = utcnow()
+        try:
+            raw = await executor.execute(
+                kernel.connection, code, timeout=limit, output_limit=self.settings.max_output_bytes,
+                is_alive=kernel.is_alive, interrupt=kernel.interrupt, interrupt_grace=self.settings.interrupt_grace,
+                sink=sink, abort=running.abort)
+        finally:
+            live.current = None
+            if live.row["state"] == "busy":
+                live.row["state"] = "idle"
+        finished = utcnow()
+        status, error = self._outcome(raw, running, limit, kernel)
+        execution = {
+            "session_id": live.id, "step": step, "execution_count": raw.execution_count, "status": status,
+            **summarise(raw.outputs), "outputs": raw.outputs,
+            "started_at": iso(started), "finished_at": iso(finished),
+            "duration_ms": round((finished - started).total_seconds() * 1000, 3), "truncated": raw.truncated,
+        }
+        if error is not None:
+            execution["error"] = error
+        self.recorder.record_step(live.trajectory, execution, seq=seq, code=code, source=source,
+                                  principal=principal.name)
+        live.row["steps"] += 1
+        live.row["last_activity"] = execution["finished_at"]
+        self.metrics.observe_step(status, execution["duration_ms"])
+        if raw.ended == "died":
+            await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")
+        elif raw.ended == "stuck":
+            await self._replace_kernel(live, "kernel_restarted", principal.name,
+                                       "the kernel ignored the interrupt after a timeout")
+        elif raw.ended == "aborted" and running.abort.result() == "restart":
+            await self._replace_kernel(live, "kernel_restarted", principal.name, "restart requested during a step")
+        return execution
+
+    def _outcome(self, raw: executor.RawExecution, running: RunningStep, limit: float,
+                 kernel: RunningKernel) -> tuple[str, dict[str, Any] | None]:
+        """The step's status and, when it did not succeed, its error."""
+        if raw.ended == "died":
+            return "died", _error("KernelDied", (
+                f"The kernel process ended during this step ({kernel.exit_description()}). A new kernel was started "
+                "for this session: variables and imports are gone; files in the workspace are kept."))
+        if raw.ended in ("timeout", "stuck"):
+            tail = ("The kernel was interrupted; the session's variables are kept." if raw.ended == "timeout" else
+                    "The kernel ignored the interrupt and was restarted: variables and imports are gone; files are kept.")
+            return "timeout", _error("Timeout", f"The step did not finish within its {limit:g} s time limit. {tail}")
+        if raw.ended == "aborted":
+            why = running.abort.result()
+            message = {"restart": "The kernel was restarted during this step: variables and imports are gone."}.get(
+                why, f"The session was {why} during this step.")
+            return "interrupted", _error("Interrupted", message)
+        reply = raw.reply or {}
+        if reply.get("status") == "ok":
+            return "ok", None
+        if reply.get("status") == "aborted":
+            return "error", _error("Aborted", "The kernel aborted this step without running it.")
+        error = _error(reply.get("ename", "Error"), strip_ansi(reply.get("evalue", "")),
+                       "\n".join(strip_ansi(line) for line in reply.get("traceback", [])))
+        if running.interrupt_requested and reply.get("ename") == "KeyboardInterrupt":
+            return "interrupted", error
+        return "error", error
+
+    async def _replace_kernel(self, live: LiveSession, action: str, principal: str | None, message: str) -> None:
+        """Record why the kernel is being replaced, then start a new one (or fail the session)."""
+        assert live.kernel is not None
+        self.recorder.record_event(live.trajectory, action, principal,
+                                   {"message": message} if action == "kernel_died" else {"reason": message})
+        try:
+            await live.kernel.restart(self.settings.kernel_start_timeout)
+            live.generation += 1
+            if action == "kernel_died":
+                self.recorder.record_event(live.trajectory, "kernel_restarted", None,
+                                           {"reason": "replacing a kernel that died"})
+            log.info("session %s: kernel replaced (%s)", live.id, action)
+        except Exception as exc:
+            log.error("session %s: no new kernel could be started: %s", live.id, exc)
+            await self._close(live, principal, "failed", f"A new kernel could not be started: {exc}")
+
+    async def interrupt(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        """Interrupt the running step, if any; it ends with status ``interrupted``."""
+        live = self._writable(principal, session_id)
+        running = live.current
+        if running is not None and live.kernel is not None:
+            running.interrupt_requested = True
+            await live.kernel.interrupt()
+        self.recorder.record_event(live.trajectory, "interrupt", principal.name, {"step_running": running is not None})
+        return {"session_id": session_id, "interrupted": running is not None}
+
+    async def restart(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        """A new kernel in the same workspace; a running step ends as ``interrupted``."""
+        live = self._writable(principal, session_id)
+        generation = live.generation
+        if live.current is not None and not live.current.abort.done():
+            live.current.abort.set_result("restart")
+        async with live.lock:
+            if live.row["state"] in ENDED_STATES:
+                raise Conflict(f"Session '{session_id}' ended before it could be restarted.", code="session_ended")
+            if live.generation == generation:
+                await self._replace_kernel(live, "kernel_restarted", principal.name,
+                                           f"restart requested by {principal.name}")
+        return self.view(live.row)
+
+    # trajectory and files ---------------------------------------------------------------
+
+    def steps(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
+        self._row(principal, session_id)
+        return [execution_view(row) for row in self.store.list_steps(session_id)]
+
+    def events(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
+        self._row(principal, session_id)
+        events = self.store.list_events(session_id)
+        for event in events:
+            event["details"].pop("content_b64", None)
+        return events
+
+    def notebook(self, principal: Principal, session_id: str) -> str:
+        self._row(principal, session_id)
+        return self.recorder.notebook_text(session_id)
+
+    def workspace(self, principal: Principal, session_id: str) -> Workspace:
+        """The workspace of a session the principal may read (live or ended)."""
+        self._row(principal, session_id)
+        live = self.live.get(session_id)
+        return live.workspace if live else Workspace(self.sessions_dir / session_id / "workspace")
+
+    def upload_dir(self, principal: Principal, session_id: str) -> Path:
+        """Where an upload is received before it is moved into the workspace (outside of it)."""
+        live = self._writable(principal, session_id)
+        path = live.trajectory.directory / "uploads"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
+                 sha256: str, content: bytes | None) -> dict[str, Any]:
+        """Install a received upload at ``path`` and record it."""
+        live = self._writable(principal, session_id)
+        target = live.workspace.install(path, received)
+        relative = live.workspace.relative(target)
+        self.recorder.record_event(live.trajectory, "file_upload", principal.name,
+                                   upload_details(relative, content, size, sha256))
+        return {"path": relative, "size": size, "sha256": sha256}
+
+    def delete_file(self, principal: Principal, session_id: str, path: str) -> dict[str, Any]:
+        live = self._writable(principal, session_id)
+        kind = live.workspace.delete(path)
+        self.recorder.record_event(live.trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
+        return {"path": path, "deleted": kind}
+
+    # operations -------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return {"live": len(self.live), "paused": self.store.count_sessions("paused")}
+
+    async def watch_kernels(self) -> None:
+        """Replace kernels that died between steps (called periodically by the server)."""
+        for live in list(self.live.values()):
+            if live.kernel is None or live.lock.locked() or live.row["state"] != "idle":
+                continue
+            if not await live.kernel.is_alive():
+                async with live.lock:
+                    if live.kernel is not None and live.row["state"] == "idle" and not await live.kernel.is_alive():
+                        await self._replace_kernel(
+                            live, "kernel_died", None,
+                            f"The kernel stopped between steps ({live.kernel.exit_description()}); a new one was "
+                            "started: variables and imports are gone, files are kept.")
+
+
+def _error(name: str, value: str, traceback: str = "") -> dict[str, Any]:
+    return {"name": name, "value": value, "traceback": traceback}

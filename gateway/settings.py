@@ -1,0 +1,89 @@
+"""One registry of the gateway's settings, read by the CLI and the server.
+
+Each setting has a name, a default, a type, a help text and an environment variable.
+Precedence: command-line flag, then environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: how it is named, parsed and documented."""
+
+    name: str
+    default: Any
+    type: Callable[[str], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "AGENT_GATEWAY_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+MIB = 1024 * 1024
+
+REGISTRY: tuple[Setting, ...] = (
+    Setting("host", "127.0.0.1", str, "Interface to listen on."),
+    Setting("port", 8765, int, "TCP port to listen on."),
+    Setting("data_dir", "./gateway-data", str, "Directory holding the database, workspaces and notebooks."),
+    Setting("token", None, str, "Admin token to accept (instead of one generated on first start). Never logged."),
+    Setting("default_timeout", 60.0, float, "Seconds a step may run when the request names no timeout."),
+    Setting("max_timeout", 3600.0, float, "Largest step timeout a request may ask for, in seconds."),
+    Setting("max_output_bytes", 1 * MIB, int, "Output kept per step; the rest is cut and the step marked truncated."),
+    Setting("max_body_bytes", 8 * MIB, int, "Largest JSON request body, in bytes (413 past it)."),
+    Setting("max_upload_bytes", 256 * MIB, int, "Largest file upload, in bytes (413 past it)."),
+    Setting("kernel_start_timeout", 60.0, float, "Seconds to wait for a new kernel to answer."),
+    Setting("interrupt_grace", 5.0, float, "Seconds a timed-out step gets to stop after an interrupt before its kernel is restarted."),
+    Setting("notebook_write_delay", 1.0, float, "Seconds to gather changes before rewriting a session's notebook file."),
+    Setting("log_level", "INFO", str, "Logging level (DEBUG, INFO, WARNING, ERROR)."),
+)
+
+
+@dataclass
+class Settings:
+    """Resolved settings for one gateway process."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data_dir: str = "./gateway-data"
+    token: str | None = field(default=None, repr=False)
+    default_timeout: float = 60.0
+    max_timeout: float = 3600.0
+    max_output_bytes: int = 1 * MIB
+    max_body_bytes: int = 8 * MIB
+    max_upload_bytes: int = 256 * MIB
+    kernel_start_timeout: float = 60.0
+    interrupt_grace: float = 5.0
+    notebook_write_delay: float = 1.0
+    log_level: str = "INFO"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @classmethod
+    def resolve(cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> "Settings":
+        """Build settings from the environment and explicit overrides (CLI flags, tests)."""
+        environ = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for setting in REGISTRY:
+            if setting.env in environ:
+                values[setting.name] = setting.type(environ[setting.env])
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {sorted(unknown)}")
+        return cls(**values)

@@ -1,0 +1,247 @@
+"""The SQLite store, the source of truth for sessions, steps, events and tokens.
+
+One writer (the server's event loop), WAL mode, bound parameters, UTC ISO timestamps.
+Schema changes go through ``sqlite_utils.Migrations`` only. Tables are named to read
+well in ``sqlite-utils`` or datasette: ``sessions``, ``steps``, ``events``, ``tokens``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from gateway.errors import InvalidRequest
+
+migrations = Migrations("agent_gateway")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    """Sessions, steps, events and tokens."""
+    db["sessions"].create(
+        {
+            "id": str, "kernel_id": str, "kernel": str, "state": str, "owner": str,
+            "labels": str, "created_at": str, "last_activity": str, "steps": int,
+            "parent_session_id": str, "parent_step": int, "reason": str, "ended_at": str,
+            "language_info": str,
+        },
+        pk="id",
+        not_null={"kernel_id", "kernel", "state", "owner", "created_at", "last_activity", "steps"},
+        defaults={"labels": "{}", "steps": 0},
+    )
+    db["sessions"].create_index(["kernel_id"], unique=True)
+    db["sessions"].create_index(["created_at", "id"])
+    db["sessions"].create_index(["owner", "created_at"])
+    db["steps"].create(
+        {
+            "session_id": str, "step": int, "seq": int, "execution_count": int, "code": str,
+            "status": str, "stdout": str, "stderr": str, "result": str, "error": str,
+            "outputs": str, "started_at": str, "finished_at": str, "duration_ms": float,
+            "truncated": int, "source": str, "principal": str,
+        },
+        pk=("session_id", "step"),
+        not_null={"session_id", "step", "seq", "code", "status", "outputs", "source"},
+        foreign_keys=[("session_id", "sessions", "id")],
+    )
+    db["steps"].create_index(["session_id", "seq"], unique=True)
+    db["events"].create(
+        {
+            "id": int, "session_id": str, "seq": int, "at": str, "principal": str,
+            "action": str, "details": str,
+        },
+        pk="id",
+        not_null={"at", "action"},
+    )
+    db["events"].create_index(["session_id", "seq"])
+    db["tokens"].create(
+        {"id": int, "name": str, "role": str, "token_hash": str, "created_at": str, "revoked_at": str},
+        pk="id",
+        not_null={"name", "role", "token_hash", "created_at"},
+    )
+    db["tokens"].create_index(["token_hash"], unique=True)
+
+
+SESSION_JSON_COLUMNS = ("labels", "language_info")
+
+
+def encode_cursor(created_at: str, session_id: str) -> str:
+    """An opaque paging cursor for the sessions list."""
+    raw = json.dumps([created_at, session_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """Inverse of ``encode_cursor``; a malformed cursor is an ``InvalidRequest``."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created_at, session_id = json.loads(base64.urlsafe_b64decode(padded))
+        return str(created_at), str(session_id)
+    except Exception:
+        raise InvalidRequest("The cursor is not one this server issued; use the 'next' value of a previous page.",
+                             code="invalid_query", details={"parameter": "cursor"}) from None
+
+
+class Store:
+    """Typed access to the gateway's SQLite database. Called by the session manager and auth."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite_utils.Database(str(path))
+        conn = self.db.conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        migrations.apply(self.db)
+        self.conn: sqlite3.Connection = conn
+        self.conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        """Close the database; called once at server shutdown."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self.conn.close()
+
+    # sessions ---------------------------------------------------------------------------
+
+    def insert_session(self, row: dict[str, Any]) -> None:
+        row = _encode(row, SESSION_JSON_COLUMNS)
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.conn:
+            self.conn.execute(f"INSERT INTO sessions ({columns}) VALUES ({marks})", list(row.values()))
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        fields = _encode(fields, SESSION_JSON_COLUMNS)
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self.conn:
+            self.conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?", [*fields.values(), session_id])
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM sessions WHERE id = ?", [session_id]).fetchone()
+        return _decode(dict(row), SESSION_JSON_COLUMNS) if row else None
+
+    def get_session_by_kernel(self, kernel_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM sessions WHERE kernel_id = ?", [kernel_id]).fetchone()
+        return _decode(dict(row), SESSION_JSON_COLUMNS) if row else None
+
+    def list_sessions(self, *, owner: str | None = None, state: str | None = None,
+                      label: tuple[str, str] | None = None, limit: int = 50,
+                      cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first, one page; returns the rows and the cursor of the next page."""
+        where, params = [], []
+        if owner is not None:
+            where.append("owner = ?"); params.append(owner)
+        if state is not None:
+            where.append("state = ?"); params.append(state)
+        if label is not None:
+            where.append("json_extract(labels, ?) = ?"); params.extend(["$." + json.dumps(label[0]), label[1]])
+        if cursor:
+            created_at, session_id = decode_cursor(cursor)
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params.extend([created_at, created_at, session_id])
+        sql = "SELECT * FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(limit + 1)
+        rows = [_decode(dict(r), SESSION_JSON_COLUMNS) for r in self.conn.execute(sql, params)]
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
+        return rows, next_cursor
+
+    def sessions_in_states(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+        marks = ", ".join("?" for _ in states)
+        rows = self.conn.execute(f"SELECT * FROM sessions WHERE state IN ({marks})", list(states))
+        return [_decode(dict(r), SESSION_JSON_COLUMNS) for r in rows]
+
+    def next_positions(self, session_id: str) -> tuple[int, int]:
+        """The next step number and the next sequence number of a session (for reattaching)."""
+        step = self.conn.execute("SELECT COALESCE(MAX(step), -1) FROM steps WHERE session_id = ?", [session_id]).fetchone()[0]
+        seq_steps = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM steps WHERE session_id = ?", [session_id]).fetchone()[0]
+        seq_events = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?", [session_id]).fetchone()[0]
+        return step + 1, max(seq_steps, seq_events) + 1
+
+    # steps ------------------------------------------------------------------------------
+
+    def record_step(self, row: dict[str, Any], *, last_activity: str) -> None:
+        """Commit one executed step and bump the session's counters, in one transaction."""
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.conn:
+            self.conn.execute(f"INSERT INTO steps ({columns}) VALUES ({marks})", list(row.values()))
+            self.conn.execute(
+                "UPDATE sessions SET steps = steps + 1, last_activity = ? WHERE id = ?",
+                [last_activity, row["session_id"]],
+            )
+
+    def list_steps(self, session_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM steps WHERE session_id = ? ORDER BY seq", [session_id])
+        return [dict(r) for r in rows]
+
+    def timeline(self, session_id: str) -> Iterator[tuple[str, sqlite3.Row]]:
+        """Steps and events of a session in recorded order: ("step", row) or ("event", row)."""
+        steps = self.conn.execute(
+            "SELECT seq, step, execution_count, code, status, outputs, started_at, finished_at, "
+            "duration_ms, truncated, source, principal FROM steps WHERE session_id = ? ORDER BY seq",
+            [session_id]).fetchall()
+        events = self.conn.execute(
+            "SELECT seq, at, principal, action, details FROM events WHERE session_id = ? ORDER BY seq",
+            [session_id]).fetchall()
+        i = j = 0
+        while i < len(steps) or j < len(events):
+            if j >= len(events) or (i < len(steps) and steps[i]["seq"] < events[j]["seq"]):
+                yield "step", steps[i]; i += 1
+            else:
+                yield "event", events[j]; j += 1
+
+    # events -----------------------------------------------------------------------------
+
+    def record_event(self, *, session_id: str | None, seq: int | None, at: str, principal: str | None,
+                     action: str, details: dict[str, Any] | None = None) -> int:
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO events (session_id, seq, at, principal, action, details) VALUES (?, ?, ?, ?, ?, ?)",
+                [session_id, seq, at, principal, action, json.dumps(details or {})],
+            )
+        return int(cur.lastrowid or 0)
+
+    def list_events(self, session_id: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM events WHERE session_id = ? ORDER BY seq, id", [session_id])
+        return [_decode(dict(r), ("details",)) for r in rows]
+
+    # tokens -----------------------------------------------------------------------------
+
+    def add_token(self, *, name: str, role: str, token_hash: str, created_at: str) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO tokens (name, role, token_hash, created_at) VALUES (?, ?, ?, ?)",
+                [name, role, token_hash, created_at],
+            )
+
+    def active_tokens(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM tokens WHERE revoked_at IS NULL")]
+
+    def count_sessions(self, state: str) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM sessions WHERE state = ?", [state]).fetchone()[0])
+
+
+def _encode(row: dict[str, Any], json_columns: tuple[str, ...]) -> dict[str, Any]:
+    return {k: (json.dumps(v) if k in json_columns and v is not None else v) for k, v in row.items()}
+
+
+def _decode(row: dict[str, Any], json_columns: tuple[str, ...]) -> dict[str, Any]:
+    for key in json_columns:
+        if row.get(key) is not None:
+            row[key] = json.loads(row[key])
+    return row

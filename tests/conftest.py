@@ -1,0 +1,128 @@
+"""Fixtures: a real gateway process on a loopback port, with a real SQLite file and real kernels."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import psutil
+import pytest
+
+TOKEN = "test-admin-token-0123456789"
+LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+@dataclass
+class GatewayProcess:
+    """A gateway started by a test; ``stop()`` sends SIGTERM and returns the exit code."""
+
+    process: subprocess.Popen[str]
+    url: str
+    token: str
+    data_dir: Path
+    stdout_path: Path
+    stderr_path: Path
+
+    def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+    def kernel_pids(self) -> set[int]:
+        try:
+            return {p.pid for p in psutil.Process(self.process.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def stdout_text(self) -> str:
+        return self.stdout_path.read_text()
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def start_gateway(data_dir: Path, *, token: str | None = TOKEN, extra_args: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> GatewayProcess:
+    """Start ``python -m gateway serve`` on a free port and wait until it answers."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_GATEWAY_")}
+    if token:
+        full_env["AGENT_GATEWAY_TOKEN"] = token
+    full_env.update(env or {})
+    logs = data_dir.parent / f"{data_dir.name}-logs"
+    logs.mkdir(exist_ok=True)
+    stdout_path, stderr_path = logs / "stdout.txt", logs / "stderr.txt"
+    with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(data_dir), *extra_args],
+            stdout=out, stderr=err, text=True, env=full_env,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        match = LISTENING.search(stdout_path.read_text())
+        if match:
+            return GatewayProcess(process, match.group(1), token or "", data_dir, stdout_path, stderr_path)
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited early: {stderr_path.read_text()}")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the gateway did not announce its URL within 60 s")
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway shared by the tests that need only the defaults."""
+    proc = start_gateway(tmp_path_factory.mktemp("gateway-data"))
+    yield proc
+    children = proc.kernel_pids()
+    assert proc.stop() == 0
+    assert not [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+@pytest.fixture(scope="session")
+def client(gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    with gateway.client() as http:
+        yield http
+
+
+@pytest.fixture
+def session(client: httpx.Client) -> Iterator[dict[str, Any]]:
+    """A fresh session, terminated afterwards."""
+    response = client.post("/v1/sessions", json={})
+    assert response.status_code == 201, response.text
+    created = response.json()
+    yield created
+    client.delete(f"/v1/sessions/{created['id']}")
+
+
+def run(client: httpx.Client, session_id: str, code: str, **extra: Any) -> dict[str, Any]:
+    """Execute one step and return its Execution."""
+    response = client.post(f"/v1/sessions/{session_id}/execute", json={"code": code, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def error_code(response: httpx.Response) -> str:
+    """The envelope's error code, after checking the envelope's shape."""
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["message"]
+    return str(body["error"]["code"])
