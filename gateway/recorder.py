@@ -49,9 +49,11 @@ class Trajectory:
         return self.directory / notebook.NOTEBOOK_FILE
 
 
-def execution_view(row: dict[str, Any]) -> dict[str, Any]:
-    """The agent API's Execution object from a ``steps`` row."""
+def execution_view(row: dict[str, Any], *, with_code: bool = False) -> dict[str, Any]:
+    """The agent API's Execution object from a ``steps`` row (the steps list adds code, source, principal)."""
     view = {name: row[name] for name in STEP_VIEW_FIELDS}
+    if with_code:
+        view.update(code=row["code"], source=row["source"], principal=row["principal"])
     view["error"] = json.loads(view["error"]) if view["error"] else None
     view["outputs"] = json.loads(view["outputs"])
     view["truncated"] = bool(view["truncated"])

@@ -384,7 +384,7 @@ class SessionManager:
 
     def steps(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
         self._row(principal, session_id)
-        return [execution_view(row) for row in self.store.list_steps(session_id)]
+        return [execution_view(row, with_code=True) for row in self.store.list_steps(session_id)]
 
     def events(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
         self._row(principal, session_id)

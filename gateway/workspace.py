@@ -66,7 +66,7 @@ class Workspace:
                     "size": stat.st_size,
                     "modified": iso(datetime.fromtimestamp(stat.st_mtime, timezone.utc)),
                 })
-        return files
+        return sorted(files, key=lambda entry: entry["path"])
 
     def existing_file(self, relative: str) -> Path:
         """The path of an existing regular file, for download."""

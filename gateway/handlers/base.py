@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
 TOKEN_IN_URL = re.compile(r"([?&]token=)[^&]*", re.IGNORECASE)
+DRAIN_LIMIT = 1024 * 1024
 STATUS_CODES = {400: "bad_request", 401: "invalid_token", 403: "forbidden", 404: "route_not_found",
                 405: "method_not_allowed", 413: "body_too_large", 500: "internal_error"}
 
@@ -76,21 +78,37 @@ class BaseHandler(tornado.web.RequestHandler):
     def body_limit(self) -> int:
         return self.gateway.settings.max_body_bytes
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("get", "post", "put", "delete"):
+            if name in cls.__dict__:
+                setattr(cls, name, _after_body(cls.__dict__[name]))
+
     def prepare(self) -> None:
         stream = getattr(self.request.connection, "stream", None)
         if stream is not None and not getattr(stream, "_gateway_nodelay", False):
             stream.set_nodelay(True)
             stream._gateway_nodelay = True
         self.gateway.metrics.requests += 1
-        if not self.public:
-            self.principal = self.gateway.auth.authenticate(self.request_token())
-        limit = self.body_limit()
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            # Drain the body, then answer 413 from the method (see require_body_within_limit).
+        self.deferred_error: GatewayError | None = None
+        length_header = self.request.headers.get("Content-Length", "0")
+        length = int(length_header) if length_header.isdigit() else 0
+        try:
+            if not self.public:
+                self.principal = self.gateway.auth.authenticate(self.request_token())
+            limit = self.body_limit()
+            if length > limit:
+                # Drain the body, then answer 413 from the method.
+                self.body_sink = BodyBuffer(0)
+            else:
+                self.body_sink = self.open_body_sink(limit)
+        except GatewayError as exc:
+            if length > DRAIN_LIMIT or "chunked" in self.request.headers.get("Transfer-Encoding", ""):
+                self.set_header("Connection", "close")
+                raise
+            # Read the (small) body before answering, so the client sees the error, not a reset.
+            self.deferred_error = exc
             self.body_sink = BodyBuffer(0)
-        else:
-            self.body_sink = self.open_body_sink(limit)
 
     def open_body_sink(self, limit: int) -> Any:
         return BodyBuffer(limit)
@@ -195,6 +213,21 @@ class BaseHandler(tornado.web.RequestHandler):
     def on_finish(self) -> None:
         if self.body_sink is not None:
             self.body_sink.close()
+
+
+def _after_body(method: Any) -> Any:
+    """Wraps a handler method: an error found before the body was read is raised now."""
+
+    @functools.wraps(method)
+    async def run(self: BaseHandler, *args: Any, **kwargs: Any) -> Any:
+        if self.deferred_error is not None:
+            raise self.deferred_error
+        result = method(self, *args, **kwargs)
+        if result is not None and hasattr(result, "__await__"):
+            result = await result
+        return result
+
+    return run
 
 
 class NotFoundHandler(BaseHandler):

@@ -72,9 +72,10 @@ class ExecuteHandler(BaseHandler):
         self.client_gone = True
 
     async def post(self, session_id: str) -> None:
-        body = self.json_body({"code": str, "timeout": (int, float)}, required=("code",))
         assert self.principal is not None
         sessions = self.gateway.sessions
+        sessions.get(self.principal, session_id)  # an unknown session is a 404 before any body error
+        body = self.json_body({"code": str, "timeout": (int, float)}, required=("code",))
         if "application/x-ndjson" not in self.request.headers.get("Accept", ""):
             execution = await sessions.execute(self.principal, session_id, body["code"], timeout=body.get("timeout"))
             self.write_json(execution)

@@ -1,0 +1,110 @@
+"""The server process: first-start token, clean shutdown on signals, and surviving a crash."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import run, start_gateway
+
+
+def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+        time.sleep(0.1)
+    return alive
+
+
+def test_first_start_creates_an_admin_token_shown_once_and_stored_hashed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = start_gateway(data, token=None)
+    try:
+        lines = first.stdout_text().splitlines()
+        token = lines[lines.index(next(l for l in lines if "admin token" in l)) + 2].strip()
+        assert len(token) >= 40
+        with httpx.Client(base_url=first.url, headers={"Authorization": f"Bearer {token}"}) as client:
+            assert client.get("/v1/sessions").status_code == 200
+        assert httpx.get(first.url + "/v1/sessions", headers={"Authorization": "Bearer nope"}).status_code == 401
+    finally:
+        assert first.stop() == 0
+    assert token.encode() not in (data / "gateway.db").read_bytes()
+    assert token not in first.stderr_text()
+    second = start_gateway(data, token=None)
+    try:
+        assert "admin token" not in second.stdout_text()
+        with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {token}"}) as client:
+            assert client.get("/v1/sessions").status_code == 200
+    finally:
+        assert second.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_shuts_down_cleanly_recording_the_running_step(tmp_path: Path, sig: int) -> None:
+    proc = start_gateway(tmp_path / "data")
+    client = proc.client()
+    sid = client.post("/v1/sessions", json={}).json()["id"]
+    run(client, sid, "before = 1")
+    outcome: dict = {}
+
+    def long_step() -> None:
+        with proc.client() as own:
+            try:
+                outcome["response"] = own.post(f"/v1/sessions/{sid}/execute",
+                                               json={"code": "import time\nfor i in range(600): time.sleep(0.1)"})
+            except httpx.HTTPError as exc:
+                outcome["error"] = exc
+
+    thread = threading.Thread(target=long_step)
+    thread.start()
+    time.sleep(1.0)
+    kernels = proc.kernel_pids()
+    assert kernels
+    assert proc.stop(sig) == 0
+    thread.join(10)
+    client.close()
+    assert not wait_gone(kernels), "kernel processes outlived the gateway"
+    if "response" in outcome:
+        assert outcome["response"].json()["status"] == "interrupted"
+    restarted = start_gateway(tmp_path / "data")
+    try:
+        with restarted.client() as again:
+            session = again.get(f"/v1/sessions/{sid}").json()
+            assert session["state"] == "terminated" and "shut down" in session["reason"]
+            steps = again.get(f"/v1/sessions/{sid}/steps").json()["steps"]
+            assert [s["status"] for s in steps] == ["ok", "interrupted"]
+    finally:
+        assert restarted.stop() == 0
+
+
+def test_after_a_crash_live_sessions_are_marked_failed_and_nothing_is_lost(tmp_path: Path) -> None:
+    proc = start_gateway(tmp_path / "data")
+    with proc.client() as client:
+        sid = client.post("/v1/sessions", json={}).json()["id"]
+        for i in range(5):
+            run(client, sid, f"v{i} = {i}")
+    kernels = proc.kernel_pids()
+    proc.stop(signal.SIGKILL)
+    assert not wait_gone(kernels, timeout=20), "kernels outlived a crashed gateway"
+    restarted = start_gateway(tmp_path / "data")
+    try:
+        with restarted.client() as client:
+            session = client.get(f"/v1/sessions/{sid}").json()
+            assert session["state"] == "failed"
+            assert "stopped unexpectedly" in session["reason"]
+            steps = client.get(f"/v1/sessions/{sid}/steps").json()["steps"]
+            assert [s["code"] for s in steps] == [f"v{i} = {i}" for i in range(5)]
+            refused = client.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})
+            assert refused.status_code == 409
+            assert client.get("/v1/health").json()["sessions"]["live"] == 0
+            notebook = client.get(f"/v1/sessions/{sid}/notebook").json()
+            assert len([c for c in notebook["cells"] if c["cell_type"] == "code"]) == 5
+    finally:
+        assert restarted.stop() == 0
