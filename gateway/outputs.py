@@ -23,18 +23,18 @@ def strip_ansi(text: str) -> str:
 
 
 def resolve_control_chars(text: str) -> str:
-    """Apply ``\\r`` (back to line start) and ``\\b`` (erase one character) as a terminal would."""
+    """Resolve ``\\r`` and ``\\b`` as Jupyter's front ends do.
+
+    A carriage return discards what came before it on its line (progress bars keep their last
+    state); a backspace erases the character before it.
+    """
     if "\r" not in text and "\b" not in text:
         return text
     text = text.replace("\r\n", "\n")
     lines = []
     for line in text.split("\n"):
         if "\r" in line:
-            # Each \r returns to column 0; later text overwrites earlier text.
-            current: list[str] = []
-            for segment in line.split("\r"):
-                current[: len(segment)] = list(segment)
-            line = "".join(current)
+            line = line.rsplit("\r", 1)[1]
         if "\b" in line:
             chars: list[str] = []
             for ch in line:
