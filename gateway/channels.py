@@ -28,17 +28,20 @@ class MessageListener(Protocol):
     def on_message(self, channel: str, msg: dict[str, Any]) -> None: ...
 
 
-Observer = Callable[[str, dict[str, Any]], None]
+# Receives every message: channel, the deserialised message, and its raw frames
+# (header, parent header, metadata, content, buffers) for forwarding without re-encoding.
+Observer = Callable[[str, dict[str, Any], list[bytes]], None]
 
 
 class KernelConnection:
     """Channels to one running kernel. Created by ``RunningKernel``, used by the executor."""
 
-    def __init__(self, context: zmq.Context, connection_info: dict[str, Any], session: Session, label: str):
+    def __init__(self, context: zmq.Context, connection_info: dict[str, Any], session: Session, label: str,
+                 observers: list[Observer] | None = None):
         self.session = session
         self.label = label
         self.listeners: dict[str, MessageListener] = {}
-        self.observers: list[Observer] = []
+        self.observers: list[Observer] = observers if observers is not None else []
         self.streams: dict[str, ZMQStream] = {}
         self.last_message_at = time.monotonic()
         for channel in CHANNELS:
@@ -72,11 +75,13 @@ class KernelConnection:
             listener = self.listeners.get(parent_id) if parent_id else None
             if listener is not None:
                 listener.on_message(channel, msg)
-            for observer in list(self.observers):
-                try:
-                    observer(channel, msg)
-                except Exception:
-                    log.exception("kernel %s: observer failed", self.label)
+            if self.observers:
+                raw = [frame.bytes if hasattr(frame, "bytes") else bytes(frame) for frame in parts[1:]]
+                for observer in list(self.observers):
+                    try:
+                        observer(channel, msg, raw)
+                    except Exception:
+                        log.exception("kernel %s: observer failed", self.label)
 
         return receive
 
@@ -85,6 +90,13 @@ class KernelConnection:
         if listener is not None:
             self.listeners[msg["header"]["msg_id"]] = listener
         self.session.send(self.streams[channel], msg)
+
+    def send_raw(self, channel: str, parts: list[bytes], msg_id: str, listener: MessageListener | None = None) -> None:
+        """Sign and send an already-encoded message (header, parent, metadata, content, buffers)."""
+        if listener is not None:
+            self.listeners[msg_id] = listener
+        signature = self.session.sign(parts[:4])
+        self.streams[channel].send_multipart([b"<IDS|MSG>", signature, *parts], copy=False)
 
     def forget(self, msg_id: str) -> None:
         self.listeners.pop(msg_id, None)
@@ -131,9 +143,8 @@ class KernelConnection:
                 self.forget(msg_id)
 
     def close(self) -> None:
-        """Close every channel; pending listeners are dropped."""
+        """Close every channel; pending listeners are dropped (observers belong to the kernel)."""
         self.listeners.clear()
-        self.observers.clear()
         for stream in self.streams.values():
             try:
                 stream.close(linger=0)

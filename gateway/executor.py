@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from gateway.channels import KernelConnection
 from gateway.outputs import EventSink, OutputCollector
@@ -30,10 +30,19 @@ class RawExecution:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _Listener:
-    def __init__(self, collector: OutputCollector, done: asyncio.Future[None]):
+class ExecutionListener:
+    """Gathers the messages answering one execute_request, whoever sent it.
+
+    ``on_start`` is called when the kernel starts running the request (its ``execute_input``),
+    which is where the step takes its place in the trajectory; ``done`` resolves at idle + reply.
+    """
+
+    def __init__(self, collector: OutputCollector, done: asyncio.Future[None],
+                 on_start: Callable[[], None] | None = None):
         self.collector = collector
         self.done = done
+        self.on_start = on_start
+        self.started = False
         self.reply: dict[str, Any] | None = None
         self.idle = False
 
@@ -45,6 +54,7 @@ class _Listener:
                     self.idle = True
             elif msg_type == "execute_input":
                 self.collector.execution_count = msg["content"].get("execution_count")
+                self.mark_started()
             else:
                 self.collector.handle(msg)
         elif channel == "shell" and msg["header"]["msg_type"] == "execute_reply":
@@ -52,11 +62,28 @@ class _Listener:
         if self.idle and self.reply is not None and not self.done.done():
             self.done.set_result(None)
 
+    def mark_started(self) -> None:
+        if not self.started:
+            self.started = True
+            if self.on_start is not None:
+                self.on_start()
+
+    def result(self, ended: str, timed_out: bool = False) -> RawExecution:
+        """What the kernel did, once the wait has ended."""
+        self.mark_started()
+        execution_count = self.collector.execution_count
+        reply = self.reply["content"] if self.reply else None
+        if reply and reply.get("execution_count") is not None:
+            execution_count = reply["execution_count"]
+        return RawExecution(outputs=self.collector.finish(), reply=reply, execution_count=execution_count,
+                            truncated=self.collector.truncated, ended=ended, interrupted_by_timeout=timed_out)
+
 
 async def execute(connection: KernelConnection, code: str, *, timeout: float, output_limit: int,
                   is_alive: Any, interrupt: Any, interrupt_grace: float,
                   sink: EventSink | None = None, silent: bool = False, store_history: bool = True,
-                  abort: asyncio.Future[str] | None = None) -> RawExecution:
+                  abort: asyncio.Future[str] | None = None,
+                  on_start: Callable[[], None] | None = None) -> RawExecution:
     """Run ``code``; returns when the kernel is idle again, the deadline passed, or the kernel died.
 
     ``is_alive`` and ``interrupt`` are coroutine functions of the kernel that owns the connection.
@@ -66,7 +93,7 @@ async def execute(connection: KernelConnection, code: str, *, timeout: float, ou
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     collector = OutputCollector(output_limit, sink)
-    listener = _Listener(collector, done)
+    listener = ExecutionListener(collector, done, on_start)
     request = connection.session.msg("execute_request", {
         "code": code, "silent": silent, "store_history": store_history,
         "user_expressions": {}, "allow_stdin": False, "stop_on_error": True,
@@ -82,12 +109,7 @@ async def execute(connection: KernelConnection, code: str, *, timeout: float, ou
             ended = {"reply": "timeout", "timeout": "stuck"}.get(after, after)
     finally:
         connection.forget(msg_id)
-    execution_count = collector.execution_count
-    reply = listener.reply["content"] if listener.reply else None
-    if reply and reply.get("execution_count") is not None:
-        execution_count = reply["execution_count"]
-    return RawExecution(outputs=collector.finish(), reply=reply, execution_count=execution_count,
-                        truncated=collector.truncated, ended=ended, interrupted_by_timeout=timed_out)
+    return listener.result(ended, timed_out)
 
 
 async def _wait(done: asyncio.Future[None], deadline: float, is_alive: Any,

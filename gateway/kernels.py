@@ -20,7 +20,7 @@ import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
-from gateway.channels import KernelConnection
+from gateway.channels import KernelConnection, Observer
 from gateway.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class RunningKernel:
         self.label = label
         self.connection: KernelConnection | None = None
         self.kernel_info: dict[str, Any] = {}
+        self.observers: list[Observer] = []
 
     @property
     def pid(self) -> int | None:
@@ -88,7 +89,7 @@ class RunningKernel:
         if self.connection is not None:
             self.connection.close()
         self.connection = KernelConnection(self.context, self.manager.get_connection_info(session=False),
-                                           self.manager.session, self.label)
+                                           self.manager.session, self.label, self.observers)
         return self.connection
 
     async def wait_ready(self, timeout: float) -> None:

@@ -43,6 +43,20 @@ class RunningStep:
 
 
 @dataclass
+class StepPlace:
+    """A step's number and sequence, taken when the kernel starts running it (kernel order)."""
+
+    step: int = -1
+    seq: int = -1
+    started_at: Any = None
+
+    def take(self, trajectory: Trajectory) -> None:
+        if self.step < 0:
+            self.step, self.seq = trajectory.take_step(), trajectory.take_seq()
+            self.started_at = utcnow()
+
+
+@dataclass
 class LiveSession:
     """A session whose kernel this process runs."""
 
@@ -276,34 +290,20 @@ class SessionManager:
                         sink: EventSink | None, source: str) -> dict[str, Any]:
         kernel = live.kernel
         assert kernel is not None and kernel.connection is not None
-        step, seq = live.trajectory.take_step(), live.trajectory.take_seq()
+        place = StepPlace()
         running = RunningStep(asyncio.get_running_loop().create_future())
         live.current, live.row["state"] = running, "busy"
-        started = utcnow()
         try:
             raw = await executor.execute(
                 kernel.connection, code, timeout=limit, output_limit=self.settings.max_output_bytes,
                 is_alive=kernel.is_alive, interrupt=kernel.interrupt, interrupt_grace=self.settings.interrupt_grace,
-                sink=sink, abort=running.abort)
+                sink=sink, abort=running.abort, on_start=lambda: place.take(live.trajectory))
         finally:
             live.current = None
             if live.row["state"] == "busy":
                 live.row["state"] = "idle"
-        finished = utcnow()
         status, error = self._outcome(raw, running, limit, kernel)
-        execution = {
-            "session_id": live.id, "step": step, "execution_count": raw.execution_count, "status": status,
-            **summarise(raw.outputs), "outputs": raw.outputs,
-            "started_at": iso(started), "finished_at": iso(finished),
-            "duration_ms": round((finished - started).total_seconds() * 1000, 3), "truncated": raw.truncated,
-        }
-        if error is not None:
-            execution["error"] = error
-        self.recorder.record_step(live.trajectory, execution, seq=seq, code=code, source=source,
-                                  principal=principal.name)
-        live.row["steps"] += 1
-        live.row["last_activity"] = execution["finished_at"]
-        self.metrics.observe_step(status, execution["duration_ms"])
+        execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
         if raw.ended == "died":
             await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")
         elif raw.ended == "stuck":
@@ -311,6 +311,27 @@ class SessionManager:
                                        "the kernel ignored the interrupt after a timeout")
         elif raw.ended == "aborted" and running.abort.result() == "restart":
             await self._replace_kernel(live, "kernel_restarted", principal.name, "restart requested during a step")
+        return execution
+
+    def commit_step(self, live: LiveSession, place: "StepPlace", code: str, raw: executor.RawExecution, status: str,
+                    error: dict[str, Any] | None, *, source: str, principal: str) -> dict[str, Any]:
+        """Record one finished execution (from either face) and return its Execution view."""
+        place.take(live.trajectory)
+        finished = utcnow()
+        started = place.started_at or finished
+        execution = {
+            "session_id": live.id, "step": place.step, "execution_count": raw.execution_count, "status": status,
+            **summarise(raw.outputs), "outputs": raw.outputs,
+            "started_at": iso(started), "finished_at": iso(finished),
+            "duration_ms": round((finished - started).total_seconds() * 1000, 3), "truncated": raw.truncated,
+        }
+        if error is not None:
+            execution["error"] = error
+        self.recorder.record_step(live.trajectory, execution, seq=place.seq, code=code, source=source,
+                                  principal=principal)
+        live.row["steps"] += 1
+        live.row["last_activity"] = execution["finished_at"]
+        self.metrics.observe_step(status, execution["duration_ms"])
         return execution
 
     def _outcome(self, raw: executor.RawExecution, running: RunningStep, limit: float,
