@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 
 from gateway.clock import now_iso
@@ -16,6 +17,7 @@ from gateway.errors import AuthenticationRequired
 from gateway.store import Store
 
 ROLES = ("agent", "reviewer", "admin")
+RELOAD_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,12 @@ class TokenAuthority:
         if configured_admin_token:
             self._configured.append((hash_token(configured_admin_token), Principal("admin", "admin")))
         self._by_hash: dict[str, Principal] = {}
+        self._reloaded_at = 0.0
         self.reload()
 
     def reload(self) -> None:
         """Re-read the stored tokens (after one is created or revoked)."""
+        self._reloaded_at = time.monotonic()
         self._by_hash = {row["token_hash"]: Principal(row["name"], row["role"]) for row in self.store.active_tokens()}
         for digest, principal in self._configured:
             self._by_hash[digest] = principal
@@ -78,12 +82,20 @@ class TokenAuthority:
                 "This request needs a token: send 'Authorization: Bearer <token>' (or 'token <token>', or ?token=).",
                 code="missing_token")
         digest = hash_token(token)
+        found = self._match(digest)
+        if found is None and time.monotonic() - self._reloaded_at > RELOAD_INTERVAL:
+            # A token created by ``agent-gateway token create`` while the server runs.
+            self.reload()
+            found = self._match(digest)
+        if found is None:
+            raise AuthenticationRequired("The token is not valid. Check it, or ask an admin for a new one.",
+                                         code="invalid_token")
+        return found
+
+    def _match(self, digest: str) -> Principal | None:
         found: Principal | None = None
         for known, principal in self._by_hash.items():
             # Every known hash is compared, in constant time, whatever matched.
             if hmac.compare_digest(known, digest):
                 found = principal
-        if found is None:
-            raise AuthenticationRequired("The token is not valid. Check it, or ask an admin for a new one.",
-                                         code="invalid_token")
         return found

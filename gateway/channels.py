@@ -74,7 +74,10 @@ class KernelConnection:
             parent_id = msg["parent_header"].get("msg_id") if msg.get("parent_header") else None
             listener = self.listeners.get(parent_id) if parent_id else None
             if listener is not None:
-                listener.on_message(channel, msg)
+                try:
+                    listener.on_message(channel, msg)
+                except Exception:
+                    log.exception("kernel %s: a %s message could not be handled", self.label, channel)
             if self.observers:
                 raw = [frame.bytes if hasattr(frame, "bytes") else bytes(frame) for frame in parts[1:]]
                 for observer in list(self.observers):

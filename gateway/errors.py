@@ -9,7 +9,7 @@ Services raise these, never HTTP errors. The tree::
     ├── Forbidden (403): forbidden
     ├── NotFound (404): session_not_found, file_not_found, route_not_found
     ├── MethodNotAllowed (405): method_not_allowed
-    ├── Conflict (409): session_terminated, is_a_directory
+    ├── Conflict (409): session_ended, is_a_directory
     ├── PayloadTooLarge (413): body_too_large
     ├── NotImplementedYet (501): not_implemented
     └── Unavailable (503): kernel_start_failed, shutting_down

@@ -181,6 +181,8 @@ class KernelLauncher:
             connection_file=str(self.runtime_dir / f"kernel-{kernel_id}.json"),
         )
         manager.kernel_id = kernel_id
+        # A kernel that does not exit within this after a shutdown request is signalled.
+        manager.shutdown_wait_time = 1.0
         kernel = RunningKernel(manager, self.context, label=kernel_id)
         try:
             await manager.start_kernel(cwd=str(cwd), env=self.build_env(env))

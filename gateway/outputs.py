@@ -7,10 +7,9 @@ and everything past the per-step output budget is cut and marked.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable
-
-from nbformat.v4 import output_from_msg
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 TRUNCATION_NOTE = "\n[output truncated: this step produced more than {limit} bytes of output; the rest was discarded]\n"
@@ -48,8 +47,32 @@ def resolve_control_chars(text: str) -> str:
     return "\n".join(lines)
 
 
+JSON_MIME = re.compile(r"^application/(.*\+)?json$")
+
+
+def clean_bundle(data: Any) -> dict[str, Any]:
+    """A mime bundle nbformat accepts: JSON types keep structure; other values become strings."""
+    if not isinstance(data, dict):
+        return {"text/plain": str(data)}
+    cleaned: dict[str, Any] = {}
+    for mime, value in data.items():
+        if not isinstance(mime, str):
+            continue
+        if isinstance(value, str) or JSON_MIME.match(mime):
+            cleaned[mime] = value
+        elif isinstance(value, list) and all(isinstance(line, str) for line in value):
+            cleaned[mime] = "".join(value)
+        else:
+            cleaned[mime] = json.dumps(value, default=str)
+    return cleaned
+
+
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def _data_size(data: dict[str, Any]) -> int:
-    return sum(len(v) if isinstance(v, str) else len(str(v)) for v in data.values())
+    return sum(utf8_size(v) if isinstance(v, str) else utf8_size(json.dumps(v, default=str)) for v in data.values())
 
 
 class OutputCollector:
@@ -110,11 +133,15 @@ class OutputCollector:
 
     def _stream(self, name: str, text: str) -> None:
         self._apply_pending_clear()
+        if name not in ("stdout", "stderr"):
+            name = "stdout"
+        text = text if isinstance(text, str) else str(text)
         if self.truncated:
             return
-        kept = self._take(len(text))
-        if kept < len(text):
-            text = text[:kept] + TRUNCATION_NOTE.format(limit=self.limit)
+        size = utf8_size(text)
+        kept = self._take(size)
+        if kept < size:
+            text = text.encode("utf-8")[:kept].decode("utf-8", "ignore") + TRUNCATION_NOTE.format(limit=self.limit)
         if self.outputs and self.outputs[-1]["output_type"] == "stream" and self.outputs[-1]["name"] == name:
             self.outputs[-1]["_chunks"].append(text)
         else:
@@ -126,27 +153,32 @@ class OutputCollector:
         content = msg["content"]
         if msg_type == "execute_result":
             self.execution_count = content.get("execution_count")
-        size = _data_size(content.get("data", {}))
+        data = clean_bundle(content.get("data", {}))
+        metadata = content.get("metadata") if isinstance(content.get("metadata"), dict) else {}
+        size = _data_size(data)
         if msg_type == "display_data" and (self.truncated or self._take(size) < size):
             return
-        output = output_from_msg(msg)
-        display_id = content.get("transient", {}).get("display_id")
+        output: dict[str, Any] = {"output_type": msg_type, "data": data, "metadata": metadata}
+        if msg_type == "execute_result":
+            output["execution_count"] = content.get("execution_count")
+        transient = content.get("transient") if isinstance(content.get("transient"), dict) else {}
+        display_id = transient.get("display_id")
         if display_id:
             output["_display_id"] = display_id
         self.outputs.append(output)
         kind = "result" if msg_type == "execute_result" else "display"
-        event: dict[str, Any] = {"type": kind, "data": content.get("data", {})}
+        event: dict[str, Any] = {"type": kind, "data": data}
         if kind == "display":
-            event["metadata"] = content.get("metadata", {})
+            event["metadata"] = metadata
         self._emit(event)
 
     def _error(self, content: dict[str, Any]) -> None:
         self._apply_pending_clear()
-        traceback = [strip_ansi(line) for line in content.get("traceback", [])]
+        traceback = [strip_ansi(str(line)) for line in content.get("traceback", [])]
         output = {
             "output_type": "error",
             "ename": content.get("ename", ""),
-            "evalue": strip_ansi(content.get("evalue", "")),
+            "evalue": strip_ansi(str(content.get("evalue", ""))),
             "traceback": traceback,
         }
         self.outputs.append(output)
@@ -155,11 +187,13 @@ class OutputCollector:
 
     def _update_display(self, content: dict[str, Any]) -> None:
         display_id = content.get("transient", {}).get("display_id")
+        data = clean_bundle(content.get("data", {}))
+        metadata = content.get("metadata") if isinstance(content.get("metadata"), dict) else {}
         for output in self.outputs:
             if display_id and output.get("_display_id") == display_id:
-                output["data"] = content.get("data", {})
-                output["metadata"] = content.get("metadata", {})
-        self._emit({"type": "display", "data": content.get("data", {}), "metadata": content.get("metadata", {})})
+                output["data"] = data
+                output["metadata"] = metadata
+        self._emit({"type": "display", "data": data, "metadata": metadata})
 
     # results ----------------------------------------------------------------------------
 

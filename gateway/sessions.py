@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from gateway.notebook import upload_details
 from gateway.outputs import EventSink, strip_ansi, summarise
 from gateway.recorder import Recorder, Trajectory, execution_view
 from gateway.settings import Settings
-from gateway.store import Store
+from gateway.store import Store, decode_cursor, encode_cursor
 from gateway.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -180,10 +181,26 @@ class SessionManager:
             if owner is not None and owner != principal.name:
                 return {"sessions": [], "next": None}
             owner = principal.name
-        rows, next_cursor = self.store.list_sessions(owner=owner, state=state, label=label, limit=limit,
-                                                     cursor=cursor)
+        if state in LIVE_STATES:
+            # Live states change with every step and are kept in memory, not in the store.
+            rows, next_cursor = self._list_live(owner=owner, state=state, label=label, limit=limit, cursor=cursor)
+        else:
+            rows, next_cursor = self.store.list_sessions(owner=owner, state=state, label=label, limit=limit,
+                                                         cursor=cursor)
         views = [self.view(self.live[r["id"]].row if r["id"] in self.live else r) for r in rows]
         return {"sessions": views, "next": next_cursor}
+
+    def _list_live(self, *, owner: str | None, state: str, label: tuple[str, str] | None, limit: int,
+                   cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        after = decode_cursor(cursor) if cursor else None
+        rows = sorted((live.row for live in self.live.values()
+                       if live.row["state"] == state and (owner is None or live.row["owner"] == owner)
+                       and (label is None or (live.row.get("labels") or {}).get(label[0]) == label[1])
+                       and (after is None or (live.row["created_at"], live.row["id"]) < after)),
+                      key=lambda row: (row["created_at"], row["id"]), reverse=True)
+        if len(rows) > limit:
+            return rows[:limit], encode_cursor(rows[limit - 1]["created_at"], rows[limit - 1]["id"])
+        return rows, None
 
     # create, terminate ------------------------------------------------------------------
 
@@ -266,7 +283,8 @@ class SessionManager:
     def check_timeout(self, timeout: Any) -> float:
         if timeout is None:
             return self.settings.default_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+                or timeout <= 0:
             raise InvalidRequest("'timeout' must be a positive number of seconds.", code="invalid_field",
                                  details={"field": "timeout"})
         return min(float(timeout), self.settings.max_timeout)

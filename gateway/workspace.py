@@ -92,9 +92,13 @@ class Workspace:
         return path
 
     def delete(self, relative: str) -> str:
-        """Delete a file or a whole directory; returns "file" or "directory"."""
+        """Delete a file, a symbolic link (not its target) or a whole directory; returns what it was."""
+        pure = PurePosixPath(relative) if isinstance(relative, str) else None
+        if pure is not None and len(pure.parts) >= 1 and self._is_link_inside(pure):
+            self.root.joinpath(*pure.parts).unlink()
+            return "file"
         path = self.resolve(relative)
-        if path.is_symlink() or path.is_file():
+        if path.is_file():
             path.unlink()
             return "file"
         if path.is_dir():
@@ -102,6 +106,16 @@ class Workspace:
             return "directory"
         raise NotFound(f"There is no file '{relative}' in the workspace.", code="file_not_found",
                        details={"path": relative})
+
+
+    def _is_link_inside(self, pure: PurePosixPath) -> bool:
+        """Whether ``pure`` names a symbolic link whose own location is inside the workspace."""
+        if pure.is_absolute() or any(part == ".." for part in pure.parts):
+            return False
+        parent = self.root.joinpath(*pure.parts[:-1]).resolve()
+        if parent != self.root and self.root not in parent.parents:
+            return False
+        return (parent / pure.parts[-1]).is_symlink()
 
 
 def _bad_path(path: Any, why: str) -> InvalidRequest:

@@ -69,6 +69,9 @@ def test_paths_cannot_escape_the_workspace(gateway: GatewayProcess, client: http
     assert not (gateway.data_dir / "sessions" / sid / "escape.txt").exists()
     listing = [f["path"] for f in client.get(f"/v1/sessions/{sid}/files").json()["files"]]
     assert "link-out" not in listing
+    # The link itself (inside the workspace) can be removed; its target is untouched.
+    assert client.delete(f"/v1/sessions/{sid}/files/link-out").status_code == 200
+    assert not (workspace / "link-out").is_symlink() and outside.read_text() == "secret"
 
 
 def test_missing_files_and_directories_are_404_and_409(client: httpx.Client, session) -> None:

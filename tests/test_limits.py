@@ -158,11 +158,58 @@ def test_a_body_over_the_limit_is_413_and_changes_nothing(tight_session) -> None
     assert response.json()["error"]["details"]["limit_bytes"] == 65536
     upload = client.put(f"/v1/sessions/{sid}/files/big.bin", content=b"\0" * 200001)
     assert upload.status_code == 413
+    for bad in ('{"code": "1", "timeout": NaN}', '{"code": "1", "timeout": Infinity}'):
+        response = client.post(f"/v1/sessions/{sid}/execute", content=bad)
+        assert response.status_code == 400 and error_code(response) == "invalid_json"
     assert client.get(f"/v1/sessions/{sid}/files").json()["files"] == []
     assert client.get(f"/v1/sessions/{sid}").json()["steps"] == before
     assert run(client, sid, "1")["result"] == "1"
 
 
+def test_a_huge_or_endless_body_is_refused_early_with_json(tight: GatewayProcess, tight_session) -> None:
+    import socket
+
+    client, sid = tight_session
+    host, port = tight.url.removeprefix("http://").split(":")
+    # Announced far past the limit: answered at once, before the body is read.
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall((f"PUT /v1/sessions/{sid}/files/huge.bin HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {tight.token}\r\nContent-Length: {300 * 1024 * 1024}\r\n\r\n").encode())
+        head = raw.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413") and '"body_too_large"' in head
+
+    # Chunked, with no announced length: cut off once it passes the limit.
+    def endless():
+        for _ in range(2000):
+            yield b"\0" * 65536
+
+    try:
+        response = client.put(f"/v1/sessions/{sid}/files/endless.bin", content=endless())
+        assert response.status_code == 413 and error_code(response) == "body_too_large"
+    except httpx.TransportError:
+        pass  # the server may close while the client is still sending; what matters is below
+    uploads = tight.data_dir / "sessions" / sid / "uploads"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and list(uploads.glob("upload-*")):
+        time.sleep(0.1)
+    assert list(uploads.glob("upload-*")) == [], "a refused upload left its temporary file"
+    assert client.get(f"/v1/sessions/{sid}/files").json()["files"] == []
+
+
+def test_display_data_that_nbformat_would_reject_is_cleaned_not_fatal(client: httpx.Client, session) -> None:
+    code = ("from IPython.display import display\n"
+            "display({'text/plain': 'ok', 'application/vnd.example': {'a': 1}}, raw=True)\nprint('after')")
+    execution = run(client, session["id"], code, timeout=10)
+    assert execution["status"] == "ok"
+    assert execution["stdout"] == "after\n"
+    display = [o for o in execution["outputs"] if o["output_type"] == "display_data"][0]
+    assert display["data"] == {"text/plain": "ok", "application/vnd.example": '{"a": 1}'}
+    import nbformat
+
+    nbformat.validate(nbformat.reads(client.get(f"/v1/sessions/{session['id']}/notebook").text, as_version=4))
+
+
+@pytest.mark.slow
 def test_fifty_live_sessions_at_once(tight: GatewayProcess) -> None:
     with tight.client() as client:
         ids: list[str] = []

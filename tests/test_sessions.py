@@ -141,3 +141,34 @@ def test_different_sessions_do_not_share_variables(client: httpx.Client) -> None
     finally:
         client.delete(f"/v1/sessions/{a}")
         client.delete(f"/v1/sessions/{b}")
+
+
+def test_state_filter_sees_live_states(gateway, client: httpx.Client, session) -> None:
+    import threading
+    import time
+
+    sid = session["id"]
+    thread = threading.Thread(target=lambda: run(gateway.client(), sid, "import time; time.sleep(1.5)"))
+    thread.start()
+    try:
+        time.sleep(0.6)
+        busy = [s["id"] for s in client.get("/v1/sessions", params={"state": "busy"}).json()["sessions"]]
+        idle = [s["id"] for s in client.get("/v1/sessions", params={"state": "idle"}).json()["sessions"]]
+        assert sid in busy and sid not in idle
+    finally:
+        thread.join()
+    assert sid in [s["id"] for s in client.get("/v1/sessions", params={"state": "idle"}).json()["sessions"]]
+
+
+def test_a_token_created_while_the_server_runs_works_at_once(gateway) -> None:
+    import subprocess
+    import sys
+
+    created = subprocess.run([sys.executable, "-m", "gateway", "token", "create", "--name", "late-agent",
+                              "--role", "agent", "--data-dir", str(gateway.data_dir)],
+                             capture_output=True, text=True, check=True)
+    token = created.stdout.strip()
+    with gateway.client(token=token) as late:
+        response = late.get("/v1/sessions")
+        assert response.status_code == 200
+        assert response.json()["sessions"] == []  # an agent sees only its own sessions

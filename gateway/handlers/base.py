@@ -98,10 +98,8 @@ class BaseHandler(tornado.web.RequestHandler):
                 self.principal = self.gateway.auth.authenticate(self.request_token())
             limit = self.body_limit()
             if length > limit:
-                # Drain the body, then answer 413 from the method.
-                self.body_sink = BodyBuffer(0)
-            else:
-                self.body_sink = self.open_body_sink(limit)
+                raise self.too_large(limit)
+            self.body_sink = self.open_body_sink(limit)
         except GatewayError as exc:
             if length > DRAIN_LIMIT or "chunked" in self.request.headers.get("Transfer-Encoding", ""):
                 self.set_header("Connection", "close")
@@ -114,8 +112,25 @@ class BaseHandler(tornado.web.RequestHandler):
         return BodyBuffer(limit)
 
     def data_received(self, chunk: bytes) -> None:
+        sink = self.body_sink
+        if sink is None:
+            return
+        sink.write(chunk)
+        if sink.too_large and sink.size > DRAIN_LIMIT and not self._finished:
+            # A body that keeps coming past its limit is not read to the end: answer and close.
+            self.body_sink = None
+            sink.close()
+            exc = self.too_large(self.body_limit())
+            self.set_header("Connection", "close")
+            self.send_error(exc.status, exc_info=(type(exc), exc, None))
+
+    def too_large(self, limit: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than this server's limit of {limit} bytes.",
+                               details={"limit_bytes": limit})
+
+    def on_connection_close(self) -> None:
         if self.body_sink is not None:
-            self.body_sink.write(chunk)
+            self.body_sink.close()
 
     def request_token(self) -> str | None:
         header = self.request.headers.get("Authorization", "")
@@ -127,9 +142,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def require_body_within_limit(self) -> None:
         if self.body_sink is not None and self.body_sink.too_large:
-            limit = self.body_limit()
-            raise PayloadTooLarge(f"The request body is larger than this server's limit of {limit} bytes.",
-                                  details={"limit_bytes": limit})
+            raise self.too_large(self.body_limit())
 
     def body_bytes(self) -> bytes:
         self.require_body_within_limit()
@@ -142,14 +155,15 @@ class BaseHandler(tornado.web.RequestHandler):
             data: Any = {}
         else:
             try:
-                data = json.loads(raw)
+                data = json.loads(raw, parse_constant=_reject_constant)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)}. Allowed: {', '.join(sorted(fields))}.",
+            allowed = ", ".join(sorted(fields)) if fields else "none (send no body)"
+            raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)}. Allowed: {allowed}.",
                                  code="unknown_field", details={"fields": unknown, "allowed": sorted(fields)})
         for name in required:
             if data.get(name) is None:
@@ -239,6 +253,10 @@ class NotFoundHandler(BaseHandler):
         super().prepare()
         raise NotFound(f"There is no route {self.request.path}. See docs/api.md for the routes.",
                        code="route_not_found", details={"path": self.request.path})
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _json_type(names: str) -> str:

@@ -70,6 +70,7 @@ class ExecuteHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         self.client_gone = True
+        super().on_connection_close()
 
     async def post(self, session_id: str) -> None:
         assert self.principal is not None

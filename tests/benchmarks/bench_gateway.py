@@ -349,7 +349,8 @@ def measure_long_trajectory(api: ApiClient, plan: Plan) -> dict[str, Any]:
         runners = {"long": api.stepper(long_id), "fresh": api.stepper(fresh_id)}
         repeat(runners["fresh"], plan.warmup)
         samples = interleaved(runners, plan.steps, plan.block)
-        notebook_ms = timed_ms(lambda: _get_text(api, f"/v1/sessions/{long_id}/notebook"))
+        notebook_ms = statistics.median(timed_ms(lambda: _get_text(api, f"/v1/sessions/{long_id}/notebook"))
+                                        for _ in range(3))
     finally:
         api.delete_session(long_id)
         api.delete_session(fresh_id)
@@ -561,7 +562,8 @@ def render_report(report: dict[str, Any]) -> str:
         f"| long trajectory - fresh session, `1+1` p50 | {long['difference_p50_ms']:+.2f} ms "
         f"(mean {long['difference_mean_ms']:+.2f} ms) |",
         f"| {conc['workers']} sessions stepping `1+1` at once, gateway | {conc['gateway_steps_per_s']:,.0f} steps/s |",
-        f"| {conc['workers']} raw kernels stepping `1+1` at once, jupyter_client | {conc['raw_steps_per_s']:,.0f} steps/s |",
+        f"| {conc['workers']} raw kernels stepping `1+1` at once, jupyter_client "
+        f"| {conc['raw_steps_per_s']:,.0f} steps/s |",
         f"| concurrent throughput, gateway / raw | {conc['ratio']:.2f}x |",
         f"| 1 MB print: stdout returned | {big['stdout_chars']:,} chars of {big['expected_chars']:,} "
         f"({'complete' if big['stdout_complete'] else 'INCOMPLETE'}); response {mb(big['response_bytes'])} |",
@@ -574,8 +576,9 @@ def render_report(report: dict[str, Any]) -> str:
         f"{plan['block']}; concurrency is {conc['seconds_per_side']:g} s per side split into {plan['rounds']} "
         f"alternating rounds, all client threads in one Python process. Percentiles are nearest-rank. "
         f"Filling the long session ran `pass` steps at {long['fill_pass_steps_per_s']:,.0f} steps/s; "
-        f"GET of its notebook took {long['notebook_get_ms']:.1f} ms. Gateway shutdown (SIGTERM): exit code "
-        f"{r['shutdown']['gateway_exit_code']}, kernels left running: {len(r['shutdown']['kernels_left_running'])}, "
+        f"GET of its notebook took {long['notebook_get_ms']:.1f} ms (median of 3). "
+        f"Gateway shutdown (SIGTERM): exit code {r['shutdown']['gateway_exit_code']}, "
+        f"kernels left running: {len(r['shutdown']['kernels_left_running'])}, "
         f"error lines in its log: {len(r['shutdown']['gateway_log_errors'])}. Whole run: {report['wall_seconds']:g} s.",
     ]
     return "\n".join(lines)
