@@ -1,7 +1,7 @@
 """The gateway's ZMQ connection to one kernel: shell, iopub, stdin and control channels.
 
-Sockets are wrapped in ZMQStreams on the server's event loop, so messages arrive as callbacks
-with no polling. Every reply and iopub message is routed to the listener registered for its
+Each socket's descriptor is watched on the server's event loop, so messages arrive as callbacks
+with no polling and no thread. Every reply and iopub message is routed to the listener registered for its
 parent ``msg_id`` (one execution never sees another's outputs), and offered to any observers
 (for clients that want every message of the kernel).
 """
@@ -9,13 +9,15 @@ parent ``msg_id`` (one execution never sees another's outputs), and offered to a
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import logging
 import time
+from collections import deque
 from typing import Any, Callable, Protocol
 
 import zmq
 from jupyter_client.session import Session
-from zmq.eventloop.zmqstream import ZMQStream
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,84 @@ class MessageListener(Protocol):
 Observer = Callable[[str, dict[str, Any], list[bytes]], None]
 
 
+DELIMITER = b"<IDS|MSG>"
+
+
+def decode_message(session: Session, frames: list[bytes]) -> dict[str, Any]:
+    """A kernel message from its ZMQ frames, signature checked.
+
+    Lighter than ``Session.deserialize``: header dates stay ISO strings (they are only
+    forwarded, never compared), and ``frames`` keeps the encoded parts (header, parent,
+    metadata, content, buffers) for forwarding to websocket clients without re-encoding.
+    """
+    start = frames.index(DELIMITER) + 1
+    signature, encoded = frames[start], frames[start + 1:]
+    if len(encoded) < 4:
+        raise ValueError("malformed message: fewer than four parts")
+    if session.auth is not None and not hmac.compare_digest(signature, session.sign(encoded[:4])):
+        raise ValueError("invalid signature")
+    header = json.loads(encoded[0])
+    return {
+        "header": header, "msg_id": header.get("msg_id"), "msg_type": header.get("msg_type"),
+        "parent_header": json.loads(encoded[1]), "metadata": json.loads(encoded[2]),
+        "content": json.loads(encoded[3]), "buffers": encoded[4:], "frames": encoded,
+    }
+
+
+class SocketReader:
+    """One ZMQ socket on the event loop: its file descriptor is watched directly, every ready
+    message is read at once, and sends go out immediately (queued only when ZMQ pushes back).
+
+    ZMQ's descriptor is edge-triggered and a send can consume the edge a read needed, so the
+    socket is drained again after every send.
+    """
+
+    def __init__(self, sock: zmq.Socket, on_frames: Callable[[list[bytes]], None]):
+        self.sock = sock
+        self.on_frames = on_frames
+        self.loop = asyncio.get_running_loop()
+        self.fd = sock.getsockopt(zmq.FD)
+        self.backlog: deque[list[bytes]] = deque()
+        self.closed = False
+        self.loop.add_reader(self.fd, self.drain)
+
+    def drain(self) -> None:
+        sock = self.sock
+        while not self.closed:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                log.debug("a kernel socket failed to read", exc_info=True)
+                break
+            self.on_frames(frames)
+        while self.backlog and not self.closed:
+            try:
+                sock.send_multipart(self.backlog[0], zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.backlog.popleft()
+
+    def send(self, frames: list[bytes]) -> None:
+        if self.closed:
+            return
+        if self.backlog:
+            self.backlog.append(frames)
+        else:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self.backlog.append(frames)
+        self.loop.call_soon(self.drain)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.fd)
+            self.sock.close(linger=0)
+
+
 class KernelConnection:
     """Channels to one running kernel. Created by ``RunningKernel``, used by the executor."""
 
@@ -42,11 +122,11 @@ class KernelConnection:
         self.label = label
         self.listeners: dict[str, MessageListener] = {}
         self.observers: list[Observer] = observers if observers is not None else []
-        self.streams: dict[str, ZMQStream] = {}
+        self.streams: dict[str, SocketReader] = {}
         self.last_message_at = time.monotonic()
         for channel in CHANNELS:
-            self.streams[channel] = ZMQStream(self._socket(context, connection_info, channel))
-            self.streams[channel].on_recv(self._receiver(channel), copy=False)
+            self.streams[channel] = SocketReader(self._socket(context, connection_info, channel),
+                                                 self._receiver(channel))
 
     def _socket(self, context: zmq.Context, info: dict[str, Any], channel: str) -> zmq.Socket:
         port = info[f"{channel}_port"]
@@ -62,11 +142,10 @@ class KernelConnection:
         sock.connect(url)
         return sock
 
-    def _receiver(self, channel: str) -> Callable[[list[Any]], None]:
-        def receive(frames: list[Any]) -> None:
+    def _receiver(self, channel: str) -> Callable[[list[bytes]], None]:
+        def receive(frames: list[bytes]) -> None:
             try:
-                _, parts = self.session.feed_identities(frames, copy=False)
-                msg = self.session.deserialize(parts, content=True, copy=False)
+                msg = decode_message(self.session, frames)
             except Exception:
                 log.warning("kernel %s: dropped an unreadable %s message", self.label, channel, exc_info=True)
                 return
@@ -79,7 +158,7 @@ class KernelConnection:
                 except Exception:
                     log.exception("kernel %s: a %s message could not be handled", self.label, channel)
             if self.observers:
-                raw = [frame.bytes if hasattr(frame, "bytes") else bytes(frame) for frame in parts[1:]]
+                raw = msg["frames"]
                 for observer in list(self.observers):
                     try:
                         observer(channel, msg, raw)
@@ -92,14 +171,14 @@ class KernelConnection:
         """Send a message built with ``self.session.msg``; its answers go to ``listener``."""
         if listener is not None:
             self.listeners[msg["header"]["msg_id"]] = listener
-        self.session.send(self.streams[channel], msg)
+        self.streams[channel].send(self.session.serialize(msg))
 
     def send_raw(self, channel: str, parts: list[bytes], msg_id: str, listener: MessageListener | None = None) -> None:
         """Sign and send an already-encoded message (header, parent, metadata, content, buffers)."""
         if listener is not None:
             self.listeners[msg_id] = listener
         signature = self.session.sign(parts[:4])
-        self.streams[channel].send_multipart([b"<IDS|MSG>", signature, *parts], copy=False)
+        self.streams[channel].send([DELIMITER, signature, *parts])
 
     def forget(self, msg_id: str) -> None:
         self.listeners.pop(msg_id, None)
@@ -150,7 +229,7 @@ class KernelConnection:
         self.listeners.clear()
         for stream in self.streams.values():
             try:
-                stream.close(linger=0)
+                stream.close()
             except Exception:
                 log.debug("kernel %s: error closing a channel", self.label, exc_info=True)
         self.streams.clear()

@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-import nbformat
-
 INLINE_UPLOAD_LIMIT = 256 * 1024
+NBFORMAT, NBFORMAT_MINOR = 4, 5
 NOTEBOOK_FILE = "trajectory.ipynb"
 
 
@@ -118,8 +117,8 @@ def render(session: dict[str, Any], display_name: str, timeline: Iterable[tuple[
             cell = event_cell(row)
             if cell is not None:
                 cells.append(json.dumps(cell))
-    return ('{"cells": [%s], "metadata": %s, "nbformat": %d, "nbformat_minor": 5}'
-            % (",\n".join(cells), json.dumps(metadata), nbformat.v4.nbformat))
+    return ('{"cells": [%s], "metadata": %s, "nbformat": %d, "nbformat_minor": %d}'
+            % (",\n".join(cells), json.dumps(metadata), NBFORMAT, NBFORMAT_MINOR))
 
 
 def upload_details(path: str, content: bytes | None, size: int, sha256: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
+RENDER_SPACING = 50
 STEP_VIEW_FIELDS = ("session_id", "step", "execution_count", "status", "stdout", "stderr", "result", "error",
                     "outputs", "started_at", "finished_at", "duration_ms", "truncated")
 
@@ -68,6 +70,7 @@ class Recorder:
         self.write_delay = write_delay
         self.display_name = display_name
         self._pending: dict[str, Trajectory] = {}
+        self._render_seconds: dict[str, float] = {}
 
     def record_step(self, trajectory: Trajectory, execution: dict[str, Any], *, seq: int, code: str,
                     source: str, principal: str) -> None:
@@ -104,10 +107,14 @@ class Recorder:
     # the notebook file ------------------------------------------------------------------
 
     def schedule(self, trajectory: Trajectory) -> None:
+        """Write the session's notebook file soon; rewrites of large notebooks are spaced out
+        (at least ``RENDER_SPACING`` times their last rendering time) so they stay a small share
+        of the server's time however long the trajectory grows."""
         if trajectory.session_id in self._pending:
             return
         self._pending[trajectory.session_id] = trajectory
-        IOLoop.current().call_later(self.write_delay, self._write_pending, trajectory.session_id)
+        delay = max(self.write_delay, RENDER_SPACING * self._render_seconds.get(trajectory.session_id, 0.0))
+        IOLoop.current().call_later(delay, self._write_pending, trajectory.session_id)
 
     def _write_pending(self, session_id: str) -> None:
         trajectory = self._pending.pop(session_id, None)
@@ -115,10 +122,16 @@ class Recorder:
             self.write_file(trajectory)
 
     def write_file(self, trajectory: Trajectory) -> None:
+        started = time.perf_counter()
         try:
             notebook.write_atomically(trajectory.notebook_path, self.notebook_text(trajectory.session_id))
+            self._render_seconds[trajectory.session_id] = time.perf_counter() - started
         except Exception:
             log.exception("session %s: could not write the notebook file", trajectory.session_id)
+
+    def forget(self, session_id: str) -> None:
+        """Drop what is kept about an ended session (after its last flush)."""
+        self._render_seconds.pop(session_id, None)
 
     def flush(self, session_id: str | None = None) -> None:
         """Write pending notebook files now (one session, or all); called on terminate and shutdown."""

@@ -276,6 +276,7 @@ class SessionManager:
         self.live.pop(live.id, None)
         self.by_kernel.pop(live.row["kernel_id"], None)
         self.recorder.flush(live.id)
+        self.recorder.forget(live.id)
         log.info("session %s: %s (%s)", live.id, state, reason)
 
     # steps ------------------------------------------------------------------------------
