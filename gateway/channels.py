@@ -78,15 +78,11 @@ class SocketReader:
 
     def drain(self) -> None:
         sock = self.sock
-        while not self.closed:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except zmq.ZMQError:
-                log.debug("a kernel socket failed to read", exc_info=True)
-                break
-            self.on_frames(frames)
+        try:
+            while not self.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.on_frames(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.ZMQError:
+            log.debug("a kernel socket failed to read", exc_info=True)
         while self.backlog and not self.closed:
             try:
                 sock.send_multipart(self.backlog[0], zmq.NOBLOCK)
@@ -167,11 +163,13 @@ class KernelConnection:
 
         return receive
 
-    def send(self, channel: str, msg: dict[str, Any], listener: MessageListener | None = None) -> None:
-        """Send a message built with ``self.session.msg``; its answers go to ``listener``."""
+    def send(self, channel: str, msg: dict[str, Any], listener: MessageListener | None = None,
+             buffers: list[bytes] | None = None) -> None:
+        """Send a message (header, parent_header, metadata, content); its answers go to ``listener``."""
         if listener is not None:
             self.listeners[msg["header"]["msg_id"]] = listener
-        self.streams[channel].send(self.session.serialize(msg))
+        frames = self.session.serialize(msg)
+        self.streams[channel].send([*frames, *buffers] if buffers else frames)
 
     def send_raw(self, channel: str, parts: list[bytes], msg_id: str, listener: MessageListener | None = None) -> None:
         """Sign and send an already-encoded message (header, parent, metadata, content, buffers)."""

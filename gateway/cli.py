@@ -30,11 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=("agent", "reviewer", "admin"))
     create.add_argument("--data-dir", dest="data_dir", default=None)
+
+    attach = commands.add_parser("attach", help="Open a live session in JupyterLab (started with --gateway-url).")
+    attach.add_argument("session_id")
+    attach.add_argument("--jupyter-url", default="http://127.0.0.1:8888", help="the JupyterLab server")
+    attach.add_argument("--jupyter-token", default=None, help="its token (env JUPYTER_TOKEN)")
+    attach.add_argument("--gateway-url", default=None, help="the gateway (default http://HOST:PORT of the settings)")
+    attach.add_argument("--token", default=None, help="a gateway token (env AGENT_GATEWAY_TOKEN)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "attach":
+        return attach_command(args)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "token_command", "name", "role")}
     settings = Settings.resolve(overrides)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
@@ -56,3 +65,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(token)
         return 0
     return 2
+
+
+def attach_command(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.attach import AttachError, attach
+
+    settings = Settings.resolve({"token": args.token})
+    gateway_url = args.gateway_url or f"http://{settings.host}:{settings.port}"
+    if not settings.token:
+        print("agent-gateway attach: a gateway token is needed (--token or AGENT_GATEWAY_TOKEN).", file=sys.stderr)
+        return 2
+    try:
+        url = attach(gateway_url, settings.token, args.session_id, args.jupyter_url,
+                     args.jupyter_token or os.environ.get("JUPYTER_TOKEN"))
+    except AttachError as exc:
+        print(f"agent-gateway attach: {exc}", file=sys.stderr)
+        return 1
+    print(f"Session {args.session_id} is attached. Open {url}")
+    return 0

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from tornado.ioloop import IOLoop
 
 from gateway import notebook
-from gateway.clock import now_iso
+from gateway.clock import now_iso, utcnow
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,20 @@ class Trajectory:
     @property
     def notebook_path(self) -> Path:
         return self.directory / notebook.NOTEBOOK_FILE
+
+
+@dataclass
+class StepPlace:
+    """A step's number and sequence, taken when the kernel starts running it (kernel order)."""
+
+    step: int = -1
+    seq: int = -1
+    started_at: Any = None
+
+    def take(self, trajectory: Trajectory) -> None:
+        if self.step < 0:
+            self.step, self.seq = trajectory.take_step(), trajectory.take_seq()
+            self.started_at = utcnow()
 
 
 def execution_view(row: dict[str, Any], *, with_code: bool = False) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from tornado.netutil import bind_sockets
 
 from gateway import __version__
 from gateway.auth import TokenAuthority
-from gateway.handlers import files, ops, sessions
+from gateway.handlers import files, jupyter, kernel_ws, ops, sessions
 from gateway.handlers.base import NotFoundHandler, log_request
+from gateway.jupyter import JupyterKernels
 from gateway.kernels import KernelLauncher
 from gateway.metrics import Metrics
 from gateway.sessions import SessionManager
@@ -38,6 +39,7 @@ class Gateway:
     auth: TokenAuthority
     sessions: SessionManager
     metrics: Metrics
+    jupyter: JupyterKernels
 
     @classmethod
     def open(cls, settings: Settings) -> "Gateway":
@@ -48,12 +50,13 @@ class Gateway:
         metrics = Metrics()
         launcher = KernelLauncher(data / "runtime")
         manager = SessionManager(settings, store, launcher, metrics)
-        return cls(settings, store, TokenAuthority(store, settings.token), manager, metrics)
+        jupyter_face = JupyterKernels(manager, settings.websocket_replay_seconds)
+        return cls(settings, store, TokenAuthority(store, settings.token), manager, metrics, jupyter_face)
 
 
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The tornado application with every route of the gateway."""
-    routes = [*ops.routes, *sessions.routes, *files.routes]
+    routes = [*ops.routes, *sessions.routes, *files.routes, *jupyter.routes, *kernel_ws.routes]
     kwargs = {"gateway": gateway}
     return tornado.web.Application(
         [(pattern, handler, kwargs) for pattern, handler in routes],
@@ -62,6 +65,8 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         log_function=log_request,
         compress_response=False,
         xsrf_cookies=False,
+        websocket_max_message_size=gateway.settings.max_body_bytes,
+        websocket_ping_interval=30,
     )
 
 

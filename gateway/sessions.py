@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.notebook import upload_details
 from gateway.outputs import EventSink, strip_ansi, summarise
-from gateway.recorder import Recorder, Trajectory, execution_view
+from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view
 from gateway.settings import Settings
 from gateway.store import Store, decode_cursor, encode_cursor
 from gateway.workspace import Workspace
@@ -44,20 +44,6 @@ class RunningStep:
 
 
 @dataclass
-class StepPlace:
-    """A step's number and sequence, taken when the kernel starts running it (kernel order)."""
-
-    step: int = -1
-    seq: int = -1
-    started_at: Any = None
-
-    def take(self, trajectory: Trajectory) -> None:
-        if self.step < 0:
-            self.step, self.seq = trajectory.take_step(), trajectory.take_seq()
-            self.started_at = utcnow()
-
-
-@dataclass
 class LiveSession:
     """A session whose kernel this process runs."""
 
@@ -68,6 +54,9 @@ class LiveSession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     current: RunningStep | None = None
     generation: int = 0
+    execution_state: str = "starting"
+    last_message_at: str = ""
+    hub: Any = None  # the Jupyter face's KernelHub, once a websocket client attached
 
     @property
     def id(self) -> str:
@@ -138,7 +127,7 @@ class SessionManager:
                            code="session_not_found", details={"session_id": session_id})
         return row
 
-    def _writable(self, principal: Principal, session_id: str) -> LiveSession:
+    def writable(self, principal: Principal, session_id: str) -> LiveSession:
         """A live session the principal may act on (404 unseen, 403 read-only, 409 ended)."""
         row = self._row(principal, session_id)
         if not (principal.may_write_anything or row["owner"] == principal.name):
@@ -205,7 +194,8 @@ class SessionManager:
     # create, terminate ------------------------------------------------------------------
 
     async def create(self, principal: Principal, *, kernel: str = "python3", labels: dict[str, str] | None = None,
-                     env: dict[str, str] | None = None, setup: str | None = None) -> dict[str, Any]:
+                     env: dict[str, str] | None = None, setup: str | None = None,
+                     origin: str = "agent") -> dict[str, Any]:
         """Start a session and its kernel; runs ``setup`` as step 0. Returns the Session view."""
         if self.closing:
             raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
@@ -219,7 +209,7 @@ class SessionManager:
         row: dict[str, Any] = {
             "id": session_id, "kernel_id": kernel_id, "kernel": kernel, "state": "starting",
             "owner": principal.name, "labels": labels or {}, "created_at": created, "last_activity": created,
-            "steps": 0,
+            "steps": 0, "origin": origin,
         }
         self.store.insert_session(row)
         trajectory = Trajectory(session_id, self.sessions_dir / session_id, next_step=0 if setup else 1)
@@ -227,7 +217,8 @@ class SessionManager:
         self.live[session_id] = live
         self.by_kernel[kernel_id] = session_id
         self.recorder.record_event(trajectory, "session_created", principal.name,
-                                   {"kernel": kernel, "labels": row["labels"], "env_names": sorted(env)})
+                                   {"kernel": kernel, "labels": row["labels"], "env_names": sorted(env),
+                                    "origin": origin})
         try:
             live.kernel = await self.launcher.start(kernel_id=kernel_id, spec_name=kernel, cwd=live.workspace.root,
                                                     env=env, ready_timeout=self.settings.kernel_start_timeout)
@@ -237,7 +228,8 @@ class SessionManager:
             await self._end(live, principal.name, "failed", reason)
             raise Unavailable(reason + " Check the kernel spec and the server log, then retry.",
                               code="kernel_start_failed", details={"session_id": session_id}) from None
-        row["state"] = "idle"
+        live.kernel.observers.append(self._state_tracker(live))
+        row["state"] = live.execution_state = "idle"
         row["language_info"] = live.kernel.kernel_info.get("language_info")
         self.store.update_session(session_id, state="idle", language_info=row["language_info"])
         log.info("session %s: created by %s (kernel %s)", session_id, principal.name, kernel_id)
@@ -247,7 +239,7 @@ class SessionManager:
 
     async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Shut the kernel down; the trajectory and workspace stay."""
-        live = self._writable(principal, session_id)
+        live = self.writable(principal, session_id)
         await self._end(live, principal.name, "terminated", f"Terminated by {principal.name}.")
         return self.view(live.row)
 
@@ -267,6 +259,9 @@ class SessionManager:
     async def _close(self, live: LiveSession, principal: str | None, state: str, reason: str) -> None:
         """Stop the kernel and record the end; the caller holds the session's lock."""
         live.row["state"] = state
+        live.execution_state = "dead"
+        if live.hub is not None:
+            live.hub.close_all(f"the session was {state}")
         if live.kernel is not None:
             await live.kernel.shutdown(now=state == "failed")
         ended = now_iso()
@@ -293,7 +288,7 @@ class SessionManager:
     async def execute(self, principal: Principal, session_id: str, code: str, *, timeout: float | None = None,
                       sink: EventSink | None = None, source: str = "agent") -> dict[str, Any]:
         """Run one step and record it; returns the Execution (committed before this returns)."""
-        live = self._writable(principal, session_id)
+        live = self.writable(principal, session_id)
         limit = self.check_timeout(timeout)
         async with live.lock:
             if live.row["state"] in ENDED_STATES or live.kernel is None:
@@ -332,7 +327,7 @@ class SessionManager:
             await self._replace_kernel(live, "kernel_restarted", principal.name, "restart requested during a step")
         return execution
 
-    def commit_step(self, live: LiveSession, place: "StepPlace", code: str, raw: executor.RawExecution, status: str,
+    def commit_step(self, live: LiveSession, place: StepPlace, code: str, raw: executor.RawExecution, status: str,
                     error: dict[str, Any] | None, *, source: str, principal: str) -> dict[str, Any]:
         """Record one finished execution (from either face) and return its Execution view."""
         place.take(live.trajectory)
@@ -380,13 +375,27 @@ class SessionManager:
             return "interrupted", error
         return "error", error
 
+    def _state_tracker(self, live: LiveSession) -> Any:
+        """An observer keeping the kernel's execution state and last activity (Jupyter's model)."""
+
+        def track(channel: str, msg: dict[str, Any], frames: list[bytes]) -> None:
+            if channel == "iopub" and msg["header"].get("msg_type") == "status":
+                live.execution_state = msg["content"].get("execution_state", live.execution_state)
+            live.last_message_at = now_iso()
+
+        return track
+
     async def _replace_kernel(self, live: LiveSession, action: str, principal: str | None, message: str) -> None:
         """Record why the kernel is being replaced, then start a new one (or fail the session)."""
         assert live.kernel is not None
         self.recorder.record_event(live.trajectory, action, principal,
                                    {"message": message} if action == "kernel_died" else {"reason": message})
+        if live.hub is not None:
+            live.hub.kernel_replaced(message)
+        live.execution_state = "restarting"
         try:
             await live.kernel.restart(self.settings.kernel_start_timeout)
+            live.execution_state = "idle"
             live.generation += 1
             if action == "kernel_died":
                 self.recorder.record_event(live.trajectory, "kernel_restarted", None,
@@ -398,7 +407,7 @@ class SessionManager:
 
     async def interrupt(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Interrupt the running step, if any; it ends with status ``interrupted``."""
-        live = self._writable(principal, session_id)
+        live = self.writable(principal, session_id)
         running = live.current
         if running is not None and live.kernel is not None:
             running.interrupt_requested = True
@@ -408,7 +417,7 @@ class SessionManager:
 
     async def restart(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """A new kernel in the same workspace; a running step ends as ``interrupted``."""
-        live = self._writable(principal, session_id)
+        live = self.writable(principal, session_id)
         generation = live.generation
         if live.current is not None and not live.current.abort.done():
             live.current.abort.set_result("restart")
@@ -445,7 +454,7 @@ class SessionManager:
 
     def upload_dir(self, principal: Principal, session_id: str) -> Path:
         """Where an upload is received before it is moved into the workspace (outside of it)."""
-        live = self._writable(principal, session_id)
+        live = self.writable(principal, session_id)
         path = live.trajectory.directory / "uploads"
         path.mkdir(exist_ok=True)
         return path
@@ -453,7 +462,7 @@ class SessionManager:
     def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
                  sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
-        live = self._writable(principal, session_id)
+        live = self.writable(principal, session_id)
         target = live.workspace.install(path, received)
         relative = live.workspace.relative(target)
         self.recorder.record_event(live.trajectory, "file_upload", principal.name,
@@ -461,7 +470,7 @@ class SessionManager:
         return {"path": relative, "size": size, "sha256": sha256}
 
     def delete_file(self, principal: Principal, session_id: str, path: str) -> dict[str, Any]:
-        live = self._writable(principal, session_id)
+        live = self.writable(principal, session_id)
         kind = live.workspace.delete(path)
         self.recorder.record_event(live.trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
         return {"path": path, "deleted": kind}

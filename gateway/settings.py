@@ -45,6 +45,7 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("kernel_start_timeout", 60.0, float, "Seconds to wait for a new kernel to answer."),
     Setting("interrupt_grace", 5.0, float, "Seconds a timed-out step gets to stop after an interrupt before its kernel is restarted."),
     Setting("notebook_write_delay", 1.0, float, "Seconds to gather changes before rewriting a session's notebook file."),
+    Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
     Setting("log_level", "INFO", str, "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
 
@@ -65,6 +66,7 @@ class Settings:
     kernel_start_timeout: float = 60.0
     interrupt_grace: float = 5.0
     notebook_write_delay: float = 1.0
+    websocket_replay_seconds: float = 60.0
     log_level: str = "INFO"
 
     @property

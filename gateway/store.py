@@ -67,6 +67,12 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["tokens"].create_index(["token_hash"], unique=True)
 
 
+@migrations()
+def m002_session_origin(db: sqlite_utils.Database) -> None:
+    """Which face created a session: "agent" (the HTTP API) or "jupyter" (POST /api/kernels)."""
+    db["sessions"].add_column("origin", str, not_null_default="agent")
+
+
 SESSION_JSON_COLUMNS = ("labels", "language_info")
 
 

@@ -67,7 +67,9 @@ def from_json_frame(frame: str | bytes) -> tuple[str, dict[str, Any], list[bytes
         raise ProtocolError(f"not JSON: {exc}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a JSON object")
-    channel = msg.pop("channel", None)
+    # Some clients (Jupyter Server's gateway kernel client) leave the channel out of shell
+    # requests; Jupyter servers take those as shell messages, and so does this one.
+    channel = msg.pop("channel", None) or "shell"
     _check(channel, msg)
     return str(channel), msg, buffers
 

@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import tornado.web
 
-from gateway.handlers import files, ops, sessions
+from gateway.handlers import files, jupyter, kernel_ws, ops, sessions
 from gateway.handlers.base import STATUS_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
 API_DOC = ROOT / "docs" / "api.md"
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
-PLACEHOLDERS = {"session_id": "{id}", "path": "{path}"}
-ROUTES = [(pattern, handler) for module in (ops, sessions, files) for pattern, handler in module.routes]
+PLACEHOLDERS = {"session_id": "{id}", "path": "{path}", "kernel_id": "{kernel_id}", "name": "{name}",
+                "filename": "{file}"}
+ROUTES = [(pattern, handler) for module in (ops, sessions, files, jupyter, kernel_ws)
+          for pattern, handler in module.routes]
 
 
 def _group_end(pattern: str, start: int) -> int:

@@ -133,12 +133,7 @@ class BaseHandler(tornado.web.RequestHandler):
             self.body_sink.close()
 
     def request_token(self) -> str | None:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() in ("bearer", "token") and value.strip():
-            return value.strip()
-        token = self.get_query_argument("token", None)
-        return token or None
+        return request_token(self)
 
     def require_body_within_limit(self) -> None:
         if self.body_sink is not None and self.body_sink.too_large:
@@ -199,34 +194,52 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(data))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, GatewayError):
-            error = exc
-            self.set_status(exc.status)
-        elif isinstance(exc, tornado.web.HTTPError):
-            error = GatewayError(exc.log_message or self._reason, code=STATUS_CODES.get(status_code, "http_error"))
-        elif status_code == 500:
-            error = GatewayError("The gateway hit an internal error; it was logged. Retry, or report it with the time.")
-        else:
-            error = GatewayError(self._reason, code=STATUS_CODES.get(status_code, "http_error"))
-        if isinstance(error, GatewayError) and error.status == 401:
-            self.set_header("WWW-Authenticate", 'Bearer realm="agent-gateway"')
-        for header in ("Content-Disposition",):
-            self.clear_header(header)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(error.envelope()))
+        write_error_envelope(self, status_code, kwargs.get("exc_info", (None, None, None))[1])
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, (GatewayError, tornado.web.HTTPError)):
-            log.debug("%s %s: %s", self.request.method, scrub(self.request.uri or ""), value)
-        elif isinstance(value, StreamClosedError):
-            log.info("%s %s: the client went away", self.request.method, scrub(self.request.uri or ""))
-        else:
-            log.error("%s %s failed", self.request.method, scrub(self.request.uri or ""), exc_info=(typ, value, tb))
+        log_handler_exception(self, typ, value, tb)
 
     def on_finish(self) -> None:
         if self.body_sink is not None:
             self.body_sink.close()
+
+
+def request_token(handler: tornado.web.RequestHandler) -> str | None:
+    """The token of a request: ``Authorization: Bearer|token <t>``, else ``?token=``."""
+    header = handler.request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() in ("bearer", "token") and value.strip():
+        return value.strip()
+    return handler.get_query_argument("token", None) or None
+
+
+def write_error_envelope(handler: tornado.web.RequestHandler, status_code: int, exc: BaseException | None) -> None:
+    """Finish ``handler`` with the JSON error envelope for ``exc`` (API.md, errors)."""
+    if isinstance(exc, GatewayError):
+        error = exc
+        handler.set_status(exc.status)
+    elif isinstance(exc, tornado.web.HTTPError):
+        error = GatewayError(exc.log_message or handler._reason, code=STATUS_CODES.get(status_code, "http_error"))
+    elif status_code == 500:
+        error = GatewayError("The gateway hit an internal error; it was logged. Retry, or report it with the time.")
+    else:
+        error = GatewayError(handler._reason, code=STATUS_CODES.get(status_code, "http_error"))
+    if error.status == 401:
+        handler.set_header("WWW-Authenticate", 'Bearer realm="agent-gateway"')
+    handler.clear_header("Content-Disposition")
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(json.dumps(error.envelope()))
+
+
+def log_handler_exception(handler: tornado.web.RequestHandler, typ: Any, value: Any, tb: Any) -> None:
+    """Log a failed request without its token: expected errors quietly, others with a traceback."""
+    where = f"{handler.request.method} {scrub(handler.request.uri or '')}"
+    if isinstance(value, (GatewayError, tornado.web.HTTPError)):
+        log.debug("%s: %s", where, value)
+    elif isinstance(value, StreamClosedError):
+        log.info("%s: the client went away", where)
+    else:
+        log.error("%s failed", where, exc_info=(typ, value, tb))
 
 
 def _after_body(method: Any) -> Any:

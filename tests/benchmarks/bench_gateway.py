@@ -9,9 +9,13 @@ data directory, and raw kernels from the same kernel spec driven by jupyter_clie
    interleaved in blocks so that a noisy machine affects both sides alike;
 3. the cost of a long recorded trajectory: ``1+1`` in a session with 1,000 steps against a fresh
    session, interleaved;
-4. throughput with eight sessions stepping at once, against eight raw kernels;
-5. the latency of a step printing 1 MB;
-6. the gateway's resident memory with live sessions (and the kernels' for context).
+4. the round trip of the same ``1+1`` as a Jupyter client sends it, an ``execute_request`` over the
+   kernel websocket (``/api/kernels/{kernel_id}/channels``) in the default JSON protocol and in the
+   ``v1.kernel.websocket.jupyter.org`` binary protocol, interleaved in blocks with the raw kernel;
+5. throughput with eight sessions stepping at once, against eight raw kernels: over HTTP, and over
+   eight websockets in each protocol;
+6. the latency of a step printing 1 MB;
+7. the gateway's resident memory with live sessions (and the kernels' for context).
 
 It prints a markdown report (ready for docs/performance.md) and, with ``--json OUT``, writes every
 figure to a JSON file. Every process it starts is stopped before it exits.
@@ -32,18 +36,22 @@ import os
 import platform
 import re
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import jupyter_client
 import psutil
+import websocket
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
@@ -56,6 +64,8 @@ KERNEL_NAME = "python3"
 BIG_CODE = 'print("x" * 1_000_000)'
 BIG_STDOUT_CHARS = 1_000_001  # the million x's and print's newline
 MIB = 1024 * 1024
+V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
+WS_PROTOCOLS = ("json", "v1")  # the kernel websocket's default JSON protocol, and the v1 binary one
 Runner = Callable[[], None]
 
 
@@ -226,7 +236,12 @@ class ApiClient:
         return json.loads(data)
 
     def create_session(self) -> str:
-        return str(self.call("POST", "/v1/sessions", {}, expect=201)["id"])
+        return self.create_kernel_session()[0]
+
+    def create_kernel_session(self) -> tuple[str, str]:
+        """A new session: (session id, id of its kernel under /api/kernels)."""
+        session = self.call("POST", "/v1/sessions", {}, expect=201)
+        return str(session["id"]), str(session["kernel_id"])
 
     def delete_session(self, session_id: str) -> None:
         self.call("DELETE", f"/v1/sessions/{session_id}")
@@ -298,6 +313,124 @@ class RawKernel:
             self.client.stop_channels()
         if self.manager.has_kernel:
             self.manager.shutdown_kernel(now=True)
+
+
+# kernel websocket clients ----------------------------------------------------------------------
+
+
+class KernelSocket:
+    """One websocket client of a session's kernel, ``/api/kernels/{kernel_id}/channels``, kept lean for timing.
+
+    ``protocol`` is ``"json"`` (the default protocol: text frames of JSON) or ``"v1"`` (the
+    ``v1.kernel.websocket.jupyter.org`` subprotocol: binary frames built here with ``struct``). One
+    blocking websocket-client connection with TCP_NODELAY, no send lock (``enable_multithread=False``)
+    and no UTF-8 validation of text frames (websocket-client does that byte by byte in Python, about
+    0.2 ms per message); replies are parsed no further than needed.
+    """
+
+    def __init__(self, host: str, port: int, kernel_id: str, protocol: str):
+        if protocol not in WS_PROTOCOLS:
+            raise ValueError(f"unknown websocket protocol {protocol!r}")
+        self.protocol = protocol
+        self.session = uuid.uuid4().hex
+        self.ws = websocket.create_connection(
+            f"ws://{host}:{port}/api/kernels/{kernel_id}/channels", timeout=120,
+            header=[f"Authorization: token {TOKEN}"],
+            subprotocols=[V1_SUBPROTOCOL] if protocol == "v1" else None,
+            enable_multithread=False, skip_utf8_validation=True,
+            sockopt=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),))
+        if protocol == "v1" and self.ws.getsubprotocol() != V1_SUBPROTOCOL:
+            self.ws.close()
+            raise RuntimeError(f"the gateway did not accept {V1_SUBPROTOCOL} (got {self.ws.getsubprotocol()!r})")
+
+    def header(self, msg_id: str) -> dict[str, str]:
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"msg_id": msg_id, "msg_type": "execute_request", "username": "bench", "session": self.session,
+                "version": "5.3", "date": now}
+
+    def send_execute(self, msg_id: str, code: str) -> None:
+        """An ``execute_request`` of ``code`` on the shell channel, in this client's protocol."""
+        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": False}
+        if self.protocol == "json":
+            self.ws.send(json.dumps({"channel": "shell", "header": self.header(msg_id), "parent_header": {},
+                                     "metadata": {}, "content": content}))
+        else:
+            self.ws.send_binary(v1_frame("shell", [json.dumps(self.header(msg_id)).encode(), b"{}", b"{}",
+                                                   json.dumps(content).encode()]))
+
+    def receive(self, msg_id: str) -> tuple[str, str, Any] | None:
+        """The next message: (channel, msg_type, content) if it answers ``msg_id``, else None. The content is
+        a dict in the JSON protocol; in v1 it is left as bytes (see ``content_of``), and of the other parts
+        only the parent header is decoded, and the header if the parent is ``msg_id``."""
+        frame = self.ws.recv()
+        if self.protocol == "json":
+            msg = json.loads(frame if isinstance(frame, str) else json_part_of_binary_frame(frame))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                return None
+            return msg["channel"], msg["header"]["msg_type"], msg["content"]
+        channel, header, parent, content = v1_parts(frame)
+        if json.loads(parent).get("msg_id") != msg_id:
+            return None
+        return channel, json.loads(header)["msg_type"], content
+
+    @staticmethod
+    def content_of(content: Any) -> dict[str, Any]:
+        return json.loads(content) if isinstance(content, bytes) else content
+
+    def run(self, code: str) -> dict[str, Any]:
+        """Execute ``code``; wait for iopub idle and the shell reply of this request; return the reply's content.
+        (Timed from the send until both arrived, like ``RawKernel.run``.)"""
+        msg_id = uuid.uuid4().hex
+        self.send_execute(msg_id, code)
+        reply: dict[str, Any] | None = None
+        idle = False
+        while reply is None or not idle:
+            answer = self.receive(msg_id)
+            if answer is None:
+                continue
+            channel, msg_type, content = answer
+            if channel == "shell":
+                reply = self.content_of(content)
+            elif msg_type == "status" and self.content_of(content)["execution_state"] == "idle":
+                idle = True
+        return reply
+
+    def stepper(self) -> Runner:
+        """A runner doing one checked `1+1` step over this websocket."""
+        def step() -> None:
+            if self.run("1+1")["status"] != "ok":
+                raise RuntimeError(f"`1+1` over the {self.protocol} websocket failed")
+        return step
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def v1_frame(channel: str, parts: list[bytes]) -> bytes:
+    """A v1 frame: little-endian uint64 count of offsets, the offsets (where the channel name and each part
+    start, then the end), the channel name, then ``parts`` (header, parent header, metadata, content)."""
+    name = channel.encode("ascii")
+    count = 2 + len(parts)
+    offsets = [8 * (1 + count), 8 * (1 + count) + len(name)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    return struct.pack(f"<{count + 1}Q", count, *offsets) + name + b"".join(parts)
+
+
+def v1_parts(frame: bytes) -> tuple[str, bytes, bytes, bytes]:
+    """(channel, header, parent header, content) of a v1 frame, the JSON parts left undecoded."""
+    count = struct.unpack_from("<Q", frame)[0]
+    offsets = struct.unpack_from(f"<{count}Q", frame, 8)
+    return (frame[offsets[0]:offsets[1]].decode("ascii"), frame[offsets[1]:offsets[2]],
+            frame[offsets[2]:offsets[3]], frame[offsets[4]:offsets[5]])
+
+
+def json_part_of_binary_frame(frame: bytes) -> bytes:
+    """The JSON of a binary default-protocol frame (a message with buffers): big-endian uint32 count, offsets."""
+    count = struct.unpack_from("!I", frame)[0]
+    offsets = struct.unpack_from(f"!{count}I", frame, 4)
+    return frame[offsets[0]:offsets[1] if count > 1 else len(frame)]
 
 
 # the measurements ------------------------------------------------------------------------------
@@ -424,17 +557,86 @@ def measure_concurrency(server: GatewayServer, raws: list[RawKernel], plan: Plan
         raw_runners = [raw.stepper() for raw in raws]
         for run in gateway_runners + raw_runners:
             repeat(run, 5)
-        totals = {"gateway": [0, 0.0], "raw": [0, 0.0]}
-        for _ in range(plan.rounds):
-            for name, runners in (("gateway", gateway_runners), ("raw", raw_runners)):
-                steps, seconds = run_for(runners, plan.duration / plan.rounds)
-                totals[name][0] += steps
-                totals[name][1] += seconds
-    rates = {name: steps / seconds for name, (steps, seconds) in totals.items()}
+        sides = concurrent_rounds({"gateway": gateway_runners, "raw": raw_runners}, plan)
+    gateway, raw = sides["gateway"], sides["raw"]
     return {"workers": plan.concurrency, "seconds_per_side": plan.duration,
-            "gateway_steps": totals["gateway"][0], "raw_steps": totals["raw"][0],
-            "gateway_steps_per_s": round(rates["gateway"], 1), "raw_steps_per_s": round(rates["raw"], 1),
-            "ratio": round(rates["gateway"] / rates["raw"], 2)}
+            "gateway_steps": gateway["steps"], "raw_steps": raw["steps"],
+            "gateway_steps_per_s": gateway["steps_per_s"], "raw_steps_per_s": raw["steps_per_s"],
+            "ratio": round(gateway["steps_per_s"] / raw["steps_per_s"], 2),
+            "gateway_p50_ms": gateway["latency"]["p50_ms"], "raw_p50_ms": raw["latency"]["p50_ms"]}
+
+
+def timed_into(run: Runner, samples_ms: list[float]) -> Runner:
+    """``run``, appending the latency of every call to ``samples_ms``."""
+    def timed() -> None:
+        samples_ms.append(timed_ms(run))
+    return timed
+
+
+def concurrent_rounds(sides: dict[str, list[Runner]], plan: Plan) -> dict[str, dict[str, Any]]:
+    """Run each side's runners at once (one thread each), the sides taking turns, ``plan.rounds`` turns of
+    ``plan.duration / plan.rounds`` seconds each; per side: steps, seconds, steps per second, step latency."""
+    samples: dict[str, list[float]] = {name: [] for name in sides}
+    timed = {name: [timed_into(run, samples[name]) for run in runners] for name, runners in sides.items()}
+    totals = {name: [0, 0.0] for name in sides}
+    for _ in range(plan.rounds):
+        for name, runners in timed.items():
+            steps, seconds = run_for(runners, plan.duration / plan.rounds)
+            totals[name][0] += steps
+            totals[name][1] += seconds
+    return {name: {"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 1),
+                   "latency": summarize(samples[name])}
+            for name, (steps, seconds) in totals.items()}
+
+
+def open_kernel_sockets(stack: contextlib.ExitStack, api: ApiClient, server: GatewayServer, protocol: str,
+                        count: int) -> list[KernelSocket]:
+    """``count`` new sessions with one websocket client each; closed, then deleted, when ``stack`` closes."""
+    sockets = []
+    for _ in range(count):
+        session_id, kernel_id = api.create_kernel_session()
+        stack.callback(api.delete_session, session_id)
+        kernel_socket = KernelSocket(server.host, server.port, kernel_id, protocol)
+        stack.callback(kernel_socket.close)
+        sockets.append(kernel_socket)
+    return sockets
+
+
+def measure_ws_step_vs_raw(api: ApiClient, server: GatewayServer, raw: RawKernel, plan: Plan) -> dict[str, Any]:
+    """`1+1` over the kernel websocket in each protocol (a session each, one client) against `1+1` on a raw
+    kernel, interleaved in blocks."""
+    with contextlib.ExitStack() as stack:
+        runners = {protocol: open_kernel_sockets(stack, api, server, protocol, 1)[0].stepper()
+                   for protocol in WS_PROTOCOLS}
+        runners["raw"] = raw.stepper()
+        for run in runners.values():
+            repeat(run, plan.warmup)
+        samples = interleaved(runners, plan.steps, plan.block)
+    stats = {name: summarize(found) for name, found in samples.items()}
+    baseline = stats["raw"]["p50_ms"]
+    return {**stats,
+            "ratio_p50": {p: round(stats[p]["p50_ms"] / baseline, 2) for p in WS_PROTOCOLS},
+            "overhead_p50_ms": {p: round(stats[p]["p50_ms"] - baseline, 3) for p in WS_PROTOCOLS}}
+
+
+def measure_ws_concurrency(api: ApiClient, server: GatewayServer, raws: list[RawKernel],
+                           plan: Plan) -> dict[str, Any]:
+    """``plan.concurrency`` sessions stepping at once over websockets (one client and thread each), for each
+    protocol, against as many raw kernels; the three sides take turns."""
+    with contextlib.ExitStack() as stack:
+        sides = {protocol: [kernel_socket.stepper() for kernel_socket in
+                            open_kernel_sockets(stack, api, server, protocol, plan.concurrency)]
+                 for protocol in WS_PROTOCOLS}
+        sides["raw"] = [raw.stepper() for raw in raws]
+        for runners in sides.values():
+            for run in runners:
+                repeat(run, 5)
+        figures = concurrent_rounds(sides, plan)
+    raw = figures["raw"]
+    return {"workers": plan.concurrency, "seconds_per_side": plan.duration, **figures,
+            "ratio": {p: round(figures[p]["steps_per_s"] / raw["steps_per_s"], 2) for p in WS_PROTOCOLS},
+            "ratio_p50": {p: round(figures[p]["latency"]["p50_ms"] / raw["latency"]["p50_ms"], 2)
+                          for p in WS_PROTOCOLS}}
 
 
 def measure_big_output(api: ApiClient, session_id: str, runs: int) -> dict[str, Any]:
@@ -495,11 +697,19 @@ def run_benchmarks(plan: Plan, workdir: Path, progress: Callable[[str], None]) -
             session_id = api.create_session()
             results["step"] = measure_step_vs_raw(api, session_id, raws[0], plan)
 
+            progress(f"`1+1` over the kernel websocket: {plan.steps} steps per protocol ({', '.join(WS_PROTOCOLS)}) "
+                     f"and {plan.steps} raw steps, interleaved")
+            results["ws_step"] = measure_ws_step_vs_raw(api, server, raws[0], plan)
+
             progress(f"long trajectory: {plan.long_steps} `pass` steps, then `1+1` against a fresh session")
             results["long_trajectory"] = measure_long_trajectory(api, plan)
 
             progress(f"{plan.concurrency} sessions stepping at once, {plan.duration:g} s per side")
             results["concurrency"] = measure_concurrency(server, raws, plan)
+
+            progress(f"{plan.concurrency} sessions stepping at once over websockets, per protocol, "
+                     f"{plan.duration:g} s per side")
+            results["ws_concurrency"] = measure_ws_concurrency(api, server, raws, plan)
 
             progress(f"1 MB print, {plan.big_runs} runs")
             results["big_output"] = measure_big_output(api, session_id, plan.big_runs)
@@ -533,10 +743,31 @@ def latency_row(label: str, stats: dict[str, float]) -> str:
     return f"| {label} | {stats['n']} | {stats['p50_ms']:.2f} | {stats['p99_ms']:.2f} | {stats['mean_ms']:.2f} |"
 
 
+PROTOCOL_LABELS = {"json": "default JSON protocol", "v1": "`v1.kernel.websocket.jupyter.org` protocol"}
+
+
+def ws_comparison_rows(ws_step: dict[str, Any], ws_conc: dict[str, Any]) -> list[str]:
+    """The comparison rows of the kernel websocket measurements."""
+    rows = [f"| websocket ({PROTOCOL_LABELS[p]}) / raw, `1+1` p50 | {ws_step['ratio_p50'][p]:.2f}x "
+            f"({ws_step['overhead_p50_ms'][p]:+.2f} ms per step) |" for p in WS_PROTOCOLS]
+    workers = ws_conc["workers"]
+    for name in (*WS_PROTOCOLS, "raw"):
+        side = ws_conc[name]
+        label = (f"{workers} sessions stepping `1+1` at once over websockets, {PROTOCOL_LABELS[name]}"
+                 if name != "raw" else f"{workers} raw kernels stepping `1+1` at once (in turns with the two rows above)")
+        rows.append(f"| {label} | {side['steps_per_s']:,.0f} steps/s, p50 {side['latency']['p50_ms']:.2f} ms, "
+                    f"p99 {side['latency']['p99_ms']:.2f} ms |")
+    rows.append("| concurrent throughput, websocket / raw | "
+                + ", ".join(f"{p}: {ws_conc['ratio'][p]:.2f}x (p50 {ws_conc['ratio_p50'][p]:.2f}x)"
+                            for p in WS_PROTOCOLS) + " |")
+    return rows
+
+
 def render_report(report: dict[str, Any]) -> str:
     """The markdown report, ready to paste into docs/performance.md."""
     m, plan, r = report["machine"], report["plan"], report["results"]
     step, long, conc, big, sess = r["step"], r["long_trajectory"], r["concurrency"], r["big_output"], r["sessions"]
+    ws_step, ws_conc = r["ws_step"], r["ws_concurrency"]
     lines = [
         f"### Benchmark run of {report['date']} ({plan['mode']} mode)",
         "",
@@ -552,6 +783,8 @@ def render_report(report: dict[str, Any]) -> str:
         latency_row("`DELETE /v1/sessions/{id}`", sess["delete"]),
         latency_row("`1+1` step through the gateway", step["gateway"]),
         latency_row("`1+1` on a raw kernel (jupyter_client, no gateway)", step["raw"]),
+        *[latency_row(f"`1+1` over the kernel websocket, {PROTOCOL_LABELS[p]}", ws_step[p]) for p in WS_PROTOCOLS],
+        latency_row("`1+1` on a raw kernel (interleaved with the two rows above)", ws_step["raw"]),
         latency_row(f"`1+1` in a session with {long['recorded_steps_before']:,} recorded steps", long["long"]),
         latency_row("`1+1` in a fresh session (interleaved with the row above)", long["fresh"]),
         latency_row("`print(\"x\" * 1_000_000)` step", big["latency"]),
@@ -565,6 +798,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"| {conc['workers']} raw kernels stepping `1+1` at once, jupyter_client "
         f"| {conc['raw_steps_per_s']:,.0f} steps/s |",
         f"| concurrent throughput, gateway / raw | {conc['ratio']:.2f}x |",
+        *ws_comparison_rows(ws_step, ws_conc),
         f"| 1 MB print: stdout returned | {big['stdout_chars']:,} chars of {big['expected_chars']:,} "
         f"({'complete' if big['stdout_complete'] else 'INCOMPLETE'}); response {mb(big['response_bytes'])} |",
         f"| gateway RSS, no sessions | {mb(sess['rss']['gateway_idle_bytes'])} |",
@@ -574,7 +808,13 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         f"Method: {plan['warmup']} untimed warm-up steps per side; gateway and raw steps alternate in blocks of "
         f"{plan['block']}; concurrency is {conc['seconds_per_side']:g} s per side split into {plan['rounds']} "
-        f"alternating rounds, all client threads in one Python process. Percentiles are nearest-rank. "
+        f"alternating rounds, all client threads in one Python process. Websocket clients: websocket-client "
+        f"`create_connection` (`enable_multithread=False`, TCP_NODELAY, no UTF-8 validation), a session each, "
+        f"one client per kernel; an `execute_request` is timed from its send until both its `status: idle` "
+        f"and its `execute_reply` arrived (as on the raw side); v1 frames are built with `struct` and only "
+        f"their parent header and header parts are decoded (and the content of status messages and of "
+        f"the reply); JSON protocol, websocket v1 and raw steps alternate in blocks of {plan['block']}, "
+        f"and the three concurrent sides take turns in {plan['rounds']} rounds. Percentiles are nearest-rank. "
         f"Filling the long session ran `pass` steps at {long['fill_pass_steps_per_s']:,.0f} steps/s; "
         f"GET of its notebook took {long['notebook_get_ms']:.1f} ms (median of 3). "
         f"Gateway shutdown (SIGTERM): exit code {r['shutdown']['gateway_exit_code']}, "

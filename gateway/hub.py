@@ -1,0 +1,247 @@
+"""Websocket clients attached to one session's kernel (the Jupyter face's channels).
+
+The hub is an observer of the kernel's channels: every iopub message goes to every attached
+client; replies go to the client that sent the request (by parent ``msg_id``). A client that
+disconnects is parked for a while: what it misses is kept (bounded) and replayed when it comes
+back with the same ``session_id``. Every execute_request a client sends is recorded as a step
+of the session (``source: "jupyter"``) when the kernel finishes it, in the order the kernel ran
+it; silent executions are recorded as audit events with their code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.auth import Principal
+from gateway.executor import ExecutionListener
+from gateway.outputs import OutputCollector
+from gateway.recorder import StepPlace
+
+if TYPE_CHECKING:
+    from gateway.sessions import LiveSession, SessionManager
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_REQUESTS = 1000
+PARKED_MAX_MESSAGES = 10_000
+PARKED_MAX_BYTES = 64 * 1024 * 1024
+
+
+class WebsocketClient(Protocol):
+    """What the hub needs of a connected client (the channels handler)."""
+
+    client_id: str
+    principal: Principal
+
+    def deliver(self, channel: str, msg: dict[str, Any], frames: list[bytes]) -> bool:
+        """Send one message; False when the client cannot take it (gone, or too far behind)."""
+
+    def refuse(self, reason: str) -> None:
+        """Close the connection because the client broke a limit."""
+
+
+@dataclass
+class Parked:
+    """A disconnected client's missed messages, kept until it returns or its time is up."""
+
+    principal: Principal
+    expires_at: float
+    messages: deque[tuple[str, dict[str, Any], list[bytes]]] = field(default_factory=deque)
+    size: int = 0
+    dropped: int = 0
+
+    def keep(self, channel: str, msg: dict[str, Any], frames: list[bytes]) -> None:
+        self.messages.append((channel, msg, frames))
+        self.size += sum(len(part) for part in frames)
+        while self.messages and (len(self.messages) > PARKED_MAX_MESSAGES or self.size > PARKED_MAX_BYTES):
+            _, _, old = self.messages.popleft()
+            self.size -= sum(len(part) for part in old)
+            self.dropped += 1
+
+
+class ClientRequest:
+    """The listener for one request a websocket client sent: replies go back to that client,
+    and an execute_request is also gathered into a recorded step."""
+
+    def __init__(self, hub: "KernelHub", client_id: str, principal: Principal, msg_id: str,
+                 execution: ExecutionListener | None, code: str, place: StepPlace | None):
+        self.hub = hub
+        self.place = place
+        self.client_id = client_id
+        self.principal = principal
+        self.msg_id = msg_id
+        self.execution = execution
+        self.code = code
+
+    def on_message(self, channel: str, msg: dict[str, Any]) -> None:
+        if channel != "iopub":
+            self.hub.to_client(self.client_id, channel, msg, msg["frames"])
+        if self.execution is not None:
+            self.execution.on_message(channel, msg)
+            if self.execution.done.done():
+                self.hub.finish_step(self)
+        elif channel in ("shell", "control") and msg["header"].get("msg_type", "").endswith("_reply"):
+            self.hub.forget(self.msg_id)
+
+
+class KernelHub:
+    """The websocket side of one live session. Created by the Jupyter face on first attach."""
+
+    def __init__(self, manager: "SessionManager", live: "LiveSession", replay_seconds: float):
+        self.manager = manager
+        self.live = live
+        self.replay_seconds = replay_seconds
+        self.clients: dict[str, WebsocketClient] = {}
+        self.parked: dict[str, Parked] = {}
+        self.requests: dict[str, ClientRequest] = {}
+        self.pending_by_client: dict[str, int] = {}
+        assert live.kernel is not None
+        live.kernel.observers.append(self.observe)
+
+    @property
+    def connections(self) -> int:
+        return len(self.clients)
+
+    # clients ----------------------------------------------------------------------------
+
+    def attach(self, client: WebsocketClient) -> int:
+        """Connect a client; returns how many missed messages were replayed to it."""
+        previous = self.clients.pop(client.client_id, None)
+        if previous is not None and previous is not client:
+            previous.refuse("another connection with the same session_id replaced this one")
+        self.clients[client.client_id] = client
+        parked = self.parked.pop(client.client_id, None)
+        replayed = 0
+        if parked is not None and parked.principal == client.principal:
+            for channel, msg, frames in parked.messages:
+                if not client.deliver(channel, msg, frames):
+                    break
+                replayed += 1
+        self.manager.recorder.record_event(self.live.trajectory, "jupyter_attached", client.principal.name,
+                                           {"client": client.client_id, "replayed": replayed})
+        return replayed
+
+    def detach(self, client: WebsocketClient) -> None:
+        """A client went away: keep what it misses for ``replay_seconds``."""
+        if self.clients.get(client.client_id) is client:
+            del self.clients[client.client_id]
+            self.parked[client.client_id] = Parked(client.principal, time.monotonic() + self.replay_seconds)
+            self.manager.recorder.record_event(self.live.trajectory, "jupyter_detached", client.principal.name,
+                                               {"client": client.client_id})
+
+    def close_all(self, reason: str) -> None:
+        for client in list(self.clients.values()):
+            client.refuse(reason)
+        self.clients.clear()
+        self.parked.clear()
+
+    def to_client(self, client_id: str, channel: str, msg: dict[str, Any], frames: list[bytes]) -> None:
+        client = self.clients.get(client_id)
+        if client is not None:
+            if not client.deliver(channel, msg, frames):
+                self.detach(client)
+        elif client_id in self.parked:
+            self.parked[client_id].keep(channel, msg, frames)
+
+    def observe(self, channel: str, msg: dict[str, Any], frames: list[bytes]) -> None:
+        """Every kernel message: iopub goes to every client (and to parked buffers)."""
+        if channel != "iopub":
+            return
+        for client in list(self.clients.values()):
+            if not client.deliver(channel, msg, frames):
+                self.detach(client)
+        if self.parked:
+            now = time.monotonic()
+            for client_id, parked in list(self.parked.items()):
+                if parked.expires_at < now:
+                    del self.parked[client_id]
+                else:
+                    parked.keep(channel, msg, frames)
+
+    # requests from clients --------------------------------------------------------------
+
+    def from_client(self, client: WebsocketClient, channel: str, header: dict[str, Any], content: dict[str, Any] | None,
+                    send: Any) -> None:
+        """Forward one client message to the kernel. ``send(listener)`` puts it on the wire;
+        ``content`` is given for execute requests (the code is recorded)."""
+        msg_type = str(header.get("msg_type", ""))
+        msg_id = str(header.get("msg_id", ""))
+        if msg_type == "shutdown_request":
+            # A debugger must not end a session through the kernel protocol; restarts go through REST.
+            log.info("session %s: ignored a shutdown_request from %s", self.live.id, client.principal.name)
+            return
+        if not msg_type.endswith("_request"):
+            send(None)
+            return
+        if self.pending_by_client.get(client.client_id, 0) >= MAX_PENDING_REQUESTS:
+            client.refuse(f"more than {MAX_PENDING_REQUESTS} requests waiting for replies")
+            return
+        execution = None
+        code = ""
+        if msg_type == "execute_request" and channel == "shell":
+            content = content or {}
+            code = str(content.get("code", ""))
+            if content.get("silent") or content.get("store_history") is False:
+                self.manager.recorder.record_event(self.live.trajectory, "silent_execution", client.principal.name,
+                                                   {"code": code, "client": client.client_id})
+            else:
+                done = asyncio.get_running_loop().create_future()
+                collector = OutputCollector(self.manager.settings.max_output_bytes)
+                execution = ExecutionListener(collector, done)
+        place = None
+        if execution is not None:
+            place = StepPlace()
+            trajectory = self.live.trajectory
+            execution.on_start = lambda: place.take(trajectory)
+        request = ClientRequest(self, client.client_id, client.principal, msg_id, execution, code, place)
+        self.requests[msg_id] = request
+        self.pending_by_client[client.client_id] = self.pending_by_client.get(client.client_id, 0) + 1
+        send(request)
+
+    def forget(self, msg_id: str) -> None:
+        request = self.requests.pop(msg_id, None)
+        if request is not None:
+            count = self.pending_by_client.get(request.client_id, 1) - 1
+            if count > 0:
+                self.pending_by_client[request.client_id] = count
+            else:
+                self.pending_by_client.pop(request.client_id, None)
+        if self.live.kernel is not None and self.live.kernel.connection is not None:
+            self.live.kernel.connection.forget(msg_id)
+
+    def finish_step(self, request: ClientRequest, ended: str = "reply", why: str = "") -> None:
+        """Record a websocket client's execution (committed at once, like an agent step)."""
+        if request.msg_id not in self.requests:
+            return
+        self.forget(request.msg_id)
+        assert request.execution is not None and request.place is not None
+        raw = request.execution.result(ended)
+        reply = raw.reply or {}
+        if ended == "died":
+            status, error = "died", {"name": "KernelDied", "value": why, "traceback": ""}
+        elif reply.get("status") == "ok":
+            status, error = "ok", None
+        else:
+            error = {"name": reply.get("ename", "Error"), "value": reply.get("evalue", ""),
+                     "traceback": "\n".join(reply.get("traceback", []))}
+            status = "interrupted" if reply.get("ename") == "KeyboardInterrupt" else "error"
+        self.manager.commit_step(self.live, request.place, request.code, raw, status, error,
+                                 source="jupyter", principal=request.principal.name)
+
+    def kernel_replaced(self, why: str) -> None:
+        """The kernel died or restarted: unfinished client executions are recorded as such."""
+        for request in list(self.requests.values()):
+            if request.execution is not None:
+                self.finish_step(request, "died", why)
+            else:
+                self.forget(request.msg_id)
+        status = {"header": {"msg_id": "", "msg_type": "status"}, "parent_header": {}, "metadata": {},
+                  "content": {"execution_state": "restarting"}}
+        frames = [json.dumps(part).encode() for part in (status["header"], {}, {}, status["content"])]
+        self.observe("iopub", status, frames)
