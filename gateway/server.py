@@ -21,6 +21,7 @@ from gateway.handlers.base import NotFoundHandler, log_request
 from gateway.jupyter import JupyterKernels
 from gateway.kernels import KernelLauncher
 from gateway.metrics import Metrics
+from gateway.pool import KernelPool
 from gateway.sessions import SessionManager
 from gateway.settings import Settings
 from gateway.store import Store
@@ -28,6 +29,13 @@ from gateway.store import Store
 log = logging.getLogger(__name__)
 
 KERNEL_WATCH_MS = 2000
+
+
+def sweep_interval_ms(settings: Settings) -> float:
+    """How often idle sessions and expired workspaces are looked for: a quarter of the idle
+    time, between 1 s and 60 s."""
+    idle = settings.idle_pause_seconds or 240.0
+    return 1000 * min(60.0, max(1.0, idle / 4))
 
 
 @dataclass
@@ -50,6 +58,8 @@ class Gateway:
         metrics = Metrics()
         launcher = KernelLauncher(data / "runtime")
         manager = SessionManager(settings, store, launcher, metrics)
+        if settings.pool_size > 0:
+            manager.pool = KernelPool(launcher, settings.pool_size, data / "pool", settings.kernel_start_timeout)
         jupyter_face = JupyterKernels(manager, settings.websocket_replay_seconds)
         return cls(settings, store, TokenAuthority(store, settings.token), manager, metrics, jupyter_face)
 
@@ -100,11 +110,16 @@ async def run(settings: Settings, announce: Callable[[str], None] = print) -> No
         loop.add_signal_handler(sig, stop.set)
     watcher = PeriodicCallback(gateway.sessions.watch_kernels, KERNEL_WATCH_MS)
     watcher.start()
+    sweeper = PeriodicCallback(gateway.sessions.lifecycle.sweep, sweep_interval_ms(settings))
+    sweeper.start()
+    if gateway.sessions.pool is not None:
+        gateway.sessions.pool.fill()
     try:
         await stop.wait()
     finally:
         log.info("shutting down: stopping sessions")
         watcher.stop()
+        sweeper.stop()
         server.stop()
         await gateway.sessions.shutdown()
         await server.close_all_connections()

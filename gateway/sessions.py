@@ -20,7 +20,9 @@ from gateway import executor
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unavailable
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
+from gateway.pool import KernelPool, bind
 from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.notebook import upload_details
 from gateway.outputs import EventSink, strip_ansi, summarise
@@ -77,6 +79,8 @@ class SessionManager:
         self.live: dict[str, LiveSession] = {}
         self.by_kernel: dict[str, str] = {}
         self.closing = False
+        self.pool: KernelPool | None = None
+        self.lifecycle = Lifecycle(self)
 
     def display_name(self, kernel: str) -> str:
         try:
@@ -98,7 +102,8 @@ class SessionManager:
         self.recorder.flush()
 
     async def shutdown(self) -> None:
-        """Interrupt running steps (they are recorded), stop every kernel, write every notebook."""
+        """Interrupt running steps (they are recorded), pause every session (its state saved, its
+        kernel stopped), write every notebook. The next start resumes them on demand."""
         self.closing = True
         sessions = list(self.live.values())
         for live in sessions:
@@ -108,8 +113,9 @@ class SessionManager:
                     await live.kernel.interrupt()
                 except Exception:
                     log.warning("session %s: interrupt at shutdown failed", live.id, exc_info=True)
-        await asyncio.gather(*(self._end(live, None, "terminated", "The gateway was shut down.",
-                                         grace=self.settings.interrupt_grace) for live in sessions))
+        await asyncio.gather(*(self.lifecycle.pause_for_shutdown(live) for live in sessions))
+        if self.pool is not None:
+            await self.pool.close()
         self.recorder.flush()
 
     # lookups ----------------------------------------------------------------------------
@@ -127,13 +133,26 @@ class SessionManager:
                            code="session_not_found", details={"session_id": session_id})
         return row
 
-    def writable(self, principal: Principal, session_id: str) -> LiveSession:
-        """A live session the principal may act on (404 unseen, 403 read-only, 409 ended)."""
+    def changeable(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        """The row of a live or paused session the principal may change (404, 403, 409 ended)."""
         row = self._row(principal, session_id)
         if not (principal.may_write_anything or row["owner"] == principal.name):
             raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not change it.",
                             details={"session_id": session_id})
+        if row["state"] in ENDED_STATES:
+            raise Conflict(f"Session '{session_id}' is {row['state']}: it runs nothing more. "
+                           f"{row.get('reason') or ''} Create a new session to continue.".replace("  ", " "),
+                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+        return row
+
+    def writable(self, principal: Principal, session_id: str) -> LiveSession:
+        """A live session the principal may act on (404 unseen, 403 read-only, 409 ended or paused)."""
+        row = self.changeable(principal, session_id)
         live = self.live.get(session_id)
+        if live is None and row["state"] == "paused":
+            raise Conflict(f"Session '{session_id}' is paused. Resume it (POST /v1/sessions/{session_id}/resume), "
+                           "or send a step, which resumes it.", code="session_paused",
+                           details={"session_id": session_id, "state": "paused"})
         if live is None or live.row["state"] in ENDED_STATES:
             raise Conflict(f"Session '{session_id}' is {row['state']}: it runs nothing more. "
                            f"{row.get('reason') or ''} Create a new session to continue.".replace("  ", " "),
@@ -159,6 +178,8 @@ class SessionManager:
         }
         if row.get("reason"):
             view["reason"] = row["reason"]
+        if row.get("snapshot"):
+            view["snapshot"] = row["snapshot"]
         return view
 
     def get(self, principal: Principal, session_id: str) -> dict[str, Any]:
@@ -194,8 +215,8 @@ class SessionManager:
     # create, terminate ------------------------------------------------------------------
 
     async def create(self, principal: Principal, *, kernel: str = "python3", labels: dict[str, str] | None = None,
-                     env: dict[str, str] | None = None, setup: str | None = None,
-                     origin: str = "agent") -> dict[str, Any]:
+                     env: dict[str, str] | None = None, setup: str | None = None, origin: str = "agent",
+                     parent: tuple[str, int] | None = None) -> dict[str, Any]:
         """Start a session and its kernel; runs ``setup`` as step 0. Returns the Session view."""
         if self.closing:
             raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
@@ -203,39 +224,62 @@ class SessionManager:
             raise Forbidden("Reviewers read sessions; they cannot create them.")
         self.launcher.get_spec(kernel)
         env = validate_env(env)
+        await self.lifecycle.ensure_room()
         session_id = "s_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
-        kernel_id = str(uuid.uuid4())
         created = now_iso()
         row: dict[str, Any] = {
-            "id": session_id, "kernel_id": kernel_id, "kernel": kernel, "state": "starting",
+            "id": session_id, "kernel_id": str(uuid.uuid4()), "kernel": kernel, "state": "starting",
             "owner": principal.name, "labels": labels or {}, "created_at": created, "last_activity": created,
-            "steps": 0, "origin": origin,
+            "steps": 0, "origin": origin, "env": env,
+            "parent_session_id": parent[0] if parent else None, "parent_step": parent[1] if parent else None,
         }
         self.store.insert_session(row)
         trajectory = Trajectory(session_id, self.sessions_dir / session_id, next_step=0 if setup else 1)
-        live = LiveSession(row, None, trajectory, Workspace(trajectory.directory / "workspace"))
-        self.live[session_id] = live
-        self.by_kernel[kernel_id] = session_id
-        self.recorder.record_event(trajectory, "session_created", principal.name,
-                                   {"kernel": kernel, "labels": row["labels"], "env_names": sorted(env),
-                                    "origin": origin})
-        try:
-            live.kernel = await self.launcher.start(kernel_id=kernel_id, spec_name=kernel, cwd=live.workspace.root,
-                                                    env=env, ready_timeout=self.settings.kernel_start_timeout)
-        except Exception as exc:
-            reason = f"The kernel could not be started: {exc}"
-            log.error("session %s: %s", session_id, reason)
-            await self._end(live, principal.name, "failed", reason)
-            raise Unavailable(reason + " Check the kernel spec and the server log, then retry.",
-                              code="kernel_start_failed", details={"session_id": session_id}) from None
-        live.kernel.observers.append(self._state_tracker(live))
-        row["state"] = live.execution_state = "idle"
-        row["language_info"] = live.kernel.kernel_info.get("language_info")
-        self.store.update_session(session_id, state="idle", language_info=row["language_info"])
-        log.info("session %s: created by %s (kernel %s)", session_id, principal.name, kernel_id)
+        live = self._register(row, trajectory)
+        self.recorder.record_event(trajectory, "session_created", principal.name, {
+            "kernel": kernel, "labels": row["labels"], "env_names": sorted(env), "origin": origin,
+            **({"parent": {"session_id": parent[0], "step": parent[1]}} if parent else {})})
+        await self.start_kernel(live, principal.name)
+        log.info("session %s: created by %s (kernel %s)", session_id, principal.name, row["kernel_id"])
         if setup:
             await self.execute(principal, session_id, setup)
         return self.view(row)
+
+    def _register(self, row: dict[str, Any], trajectory: Trajectory) -> LiveSession:
+        live = LiveSession(row, None, trajectory, Workspace(trajectory.directory / "workspace"))
+        self.live[row["id"]] = live
+        self.by_kernel[row["kernel_id"]] = row["id"]
+        return live
+
+    async def start_kernel(self, live: LiveSession, principal: str | None) -> None:
+        """Give a registered session a kernel: a pooled one bound to it, or a new one.
+
+        On failure the session is ended as ``failed`` and ``Unavailable`` raised.
+        """
+        row, env = live.row, live.row.get("env") or {}
+        try:
+            kernel = await self.pool.take(row["kernel"], env) if self.pool is not None else None
+            if kernel is not None:
+                try:
+                    await bind(kernel, live.workspace.root, env, self.settings.kernel_start_timeout)
+                except Exception:
+                    await kernel.shutdown(now=True)
+                    kernel = None
+            if kernel is None:
+                kernel = await self.launcher.start(
+                    kernel_id=str(uuid.uuid4()), spec_name=row["kernel"], cwd=live.workspace.root, env=env,
+                    ready_timeout=self.settings.kernel_start_timeout)
+        except Exception as exc:
+            reason = f"The kernel could not be started: {exc}"
+            log.error("session %s: %s", live.id, reason)
+            await self._end(live, principal, "failed", reason)
+            raise Unavailable(reason + " Check the kernel spec and the server log, then retry.",
+                              code="kernel_start_failed", details={"session_id": live.id}) from None
+        live.kernel = kernel
+        kernel.observers.append(self._state_tracker(live))
+        row["state"] = live.execution_state = "idle"
+        row["language_info"] = kernel.kernel_info.get("language_info")
+        self.store.update_session(live.id, state="idle", language_info=row["language_info"])
 
     async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Shut the kernel down; the trajectory and workspace stay."""
@@ -287,18 +331,25 @@ class SessionManager:
 
     async def execute(self, principal: Principal, session_id: str, code: str, *, timeout: float | None = None,
                       sink: EventSink | None = None, source: str = "agent") -> dict[str, Any]:
-        """Run one step and record it; returns the Execution (committed before this returns)."""
-        live = self.writable(principal, session_id)
+        """Run one step and record it; returns the Execution (committed before this returns).
+        A paused session is resumed first."""
         limit = self.check_timeout(timeout)
-        async with live.lock:
-            if live.row["state"] in ENDED_STATES or live.kernel is None:
-                raise Conflict(f"Session '{session_id}' ended while this step waited to run.", code="session_ended",
-                               details={"session_id": session_id, "state": live.row["state"]})
-            if not await live.kernel.is_alive():
-                await self._replace_kernel(live, "kernel_died", None,
-                                           f"The kernel had stopped ({live.kernel.exit_description()}) before this "
-                                           "step; a new one was started: variables and imports are gone, files are kept.")
-            return await self._run_step(live, principal, code, limit, sink, source)
+        while True:
+            if session_id not in self.live and self._row(principal, session_id)["state"] == "paused":
+                await self.lifecycle.resume(principal, session_id, reason="execute")
+            live = self.writable(principal, session_id)
+            async with live.lock:
+                if live.row["state"] == "paused" or self.live.get(session_id) is not live:
+                    continue  # paused while this step waited: resume it, then run
+                if live.row["state"] in ENDED_STATES or live.kernel is None:
+                    raise Conflict(f"Session '{session_id}' ended while this step waited to run.",
+                                   code="session_ended", details={"session_id": session_id,
+                                                                 "state": live.row["state"]})
+                if not await live.kernel.is_alive():
+                    await self._replace_kernel(
+                        live, "kernel_died", None, f"The kernel had stopped ({live.kernel.exit_description()}) "
+                        "before this step; a new one was started: variables and imports are gone, files are kept.")
+                return await self._run_step(live, principal, code, limit, sink, source)
 
     async def _run_step(self, live: LiveSession, principal: Principal, code: str, limit: float,
                         sink: EventSink | None, source: str) -> dict[str, Any]:
@@ -395,6 +446,9 @@ class SessionManager:
         live.execution_state = "restarting"
         try:
             await live.kernel.restart(self.settings.kernel_start_timeout)
+            # A restarted process starts where the kernel was first started (for a pooled kernel,
+            # the pool's directory): bind it to the session again.
+            await bind(live.kernel, live.workspace.root, live.row.get("env") or {}, self.settings.kernel_start_timeout)
             live.execution_state = "idle"
             live.generation += 1
             if action == "kernel_died":
@@ -454,25 +508,33 @@ class SessionManager:
 
     def upload_dir(self, principal: Principal, session_id: str) -> Path:
         """Where an upload is received before it is moved into the workspace (outside of it)."""
-        live = self.writable(principal, session_id)
-        path = live.trajectory.directory / "uploads"
+        self.changeable(principal, session_id)
+        path = self.sessions_dir / session_id / "uploads"
         path.mkdir(exist_ok=True)
         return path
+
+    def _files_of(self, principal: Principal, session_id: str) -> tuple[Workspace, Trajectory]:
+        """The workspace and trajectory of a live or paused session the principal may change."""
+        self.changeable(principal, session_id)
+        live = self.live.get(session_id)
+        if live is not None:
+            return live.workspace, live.trajectory
+        return Workspace(self.sessions_dir / session_id / "workspace"), self._trajectory(session_id)
 
     def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
                  sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
-        live = self.writable(principal, session_id)
-        target = live.workspace.install(path, received)
-        relative = live.workspace.relative(target)
-        self.recorder.record_event(live.trajectory, "file_upload", principal.name,
+        workspace, trajectory = self._files_of(principal, session_id)
+        target = workspace.install(path, received)
+        relative = workspace.relative(target)
+        self.recorder.record_event(trajectory, "file_upload", principal.name,
                                    upload_details(relative, content, size, sha256))
         return {"path": relative, "size": size, "sha256": sha256}
 
     def delete_file(self, principal: Principal, session_id: str, path: str) -> dict[str, Any]:
-        live = self.writable(principal, session_id)
-        kind = live.workspace.delete(path)
-        self.recorder.record_event(live.trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
+        workspace, trajectory = self._files_of(principal, session_id)
+        kind = workspace.delete(path)
+        self.recorder.record_event(trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
         return {"path": path, "deleted": kind}
 
     # operations -------------------------------------------------------------------------

@@ -32,6 +32,14 @@ class Setting:
 
 MIB = 1024 * 1024
 
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
 REGISTRY: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", str, "Interface to listen on."),
     Setting("port", 8765, int, "TCP port to listen on."),
@@ -45,6 +53,13 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("kernel_start_timeout", 60.0, float, "Seconds to wait for a new kernel to answer."),
     Setting("interrupt_grace", 5.0, float, "Seconds a timed-out step gets to stop after an interrupt before its kernel is restarted."),
     Setting("notebook_write_delay", 1.0, float, "Seconds to gather changes before rewriting a session's notebook file."),
+    Setting("pool_size", 2, int, "Kernels kept started and ready per kernel spec, so new sessions do not wait for a boot."),
+    Setting("max_live_kernels", 0, int, "Most sessions with a running kernel (0: derived from memory, 64 MiB a kernel); past it the least recently used idle session is paused."),
+    Setting("idle_pause_seconds", 1800.0, float, "Pause a session idle this long (0: never)."),
+    Setting("retention_days", 0.0, float, "Remove the workspace and snapshot of sessions ended this long ago (0: keep). Trajectories are kept."),
+    Setting("resume_strategy", "snapshot", str, "How a paused session gets its state back: snapshot (saved namespace) or replay (re-run its steps)."),
+    Setting("snapshot_fallback_replay", False, _boolean, "With snapshot, re-run the steps first when the snapshot lacks some names."),
+    Setting("snapshot_timeout", 120.0, float, "Seconds a kernel may take to save or load its state."),
     Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
     Setting("log_level", "INFO", str, "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
@@ -66,6 +81,13 @@ class Settings:
     kernel_start_timeout: float = 60.0
     interrupt_grace: float = 5.0
     notebook_write_delay: float = 1.0
+    pool_size: int = 2
+    max_live_kernels: int = 0
+    idle_pause_seconds: float = 1800.0
+    retention_days: float = 0.0
+    resume_strategy: str = "snapshot"
+    snapshot_fallback_replay: bool = False
+    snapshot_timeout: float = 120.0
     websocket_replay_seconds: float = 60.0
     log_level: str = "INFO"
 
@@ -88,4 +110,16 @@ class Settings:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown settings: {sorted(unknown)}")
-        return cls(**values)
+        settings = cls(**values)
+        if settings.resume_strategy not in ("snapshot", "replay"):
+            raise ValueError("resume_strategy must be 'snapshot' or 'replay'")
+        if settings.max_live_kernels <= 0:
+            settings.max_live_kernels = default_max_live_kernels()
+        return settings
+
+
+def default_max_live_kernels() -> int:
+    """Three quarters of the machine's memory at 64 MiB a kernel (an idle ipykernel is about 50)."""
+    import psutil
+
+    return max(4, int(psutil.virtual_memory().total * 0.75 // (64 * MIB)))

@@ -73,7 +73,16 @@ def m002_session_origin(db: sqlite_utils.Database) -> None:
     db["sessions"].add_column("origin", str, not_null_default="agent")
 
 
-SESSION_JSON_COLUMNS = ("labels", "language_info")
+@migrations()
+def m003_session_env_and_snapshot(db: sqlite_utils.Database) -> None:
+    """The session's kernel environment (to start its kernel again on resume; never shown) and
+    what its last snapshot saved and could not save."""
+    db["sessions"].add_column("env", str)
+    db["sessions"].add_column("snapshot", str)
+    db["sessions"].create_index(["state", "last_activity"])
+
+
+SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot")
 
 
 def encode_cursor(created_at: str, session_id: str) -> str:
@@ -169,6 +178,11 @@ class Store:
     def sessions_in_states(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
         marks = ", ".join("?" for _ in states)
         rows = self.conn.execute(f"SELECT * FROM sessions WHERE state IN ({marks})", list(states))
+        return [_decode(dict(r), SESSION_JSON_COLUMNS) for r in rows]
+
+    def sessions_ended_before(self, moment: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM sessions WHERE state IN ('terminated', 'failed') AND ended_at < ?",
+                                 [moment])
         return [_decode(dict(r), SESSION_JSON_COLUMNS) for r in rows]
 
     def next_positions(self, session_id: str) -> tuple[int, int]:

@@ -48,7 +48,7 @@ def test_first_start_creates_an_admin_token_shown_once_and_stored_hashed(tmp_pat
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_shuts_down_cleanly_recording_the_running_step(tmp_path: Path, sig: int) -> None:
-    proc = start_gateway(tmp_path / "data")
+    proc = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
     client = proc.client()
     sid = client.post("/v1/sessions", json={}).json()["id"]
     run(client, sid, "before = 1")
@@ -73,13 +73,14 @@ def test_a_signal_shuts_down_cleanly_recording_the_running_step(tmp_path: Path, 
     assert not wait_gone(kernels), "kernel processes outlived the gateway"
     if "response" in outcome:
         assert outcome["response"].json()["status"] == "interrupted"
-    restarted = start_gateway(tmp_path / "data")
+    restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
     try:
         with restarted.client() as again:
             session = again.get(f"/v1/sessions/{sid}").json()
-            assert session["state"] == "terminated" and "shut down" in session["reason"]
+            assert session["state"] == "paused" and session["snapshot"]["reason"] == "shutdown"
             steps = again.get(f"/v1/sessions/{sid}/steps").json()["steps"]
             assert [s["status"] for s in steps] == ["ok", "interrupted"]
+            assert run(again, sid, "before")["result"] == "1"
     finally:
         assert restarted.stop() == 0
 

@@ -226,6 +226,8 @@ def write_error_envelope(handler: tornado.web.RequestHandler, status_code: int, 
         error = GatewayError(handler._reason, code=STATUS_CODES.get(status_code, "http_error"))
     if error.status == 401:
         handler.set_header("WWW-Authenticate", 'Bearer realm="agent-gateway"')
+    if "retry_after" in error.details:
+        handler.set_header("Retry-After", str(int(error.details["retry_after"])))
     handler.clear_header("Content-Disposition")
     handler.set_header("Content-Type", "application/json")
     handler.finish(json.dumps(error.envelope()))

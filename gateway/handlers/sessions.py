@@ -149,6 +149,29 @@ class EventsHandler(BaseHandler):
         self.write_json({"events": self.gateway.sessions.events(self.principal, session_id)})
 
 
+class PauseHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        self.json_body({})
+        assert self.principal is not None
+        self.write_json(await self.gateway.sessions.lifecycle.pause(self.principal, session_id))
+
+
+class ResumeHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        self.json_body({})
+        assert self.principal is not None
+        self.write_json(await self.gateway.sessions.lifecycle.resume(self.principal, session_id))
+
+
+class ForkHandler(BaseHandler):
+    async def post(self, session_id: str) -> None:
+        self.json_body({})
+        assert self.principal is not None
+        child = await self.gateway.sessions.lifecycle.fork(self.principal, session_id)
+        self.set_header("Location", f"/v1/sessions/{child['id']}")
+        self.write_json(child, status=201)
+
+
 class NotYetHandler(BaseHandler):
     """Routes of the contract that this version does not serve yet: a clear 501, never a silent 404."""
 
@@ -170,5 +193,8 @@ routes = [
     (rf"/v1/sessions/{SID}/steps", StepsHandler),
     (rf"/v1/sessions/{SID}/notebook", NotebookHandler),
     (rf"/v1/sessions/{SID}/events", EventsHandler),
-    (rf"/v1/sessions/{SID}/(?:pause|resume|fork|replay)", NotYetHandler),
+    (rf"/v1/sessions/{SID}/pause", PauseHandler),
+    (rf"/v1/sessions/{SID}/resume", ResumeHandler),
+    (rf"/v1/sessions/{SID}/fork", ForkHandler),
+    (rf"/v1/sessions/{SID}/(?:replay)", NotYetHandler),
 ]

@@ -1,0 +1,281 @@
+"""Session lifecycle: pause, resume, fork, idle pausing, retention, and capacity.
+
+Owned by the session manager (``manager.lifecycle``); handlers reach it through the manager.
+A paused session has no kernel: its namespace, imports, execution count and history are in
+``sessions/<id>/snapshot/`` and its files in its workspace. Resuming starts a kernel (from
+the warm pool when one is ready) and restores them, by snapshot or by replaying the steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway import snapshots
+from gateway.auth import Principal
+from gateway.clock import iso, now_iso, utcnow
+from gateway.errors import Conflict, Forbidden, Unavailable
+
+if TYPE_CHECKING:
+    from gateway.sessions import LiveSession, SessionManager
+
+log = logging.getLogger(__name__)
+
+ENDED = ("terminated", "failed")
+REPLAYED_STATUSES = ("ok", "error")
+
+
+class Lifecycle:
+    """Pauses, resumes and forks sessions, and keeps the number of live kernels in bounds."""
+
+    def __init__(self, manager: "SessionManager"):
+        self.manager = manager
+        self.settings = manager.settings
+        self.resuming: dict[str, asyncio.Future[None]] = {}
+
+    def snapshot_dir(self, session_id: str) -> Path:
+        return self.manager.sessions_dir / session_id / "snapshot"
+
+    # pause ------------------------------------------------------------------------------
+
+    async def pause(self, principal: Principal, session_id: str, reason: str = "requested") -> dict[str, Any]:
+        """Save the session's state and stop its kernel; returns the Session (with ``snapshot``)."""
+        manager = self.manager
+        if session_id not in manager.live:
+            row = manager._row(principal, session_id)
+            if row["state"] == "paused":
+                return manager.view(row)
+        live = manager.writable(principal, session_id)
+        await self._pause(live, principal.name, reason)
+        return manager.view(live.row)
+
+    async def pause_for_shutdown(self, live: "LiveSession") -> None:
+        """Pause at shutdown: a running step gets ``interrupt_grace`` seconds, then is aborted."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.interrupt_grace
+        while live.current is not None and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if live.current is not None and not live.current.abort.done():
+            live.current.abort.set_result("paused")
+        try:
+            await self._pause(live, None, "shutdown")
+        except Exception:
+            log.exception("session %s: could not be paused at shutdown; its kernel is stopped", live.id)
+            await self.manager._end(live, None, "failed", "The gateway could not pause it at shutdown.")
+
+    async def _pause(self, live: "LiveSession", principal: str | None, reason: str) -> None:
+        manager = self.manager
+        async with live.lock:
+            if live.row["state"] in ENDED or manager.live.get(live.id) is not live:
+                return
+            directory = self.snapshot_dir(live.id)
+            started = time.monotonic()
+            info: dict[str, Any] = {"paused_at": now_iso(), "reason": reason}
+            try:
+                assert live.kernel is not None
+                saved = await snapshots.save(live.kernel, directory, self.settings.snapshot_timeout)
+                info.update(saved=saved["saved"] + sorted(saved["modules"]), bytes=saved["bytes"],
+                            unsaved=[{"name": u["name"], "type": u["type"]} for u in saved["unsaved"]],
+                            execution_count=saved["execution_count"])
+            except Exception as exc:
+                shutil.rmtree(directory, ignore_errors=True)
+                info.update(saved=[], bytes=0, unsaved=[], error=str(exc))
+                log.warning("session %s: state not saved at pause: %s", live.id, exc)
+            info["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+            if live.hub is not None:
+                live.hub.close_all("the session was paused")
+            if live.kernel is not None:
+                await live.kernel.shutdown(now=False)
+                live.kernel = None
+            live.row.update(state="paused", snapshot=info)
+            live.execution_state = "dead"
+            manager.store.update_session(live.id, state="paused", snapshot=info, steps=live.row["steps"],
+                                         last_activity=live.row["last_activity"])
+            manager.live.pop(live.id, None)
+            manager.by_kernel.pop(live.row["kernel_id"], None)
+            manager.recorder.record_event(live.trajectory, "session_paused", principal, info)
+            manager.recorder.flush(live.id)
+        log.info("session %s: paused (%s; %d names saved, %d not)", live.id, reason, len(info["saved"]),
+                 len(info["unsaved"]))
+
+    # resume -----------------------------------------------------------------------------
+
+    async def resume(self, principal: Principal, session_id: str, reason: str = "requested") -> dict[str, Any]:
+        """Bring a paused session back with its state; a live session is returned as it is."""
+        manager = self.manager
+        row = manager._row(principal, session_id)
+        if not (principal.may_write_anything or row["owner"] == principal.name):
+            raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not resume it.")
+        if session_id in manager.live:
+            return manager.view(manager.live[session_id].row)
+        if session_id in self.resuming:
+            await asyncio.shield(self.resuming[session_id])
+            return manager.get(principal, session_id)
+        if row["state"] != "paused":
+            raise Conflict(f"Session '{session_id}' is {row['state']}: only a paused session can be resumed.",
+                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+        if manager.closing:
+            raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.resuming[session_id] = waiter
+        try:
+            await self._resume(row, principal.name, reason)
+            waiter.set_result(None)
+        except BaseException as exc:
+            waiter.set_exception(exc)
+            waiter.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self.resuming.pop(session_id, None)
+        return manager.view(manager.live[session_id].row)
+
+    async def _resume(self, row: dict[str, Any], principal: str, reason: str) -> None:
+        manager = self.manager
+        await self.ensure_room(resuming=row["id"])
+        started = time.monotonic()
+        row = manager.store.get_session(row["id"]) or row
+        row["state"] = "starting"
+        live = manager._register(row, manager._trajectory(row["id"]))
+        await manager.start_kernel(live, principal)
+        outcome = await self.restore(live, self.snapshot_dir(live.id), row.get("snapshot") or {})
+        outcome["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+        outcome["reason"] = reason
+        snapshot = {**(row.get("snapshot") or {}), "resumed_at": now_iso(), "restored": outcome["restored"],
+                    "not_restored": outcome["not_restored"]}
+        live.row["snapshot"] = snapshot
+        manager.store.update_session(live.id, snapshot=snapshot)
+        manager.recorder.record_event(live.trajectory, "session_resumed", principal, outcome)
+        log.info("session %s: resumed by %s (%s, %.0f ms)", live.id, outcome["strategy"], reason,
+                 outcome["duration_ms"])
+
+    async def restore(self, live: "LiveSession", directory: Path, saved: dict[str, Any]) -> dict[str, Any]:
+        """Restore state into a session's fresh kernel, by the configured strategy."""
+        assert live.kernel is not None
+        strategy = self.settings.resume_strategy
+        replayed = 0
+        has_snapshot = snapshots.exists(directory)
+        lacking = bool(saved.get("unsaved")) or not has_snapshot
+        if strategy == "replay" or (lacking and self.settings.snapshot_fallback_replay):
+            replayed = await self.replay_steps(live)
+        restored: list[str] = []
+        not_restored: list[dict[str, Any]] = []
+        if strategy == "snapshot" and has_snapshot:
+            try:
+                result = await snapshots.load(live.kernel, directory, self.settings.snapshot_timeout)
+                restored, not_restored = result["restored"], result["failed"]
+            except snapshots.SnapshotError as exc:
+                not_restored = [{"name": name, "type": "unknown", "error": str(exc)} for name in saved.get("saved", [])]
+        elif strategy == "snapshot" and saved.get("error"):
+            not_restored = [{"name": "*", "type": "namespace", "error": saved["error"]}]
+        if replayed:
+            names = {entry["name"] for entry in not_restored}
+            not_restored = [e for e in not_restored if e["name"] not in names or not self.settings.snapshot_fallback_replay]
+        return {"strategy": strategy if not replayed or strategy == "replay" else "snapshot+replay",
+                "restored": restored, "replayed_steps": replayed,
+                "not_restored": [{"name": e["name"], "type": e["type"]} for e in not_restored]}
+
+    async def replay_steps(self, live: "LiveSession") -> int:
+        """Re-run the session's recorded steps (those that finished) silently in its new kernel."""
+        assert live.kernel is not None
+        count = 0
+        for step in self.manager.store.list_steps(live.id):
+            if step["status"] not in REPLAYED_STATUSES:
+                continue
+            await snapshots.run_silently(live.kernel, step["code"], self.settings.default_timeout)
+            count += 1
+        last = max((s["execution_count"] or 0 for s in self.manager.store.list_steps(live.id)), default=0)
+        await snapshots.run_silently(live.kernel, f"get_ipython().execution_count = {last + 1}", 10)
+        return count
+
+    # fork -------------------------------------------------------------------------------
+
+    async def fork(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        """A new session owned by the caller, with a copy of this one's files and state."""
+        manager = self.manager
+        row = manager._row(principal, session_id)
+        if principal.role == "reviewer":
+            raise Forbidden("Reviewers read sessions; they cannot fork them.")
+        if row["state"] in ENDED:
+            raise Conflict(f"Session '{session_id}' is {row['state']}; fork a live or paused session.",
+                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+        staging = manager.sessions_dir / session_id / "forks" / uuid.uuid4().hex
+        parent_step = manager.store.next_positions(session_id)[0] - 1
+        saved: dict[str, Any] = {}
+        try:
+            live = manager.live.get(session_id)
+            if live is not None:
+                async with live.lock:
+                    assert live.kernel is not None
+                    result = await snapshots.save(live.kernel, staging / "snapshot", self.settings.snapshot_timeout)
+                    saved = {"saved": result["saved"], "unsaved": result["unsaved"]}
+                    parent_step = live.trajectory.next_step - 1
+                    shutil.copytree(live.workspace.root, staging / "workspace", symlinks=True)
+            else:
+                shutil.copytree(self.snapshot_dir(session_id), staging / "snapshot")
+                shutil.copytree(manager.sessions_dir / session_id / "workspace", staging / "workspace", symlinks=True)
+                saved = row.get("snapshot") or {}
+            child_view = await manager.create(principal, kernel=row["kernel"], labels=row.get("labels") or {},
+                                              env=row.get("env") or {}, parent=(session_id, parent_step))
+            child = manager.live[child_view["id"]]
+            shutil.copytree(staging / "workspace", child.workspace.root, symlinks=True, dirs_exist_ok=True)
+            async with child.lock:
+                outcome = await self.restore(child, staging / "snapshot", saved)
+            manager.recorder.record_event(child.trajectory, "state_restored", principal.name,
+                                          {**outcome, "from": {"session_id": session_id, "step": parent_step}})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        parent_trajectory = (manager.live[session_id].trajectory if session_id in manager.live
+                             else manager._trajectory(session_id))
+        manager.recorder.record_event(parent_trajectory, "session_forked", principal.name,
+                                      {"child": child_view["id"], "step": parent_step})
+        view = manager.view(child.row)
+        view["restored"] = outcome["restored"]
+        view["not_restored"] = outcome["not_restored"]
+        return view
+
+    # capacity, idle, retention ----------------------------------------------------------
+
+    async def ensure_room(self, resuming: str | None = None) -> None:
+        """Pause least recently used idle sessions until a kernel may start; 503 if all are busy.
+        ``resuming`` is the session this room is for, when it is one being resumed."""
+        manager = self.manager
+        limit = self.settings.max_live_kernels
+        while len(manager.live) + len(self.resuming) - (resuming in self.resuming) >= limit:
+            idle = [live for live in manager.live.values()
+                    if live.row["state"] == "idle" and not live.lock.locked() and live.kernel is not None
+                    and not (live.hub is not None and live.hub.connections)]
+            if not idle:
+                raise Unavailable(
+                    f"All {len(manager.live)} live sessions are busy and the gateway runs at most {limit} kernels. "
+                    "Retry in a few seconds, or pause or terminate a session.",
+                    code="at_capacity", details={"max_live_kernels": limit, "retry_after": 5})
+            victim = min(idle, key=lambda live: max(live.row["last_activity"], live.last_message_at or ""))
+            await self._pause(victim, None, "capacity")
+
+    async def sweep(self) -> None:
+        """Periodic: pause sessions idle past ``idle_pause_seconds``; remove expired workspaces."""
+        manager = self.manager
+        if self.settings.idle_pause_seconds > 0:
+            threshold = iso(utcnow() - timedelta(seconds=self.settings.idle_pause_seconds))
+            for live in list(manager.live.values()):
+                active = max(live.row["last_activity"], live.last_message_at or "")
+                if (live.row["state"] == "idle" and not live.lock.locked() and active < threshold
+                        and not (live.hub is not None and live.hub.connections)):
+                    await self._pause(live, None, "idle")
+        if self.settings.retention_days > 0:
+            threshold = iso(utcnow() - timedelta(days=self.settings.retention_days))
+            for row in manager.store.sessions_ended_before(threshold):
+                directory = manager.sessions_dir / row["id"]
+                removed = [name for name in ("workspace", "snapshot", "uploads") if (directory / name).exists()]
+                if not removed:
+                    continue
+                for name in removed:
+                    shutil.rmtree(directory / name, ignore_errors=True)
+                manager.recorder.record_event(manager._trajectory(row["id"]), "workspace_removed", None,
+                                              {"removed": removed, "retention_days": self.settings.retention_days})
