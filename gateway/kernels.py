@@ -73,7 +73,7 @@ class RunningKernel:
     """One kernel process and the gateway's channels to it. Owned by a live session."""
 
     def __init__(self, manager: AsyncKernelManager, context: zmq.Context, label: str):
-        self.manager = manager
+        self.manager: AsyncKernelManager = manager
         self.context = context
         self.label = label
         self.connection: KernelConnection | None = None
@@ -85,6 +85,10 @@ class RunningKernel:
         process = getattr(self.manager.provisioner, "process", None)
         return getattr(process, "pid", None)
 
+    @property
+    def connection_file(self) -> str:
+        return str(self.manager.connection_file)
+
     def connect(self) -> KernelConnection:
         if self.connection is not None:
             self.connection.close()
@@ -94,7 +98,7 @@ class RunningKernel:
 
     async def wait_ready(self, timeout: float) -> None:
         assert self.connection is not None
-        self.kernel_info = await self.connection.wait_ready(timeout, self.manager.is_alive)
+        self.kernel_info = await self.connection.wait_ready(timeout, self.is_alive)
 
     async def is_alive(self) -> bool:
         return bool(await self.manager.is_alive())
@@ -185,7 +189,8 @@ class KernelLauncher:
         manager.shutdown_wait_time = 1.0
         kernel = RunningKernel(manager, self.context, label=kernel_id)
         try:
-            await manager.start_kernel(cwd=str(cwd), env=self.build_env(env))
+            # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
+            await manager.start_kernel(cwd=str(cwd), env=self.build_env(env), independent=True)
             kernel.connect()
             await kernel.wait_ready(ready_timeout)
         except BaseException:

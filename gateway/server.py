@@ -91,7 +91,7 @@ def ensure_admin_token(gateway: Gateway, announce: Callable[[str], None]) -> Non
 async def run(settings: Settings, announce: Callable[[str], None] = print) -> None:
     """Serve until SIGINT/SIGTERM, then shut down cleanly: steps recorded, kernels stopped, store closed."""
     gateway = Gateway.open(settings)
-    gateway.sessions.recover()
+    await gateway.sessions.recover()
     ensure_admin_token(gateway, announce)
     app = make_app(gateway)
     # Handlers enforce their own body limits (with a JSON 413); tornado's is only a backstop.

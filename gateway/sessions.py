@@ -23,6 +23,8 @@ from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, No
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.pool import KernelPool, bind
+from gateway.reattach import adopt, stop_unclaimed
+from gateway import snapshots
 from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.notebook import upload_details
 from gateway.outputs import EventSink, strip_ansi, summarise
@@ -90,15 +92,39 @@ class SessionManager:
 
     # start-up and shutdown --------------------------------------------------------------
 
-    def recover(self) -> None:
-        """At start: sessions left live by a previous process that did not stop cleanly are failed."""
+    async def recover(self) -> None:
+        """At start, after a crash: reattach the kernels of sessions that were live; a session
+        whose kernel is gone goes back to its last snapshot (paused) or is failed, with the reason.
+        Kernel processes that no session claims are stopped."""
         for row in self.store.sessions_in_states(LIVE_STATES):
-            reason = ("The gateway stopped unexpectedly while this session was live, so its kernel is gone. "
-                      "Its files and recorded steps are kept.")
             trajectory = self._trajectory(row["id"])
+            workspace = self.sessions_dir / row["id"] / "workspace"
+            kernel = await adopt(self.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
+                                 spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
+                                 timeout=min(10.0, self.settings.kernel_start_timeout))
+            if kernel is not None:
+                live = self._register(row, trajectory)
+                self._attach_kernel(live, kernel)
+                self.recorder.record_event(trajectory, "session_reattached", None,
+                                           {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
+                log.warning("session %s: reattached its kernel (pid %s) after a crash", row["id"], kernel.pid)
+                continue
+            if snapshots.exists(self.lifecycle.snapshot_dir(row["id"])):
+                info = {**(row.get("snapshot") or {}), "reason": "crash",
+                        "note": "The kernel was lost in a crash of the gateway; resuming restores the snapshot "
+                                "of the last pause, so later changes to variables are gone (files are kept)."}
+                self.store.update_session(row["id"], state="paused", snapshot=info)
+                self.recorder.record_event(trajectory, "session_paused", None, info)
+                continue
+            reason = ("The gateway stopped unexpectedly while this session was live, and its kernel is gone. "
+                      "Its files and recorded steps are kept.")
             self.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
             self.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
-            log.warning("session %s: marked failed; the previous gateway process did not stop cleanly", row["id"])
+            log.warning("session %s: failed; its kernel did not survive the crash", row["id"])
+        claimed = {live.kernel.connection_file for live in self.live.values() if live.kernel is not None}
+        stopped = stop_unclaimed(self.launcher.runtime_dir, claimed)
+        if stopped:
+            log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
         self.recorder.flush()
 
     async def shutdown(self) -> None:
@@ -275,11 +301,17 @@ class SessionManager:
             await self._end(live, principal, "failed", reason)
             raise Unavailable(reason + " Check the kernel spec and the server log, then retry.",
                               code="kernel_start_failed", details={"session_id": live.id}) from None
+        self._attach_kernel(live, kernel)
+
+    def _attach_kernel(self, live: LiveSession, kernel: RunningKernel) -> None:
+        """Make ``kernel`` the session's, and record where it runs (for reattaching after a crash)."""
         live.kernel = kernel
         kernel.observers.append(self._state_tracker(live))
+        row = live.row
         row["state"] = live.execution_state = "idle"
-        row["language_info"] = kernel.kernel_info.get("language_info")
-        self.store.update_session(live.id, state="idle", language_info=row["language_info"])
+        row["language_info"] = kernel.kernel_info.get("language_info") or row.get("language_info")
+        self.store.update_session(live.id, state="idle", language_info=row["language_info"],
+                                  kernel_pid=kernel.pid, connection_file=kernel.connection_file)
 
     async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Shut the kernel down; the trajectory and workspace stay."""
@@ -450,6 +482,7 @@ class SessionManager:
             # the pool's directory): bind it to the session again.
             await bind(live.kernel, live.workspace.root, live.row.get("env") or {}, self.settings.kernel_start_timeout)
             live.execution_state = "idle"
+            self.store.update_session(live.id, kernel_pid=live.kernel.pid, connection_file=live.kernel.connection_file)
             live.generation += 1
             if action == "kernel_died":
                 self.recorder.record_event(live.trajectory, "kernel_restarted", None,

@@ -82,6 +82,13 @@ def m003_session_env_and_snapshot(db: sqlite_utils.Database) -> None:
     db["sessions"].create_index(["state", "last_activity"])
 
 
+@migrations()
+def m004_session_kernel_process(db: sqlite_utils.Database) -> None:
+    """Where a live session's kernel runs, so a restarted gateway can reattach it."""
+    db["sessions"].add_column("kernel_pid", int)
+    db["sessions"].add_column("connection_file", str)
+
+
 SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -85,27 +86,61 @@ def test_a_signal_shuts_down_cleanly_recording_the_running_step(tmp_path: Path, 
         assert restarted.stop() == 0
 
 
-def test_after_a_crash_live_sessions_are_marked_failed_and_nothing_is_lost(tmp_path: Path) -> None:
-    proc = start_gateway(tmp_path / "data")
+def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path) -> None:
+    proc = start_gateway(tmp_path / "data", extra_args=("--pool-size", "1"))
     with proc.client() as client:
         sid = client.post("/v1/sessions", json={}).json()["id"]
         for i in range(5):
             run(client, sid, f"v{i} = {i}")
-    kernels = proc.kernel_pids()
+        kernel_pid = int(run(client, sid, "import os; os.getpid()")["result"])
+        paused = client.post("/v1/sessions", json={}).json()["id"]
+        run(client, paused, "kept_in_snapshot = 'yes'")
+        client.post(f"/v1/sessions/{paused}/pause")
+        time.sleep(2)  # the pool refills
+    kernels_before = proc.kernel_pids()
     proc.stop(signal.SIGKILL)
-    assert not wait_gone(kernels, timeout=20), "kernels outlived a crashed gateway"
-    restarted = start_gateway(tmp_path / "data")
+    time.sleep(1)
+    assert psutil.pid_exists(kernel_pid), "the session's kernel should outlive a crash of the gateway"
+    restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
     try:
         with restarted.client() as client:
             session = client.get(f"/v1/sessions/{sid}").json()
-            assert session["state"] == "failed"
-            assert "stopped unexpectedly" in session["reason"]
+            assert session["state"] == "idle"
+            assert run(client, sid, "v0 + v1 + v2 + v3 + v4")["result"] == "10"
+            assert int(run(client, sid, "import os; os.getpid()")["result"]) == kernel_pid
             steps = client.get(f"/v1/sessions/{sid}/steps").json()["steps"]
-            assert [s["code"] for s in steps] == [f"v{i} = {i}" for i in range(5)]
-            refused = client.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})
-            assert refused.status_code == 409
-            assert client.get("/v1/health").json()["sessions"]["live"] == 0
-            notebook = client.get(f"/v1/sessions/{sid}/notebook").json()
-            assert len([c for c in notebook["cells"] if c["cell_type"] == "code"]) == 5
+            assert [s["code"] for s in steps][:5] == [f"v{i} = {i}" for i in range(5)]
+            actions = [e["action"] for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]]
+            assert "session_reattached" in actions
+            assert client.get(f"/v1/sessions/{paused}").json()["state"] == "paused"
+            assert run(client, paused, "kept_in_snapshot")["result"] == "'yes'"
+            # A kernel no session claims (the pool's) was stopped; nothing is orphaned.
+            orphans = [pid for pid in kernels_before - {kernel_pid}
+                       if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+            assert orphans == []
+            # Interrupt and restart work on the reattached kernel.
+            client.post(f"/v1/sessions/{sid}/restart")
+            assert run(client, sid, "'v0' in dir()")["result"] == "False"
+            assert run(client, sid, "import os; os.getcwd().endswith('workspace')")["result"] == "True"
+    finally:
+        assert restarted.stop() == 0
+    assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_crash_with_the_kernel_gone_too_fails_the_session_with_a_reason(tmp_path: Path) -> None:
+    proc = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    with proc.client() as client:
+        sid = client.post("/v1/sessions", json={}).json()["id"]
+        run(client, sid, "x = 1")
+        kernel_pid = int(run(client, sid, "import os; os.getpid()")["result"])
+    proc.stop(signal.SIGKILL)
+    os.kill(kernel_pid, signal.SIGKILL)
+    restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    try:
+        with restarted.client() as client:
+            session = client.get(f"/v1/sessions/{sid}").json()
+            assert session["state"] == "failed" and "stopped unexpectedly" in session["reason"]
+            assert [s["code"] for s in client.get(f"/v1/sessions/{sid}/steps").json()["steps"]][0] == "x = 1"
+            assert client.post(f"/v1/sessions/{sid}/execute", json={"code": "1"}).status_code == 409
     finally:
         assert restarted.stop() == 0

@@ -1,0 +1,161 @@
+"""Kernels that outlived a crashed gateway: reattaching them, and stopping the ones nobody claims.
+
+Kernels are started independent of the gateway process, and each live session's kernel pid and
+connection file are in the store. After a crash, the next start finds each such kernel by its
+pid (checking that the process is the ipykernel of that connection file, so a reused pid is
+never mistaken for it), connects to it again and carries on. A kernel process that no session
+claims (a pooled kernel, or one whose session could not be reattached) is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+from jupyter_client.manager import AsyncKernelManager
+
+from gateway.kernels import KernelLauncher, RunningKernel
+
+log = logging.getLogger(__name__)
+
+
+def kernel_process(pid: int | None, connection_file: str | None) -> psutil.Process | None:
+    """The running process with this pid, if it is the kernel of this connection file."""
+    if not pid or not connection_file:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE or connection_file not in process.cmdline():
+            return None
+        return process
+    except psutil.Error:
+        return None
+
+
+class AdoptedKernel(RunningKernel):
+    """A kernel this gateway process did not start: known by pid, signalled directly.
+
+    A restart starts a new kernel (through the launcher) and from then on behaves as one
+    started here.
+    """
+
+    def __init__(self, manager: AsyncKernelManager, launcher: KernelLauncher, label: str, process: psutil.Process,
+                 spec_name: str, cwd: Path, env: dict[str, str]):
+        super().__init__(manager, launcher.context, label)
+        self.launcher = launcher
+        self.process: psutil.Process | None = process
+        self.launch = (spec_name, cwd, env)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else super().pid
+
+    async def is_alive(self) -> bool:
+        if self.process is None:
+            return await super().is_alive()
+        try:
+            return self.process.is_running() and self.process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def exit_description(self) -> str:
+        if self.process is None:
+            return super().exit_description()
+        return "its process is gone"
+
+    async def interrupt(self) -> None:
+        if self.process is None:
+            await super().interrupt()
+            return
+        try:
+            os.killpg(os.getpgid(self.process.pid), signal.SIGINT)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _kill(self) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(os.getpgid(self.process.pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process = None
+
+    async def restart(self, timeout: float) -> None:
+        if self.process is None:
+            await super().restart(timeout)
+            return
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        self._kill()
+        spec_name, cwd, env = self.launch
+        fresh = await self.launcher.start(kernel_id=str(uuid.uuid4()), spec_name=spec_name, cwd=cwd, env=env,
+                                          ready_timeout=timeout)
+        if fresh.connection is not None:
+            fresh.connection.close()
+        self.manager = fresh.manager
+        self.connect()
+        await self.wait_ready(timeout)
+
+    async def shutdown(self, now: bool = False) -> None:
+        if self.process is None:
+            await super().shutdown(now)
+            return
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        process = self.process
+        try:
+            os.killpg(os.getpgid(process.pid), signal.SIGTERM if not now else signal.SIGKILL)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs([process], timeout=2))
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+        self._kill()
+        self.manager.cleanup_connection_file()
+
+
+async def adopt(launcher: KernelLauncher, *, pid: int | None, connection_file: str | None, spec_name: str,
+                cwd: Path, env: dict[str, str], timeout: float) -> AdoptedKernel | None:
+    """Reconnect to a kernel left running by a previous gateway process; None if it is gone."""
+    process = kernel_process(pid, connection_file)
+    if process is None or connection_file is None or not Path(connection_file).is_file():
+        return None
+    manager = AsyncKernelManager(kernel_name=spec_name, kernel_spec_manager=launcher.specs,
+                                 context=launcher.async_context, connection_file=connection_file)
+    manager.load_connection_file()
+    kernel = AdoptedKernel(manager, launcher, Path(connection_file).stem.removeprefix("kernel-"), process,
+                           spec_name, cwd, env)
+    try:
+        kernel.connect()
+        await kernel.wait_ready(timeout)
+    except Exception as exc:
+        log.warning("kernel pid %s did not answer after the restart (%s); stopping it", pid, exc)
+        await kernel.shutdown(now=True)
+        return None
+    return kernel
+
+
+def stop_unclaimed(runtime_dir: Path, claimed: set[str]) -> list[int]:
+    """Stop kernels whose connection files are in ``runtime_dir`` but that no session claims."""
+    stopped = []
+    unclaimed = {str(path) for path in runtime_dir.glob("kernel-*.json")} - claimed
+    if not unclaimed:
+        return stopped
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline: Any = process.info["cmdline"] or []
+            if any(arg in unclaimed for arg in cmdline):
+                process.kill()
+                stopped.append(process.pid)
+        except psutil.Error:
+            continue
+    for path in unclaimed:
+        Path(path).unlink(missing_ok=True)
+    return stopped
