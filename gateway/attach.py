@@ -8,34 +8,12 @@ agent's live kernel. Plain HTTP with the standard library: it runs wherever the 
 
 from __future__ import annotations
 
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
-from typing import Any
+
+from gateway.http_client import CallError as AttachError
+from gateway.http_client import call as _call
 
 FOLDER = "agent-sessions"
-
-
-class AttachError(Exception):
-    """A step of attaching failed; the message says which and why."""
-
-
-def _call(method: str, url: str, token: str | None, body: Any = None, scheme: str = "token") -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"{scheme} {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:300]
-        raise AttachError(f"{method} {url.split('?')[0]} answered {exc.code}: {detail}") from None
-    except urllib.error.URLError as exc:
-        raise AttachError(f"{method} {url.split('?')[0]} failed: {exc.reason}") from None
-    return json.loads(raw) if raw else None
 
 
 def attach(gateway_url: str, token: str, session_id: str, jupyter_url: str, jupyter_token: str | None) -> str:

@@ -35,15 +35,26 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("session_id")
     attach.add_argument("--jupyter-url", default="http://127.0.0.1:8888", help="the JupyterLab server")
     attach.add_argument("--jupyter-token", default=None, help="its token (env JUPYTER_TOKEN)")
-    attach.add_argument("--gateway-url", default=None, help="the gateway (default http://HOST:PORT of the settings)")
-    attach.add_argument("--token", default=None, help="a gateway token (env AGENT_GATEWAY_TOKEN)")
+    _client_arguments(attach)
+    for action, text in (("pause", "Pause a session: save its state, stop its kernel."),
+                         ("resume", "Resume a paused session with its state.")):
+        command = commands.add_parser(action, help=text)
+        command.add_argument("session_id")
+        _client_arguments(command)
     return parser
+
+
+def _client_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--gateway-url", default=None, help="the gateway (default http://HOST:PORT of the settings)")
+    command.add_argument("--token", default=None, help="a gateway token (env AGENT_GATEWAY_TOKEN)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "attach":
         return attach_command(args)
+    if args.command in ("pause", "resume"):
+        return lifecycle_command(args)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "token_command", "name", "role")}
     settings = Settings.resolve(overrides)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
@@ -67,18 +78,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _gateway_target(args: argparse.Namespace) -> tuple[str, str] | None:
+    settings = Settings.resolve({"token": args.token})
+    if not settings.token:
+        print(f"agent-gateway {args.command}: a gateway token is needed (--token or AGENT_GATEWAY_TOKEN).",
+              file=sys.stderr)
+        return None
+    return args.gateway_url or f"http://{settings.host}:{settings.port}", settings.token
+
+
+def lifecycle_command(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.http_client import CallError, call
+
+    target = _gateway_target(args)
+    if target is None:
+        return 2
+    url, token = target
+    try:
+        session = call("POST", f"{url.rstrip('/')}/v1/sessions/{args.session_id}/{args.command}", token, {})
+    except CallError as exc:
+        print(f"agent-gateway {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(session, indent=2))
+    return 0
+
+
 def attach_command(args: argparse.Namespace) -> int:
     import os
 
     from gateway.attach import AttachError, attach
 
-    settings = Settings.resolve({"token": args.token})
-    gateway_url = args.gateway_url or f"http://{settings.host}:{settings.port}"
-    if not settings.token:
-        print("agent-gateway attach: a gateway token is needed (--token or AGENT_GATEWAY_TOKEN).", file=sys.stderr)
+    target = _gateway_target(args)
+    if target is None:
         return 2
+    gateway_url, token = target
     try:
-        url = attach(gateway_url, settings.token, args.session_id, args.jupyter_url,
+        url = attach(gateway_url, token, args.session_id, args.jupyter_url,
                      args.jupyter_token or os.environ.get("JUPYTER_TOKEN"))
     except AttachError as exc:
         print(f"agent-gateway attach: {exc}", file=sys.stderr)

@@ -259,3 +259,22 @@ def test_a_clean_restart_of_the_gateway_pauses_and_brings_sessions_back(tmp_path
             assert run(client, sid, "sum(survivor)")["result"] == "6"
     finally:
         assert again.stop() == 0
+
+
+def test_pause_and_resume_from_the_command_line(gateway: GatewayProcess, client: httpx.Client, session) -> None:
+    import json
+    import subprocess
+    import sys
+
+    sid = session["id"]
+    run(client, sid, "cli_value = 5")
+    env = {**os.environ, "AGENT_GATEWAY_TOKEN": gateway.token}
+    for action, state in (("pause", "paused"), ("resume", "idle")):
+        done = subprocess.run([sys.executable, "-m", "gateway", action, sid, "--gateway-url", gateway.url],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["state"] == state
+    assert run(client, sid, "cli_value")["result"] == "5"
+    missing = subprocess.run([sys.executable, "-m", "gateway", "pause", "s_nope", "--gateway-url", gateway.url],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 1 and "404" in missing.stderr
