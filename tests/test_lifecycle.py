@@ -278,3 +278,40 @@ def test_pause_and_resume_from_the_command_line(gateway: GatewayProcess, client:
     missing = subprocess.run([sys.executable, "-m", "gateway", "pause", "s_nope", "--gateway-url", gateway.url],
                              capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_retention_removes_ended_workspaces_but_keeps_trajectories(tmp_path: Path) -> None:
+    proc = start_gateway(tmp_path / "data", extra_args=(
+        "--retention-days", "0.00002", "--idle-pause-seconds", "4", "--pool-size", "0"))
+    try:
+        with proc.client() as client:
+            sid = client.post("/v1/sessions", json={}).json()["id"]
+            run(client, sid, "open('out.txt', 'w').write('result')")
+            client.delete(f"/v1/sessions/{sid}")
+            workspace = proc.data_dir / "sessions" / sid / "workspace"
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and workspace.exists():
+                time.sleep(0.3)
+            assert not workspace.exists()
+            assert [s["code"] for s in client.get(f"/v1/sessions/{sid}/steps").json()["steps"]] == [
+                "open('out.txt', 'w').write('result')"]
+            removed = [e for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]
+                       if e["action"] == "workspace_removed"]
+            assert removed and removed[0]["details"]["removed"] == ["workspace"]
+    finally:
+        assert proc.stop() == 0
+
+
+def test_snapshot_fallback_replays_what_could_not_be_saved(tmp_path: Path) -> None:
+    proc = start_gateway(tmp_path / "data", extra_args=("--snapshot-fallback-replay", "true", "--pool-size", "0"))
+    try:
+        with proc.client() as client:
+            sid = client.post("/v1/sessions", json={}).json()["id"]
+            run(client, sid, "numbers = (i * i for i in range(10))\nplain = 'pickled'")
+            paused = client.post(f"/v1/sessions/{sid}/pause").json()
+            assert [u["name"] for u in paused["snapshot"]["unsaved"]] == ["numbers"]
+            resumed = client.post(f"/v1/sessions/{sid}/resume").json()
+            assert resumed["snapshot"]["not_restored"] == []
+            assert run(client, sid, "plain, next(numbers)")["result"] == "('pickled', 0)"
+    finally:
+        assert proc.stop() == 0
