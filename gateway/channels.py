@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import zmq
 from jupyter_client.session import Session
@@ -71,7 +71,7 @@ class SocketReader:
         self.sock = sock
         self.on_frames = on_frames
         self.loop = asyncio.get_running_loop()
-        self.fd = sock.getsockopt(zmq.FD)
+        self.fd = int(sock.getsockopt(zmq.FD))
         self.backlog: deque[list[bytes]] = deque()
         self.closed = False
         self.loop.add_reader(self.fd, self.drain)
@@ -79,7 +79,7 @@ class SocketReader:
     def drain(self) -> None:
         sock = self.sock
         try:
-            while not self.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while not self.closed and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self.on_frames(sock.recv_multipart(zmq.NOBLOCK))
         except zmq.ZMQError:
             log.debug("a kernel socket failed to read", exc_info=True)
@@ -112,7 +112,7 @@ class SocketReader:
 class KernelConnection:
     """Channels to one running kernel. Created by ``RunningKernel``, used by the executor."""
 
-    def __init__(self, context: zmq.Context, connection_info: dict[str, Any], session: Session, label: str,
+    def __init__(self, context: zmq.Context, connection_info: Mapping[str, Any], session: Session, label: str,
                  observers: list[Observer] | None = None):
         self.session = session
         self.label = label
@@ -124,7 +124,7 @@ class KernelConnection:
             self.streams[channel] = SocketReader(self._socket(context, connection_info, channel),
                                                  self._receiver(channel))
 
-    def _socket(self, context: zmq.Context, info: dict[str, Any], channel: str) -> zmq.Socket:
+    def _socket(self, context: zmq.Context, info: Mapping[str, Any], channel: str) -> zmq.Socket:
         port = info[f"{channel}_port"]
         transport = info.get("transport", "tcp")
         url = f"{transport}://{info['ip']}:{port}" if transport == "tcp" else f"{transport}://{info['ip']}-{port}"

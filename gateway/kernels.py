@@ -40,7 +40,7 @@ def kernels_dir() -> Path:
 
 def shared_zmq_context() -> zmq.Context:
     """The process-wide ZMQ context, with room for far more than the default 1,023 sockets."""
-    context = zmq.Context.instance()
+    context: zmq.Context = zmq.Context.instance()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft < target:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import snapshots
+from gateway.reattach import adopt, stop_unclaimed
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Forbidden, Unavailable
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENDED = ("terminated", "failed")
+LIVE = ("starting", "idle", "busy")
 REPLAYED_STATUSES = ("ok", "error")
 
 
@@ -238,6 +240,42 @@ class Lifecycle:
         view["restored"] = outcome["restored"]
         view["not_restored"] = outcome["not_restored"]
         return view
+
+    async def recover(self) -> None:
+        """At start, after a crash: reattach the kernels of sessions that were live; a session
+        whose kernel is gone goes back to its last snapshot (paused) or is failed, with the reason.
+        Kernel processes that no session claims are stopped."""
+        manager = self.manager
+        for row in manager.store.sessions_in_states(LIVE):
+            trajectory = manager._trajectory(row["id"])
+            workspace = manager.sessions_dir / row["id"] / "workspace"
+            kernel = await adopt(manager.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
+                                 spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
+                                 timeout=min(10.0, self.settings.kernel_start_timeout))
+            if kernel is not None:
+                live = manager._register(row, trajectory)
+                manager._attach_kernel(live, kernel)
+                manager.recorder.record_event(trajectory, "session_reattached", None,
+                                           {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
+                log.warning("session %s: reattached its kernel (pid %s) after a crash", row["id"], kernel.pid)
+                continue
+            if snapshots.exists(self.snapshot_dir(row["id"])):
+                info = {**(row.get("snapshot") or {}), "reason": "crash",
+                        "note": "The kernel was lost in a crash of the gateway; resuming restores the snapshot "
+                                "of the last pause, so later changes to variables are gone (files are kept)."}
+                manager.store.update_session(row["id"], state="paused", snapshot=info)
+                manager.recorder.record_event(trajectory, "session_paused", None, info)
+                continue
+            reason = ("The gateway stopped unexpectedly while this session was live, and its kernel is gone. "
+                      "Its files and recorded steps are kept.")
+            manager.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
+            manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
+            log.warning("session %s: failed; its kernel did not survive the crash", row["id"])
+        claimed = {live.kernel.connection_file for live in manager.live.values() if live.kernel is not None}
+        stopped = stop_unclaimed(manager.launcher.runtime_dir, claimed)
+        if stopped:
+            log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
+        manager.recorder.flush()
 
     # capacity, idle, retention ----------------------------------------------------------
 

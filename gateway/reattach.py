@@ -144,7 +144,7 @@ async def adopt(launcher: KernelLauncher, *, pid: int | None, connection_file: s
 
 def stop_unclaimed(runtime_dir: Path, claimed: set[str]) -> list[int]:
     """Stop kernels whose connection files are in ``runtime_dir`` but that no session claims."""
-    stopped = []
+    stopped: list[int] = []
     unclaimed = {str(path) for path in runtime_dir.glob("kernel-*.json")} - claimed
     if not unclaimed:
         return stopped

@@ -43,7 +43,7 @@ def use_gateway(url: str, token: str, request_timeout: float = 60.0) -> GatewayC
 class RemoteKernelClient(GatewayKernelClient):
     """Jupyter's gateway websocket client, sending the token on the websocket upgrade too."""
 
-    async def start_channels(self, shell: bool = True, iopub: bool = True, stdin: bool = True,
+    async def start_channels(self, shell: bool = True, iopub: bool = True, stdin: bool = True,  # type: ignore[override]
                              hb: bool = True, control: bool = True) -> None:
         client = GatewayClient.instance()
         url = "/".join([(client.ws_url or "").rstrip("/"), client.kernels_endpoint.strip("/"),
@@ -51,7 +51,7 @@ class RemoteKernelClient(GatewayKernelClient):
         self.channel_socket = websocket.create_connection(
             url, timeout=client.KERNEL_LAUNCH_TIMEOUT, enable_multithread=True,
             header=[f"Authorization: {client.auth_scheme} {client.auth_token}"])
-        await ensure_async(AsyncKernelClient.start_channels(
+        await ensure_async(AsyncKernelClient.start_channels(  # type: ignore[func-returns-value]
             self, shell=shell, iopub=iopub, stdin=stdin, hb=hb, control=control))
         self.response_router = Thread(target=self._route_responses, daemon=True)
         self.response_router.start()
@@ -63,7 +63,7 @@ class RemoteKernelManager(GatewayKernelManager):
     client_class = DottedObjectName("gateway.remote.RemoteKernelClient")
     client_factory = Type(klass="gateway.remote.RemoteKernelClient")
 
-    def client(self, **kwargs: Any) -> RemoteKernelClient:
+    def client(self, **kwargs: Any) -> RemoteKernelClient:  # type: ignore[override]
         return super().client(**kwargs)  # type: ignore[no-any-return]
 
     async def _async_is_alive(self) -> bool:

@@ -20,14 +20,13 @@ from gateway import executor
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unavailable
+from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
-from gateway.pool import KernelPool, bind
-from gateway.reattach import adopt, stop_unclaimed
-from gateway import snapshots
-from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.notebook import upload_details
-from gateway.outputs import EventSink, strip_ansi, summarise
+from gateway.outcomes import step_outcome
+from gateway.outputs import EventSink, summarise
+from gateway.pool import KernelPool, bind
 from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view
 from gateway.settings import Settings
 from gateway.store import Store, decode_cursor, encode_cursor
@@ -93,39 +92,8 @@ class SessionManager:
     # start-up and shutdown --------------------------------------------------------------
 
     async def recover(self) -> None:
-        """At start, after a crash: reattach the kernels of sessions that were live; a session
-        whose kernel is gone goes back to its last snapshot (paused) or is failed, with the reason.
-        Kernel processes that no session claims are stopped."""
-        for row in self.store.sessions_in_states(LIVE_STATES):
-            trajectory = self._trajectory(row["id"])
-            workspace = self.sessions_dir / row["id"] / "workspace"
-            kernel = await adopt(self.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
-                                 spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
-                                 timeout=min(10.0, self.settings.kernel_start_timeout))
-            if kernel is not None:
-                live = self._register(row, trajectory)
-                self._attach_kernel(live, kernel)
-                self.recorder.record_event(trajectory, "session_reattached", None,
-                                           {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
-                log.warning("session %s: reattached its kernel (pid %s) after a crash", row["id"], kernel.pid)
-                continue
-            if snapshots.exists(self.lifecycle.snapshot_dir(row["id"])):
-                info = {**(row.get("snapshot") or {}), "reason": "crash",
-                        "note": "The kernel was lost in a crash of the gateway; resuming restores the snapshot "
-                                "of the last pause, so later changes to variables are gone (files are kept)."}
-                self.store.update_session(row["id"], state="paused", snapshot=info)
-                self.recorder.record_event(trajectory, "session_paused", None, info)
-                continue
-            reason = ("The gateway stopped unexpectedly while this session was live, and its kernel is gone. "
-                      "Its files and recorded steps are kept.")
-            self.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
-            self.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
-            log.warning("session %s: failed; its kernel did not survive the crash", row["id"])
-        claimed = {live.kernel.connection_file for live in self.live.values() if live.kernel is not None}
-        stopped = stop_unclaimed(self.launcher.runtime_dir, claimed)
-        if stopped:
-            log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
-        self.recorder.flush()
+        """At start: bring back what a previous gateway process left (see ``Lifecycle.recover``)."""
+        await self.lifecycle.recover()
 
     async def shutdown(self) -> None:
         """Interrupt running steps (they are recorded), pause every session (its state saved, its
@@ -211,7 +179,7 @@ class SessionManager:
     def get(self, principal: Principal, session_id: str) -> dict[str, Any]:
         return self.view(self._row(principal, session_id))
 
-    def list(self, principal: Principal, *, state: str | None = None, label: tuple[str, str] | None = None,
+    def list_sessions(self, principal: Principal, *, state: str | None = None, label: tuple[str, str] | None = None,
              owner: str | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
         if not principal.sees_everything:
             if owner is not None and owner != principal.name:
@@ -399,7 +367,8 @@ class SessionManager:
             live.current = None
             if live.row["state"] == "busy":
                 live.row["state"] = "idle"
-        status, error = self._outcome(raw, running, limit, kernel)
+        status, error = step_outcome(raw, running.abort.result() if running.abort.done() else None,
+                                     running.interrupt_requested, limit, kernel.exit_description())
         execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
         if raw.ended == "died":
             await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")
@@ -430,33 +399,6 @@ class SessionManager:
         live.row["last_activity"] = execution["finished_at"]
         self.metrics.observe_step(status, execution["duration_ms"])
         return execution
-
-    def _outcome(self, raw: executor.RawExecution, running: RunningStep, limit: float,
-                 kernel: RunningKernel) -> tuple[str, dict[str, Any] | None]:
-        """The step's status and, when it did not succeed, its error."""
-        if raw.ended == "died":
-            return "died", _error("KernelDied", (
-                f"The kernel process ended during this step ({kernel.exit_description()}). A new kernel was started "
-                "for this session: variables and imports are gone; files in the workspace are kept."))
-        if raw.ended in ("timeout", "stuck"):
-            tail = ("The kernel was interrupted; the session's variables are kept." if raw.ended == "timeout" else
-                    "The kernel ignored the interrupt and was restarted: variables and imports are gone; files are kept.")
-            return "timeout", _error("Timeout", f"The step did not finish within its {limit:g} s time limit. {tail}")
-        if raw.ended == "aborted":
-            why = running.abort.result()
-            message = {"restart": "The kernel was restarted during this step: variables and imports are gone."}.get(
-                why, f"The session was {why} during this step.")
-            return "interrupted", _error("Interrupted", message)
-        reply = raw.reply or {}
-        if reply.get("status") == "ok":
-            return "ok", None
-        if reply.get("status") == "aborted":
-            return "error", _error("Aborted", "The kernel aborted this step without running it.")
-        error = _error(reply.get("ename", "Error"), strip_ansi(reply.get("evalue", "")),
-                       "\n".join(strip_ansi(line) for line in reply.get("traceback", [])))
-        if running.interrupt_requested and reply.get("ename") == "KeyboardInterrupt":
-            return "interrupted", error
-        return "error", error
 
     def _state_tracker(self, live: LiveSession) -> Any:
         """An observer keeping the kernel's execution state and last activity (Jupyter's model)."""
@@ -587,7 +529,3 @@ class SessionManager:
                             live, "kernel_died", None,
                             f"The kernel stopped between steps ({live.kernel.exit_description()}); a new one was "
                             "started: variables and imports are gone, files are kept.")
-
-
-def _error(name: str, value: str, traceback: str = "") -> dict[str, Any]:
-    return {"name": name, "value": value, "traceback": traceback}

@@ -24,7 +24,7 @@ migrations = Migrations("agent_gateway")
 @migrations()
 def m001_initial(db: sqlite_utils.Database) -> None:
     """Sessions, steps, events and tokens."""
-    db["sessions"].create(
+    db.table("sessions").create(
         {
             "id": str, "kernel_id": str, "kernel": str, "state": str, "owner": str,
             "labels": str, "created_at": str, "last_activity": str, "steps": int,
@@ -35,10 +35,10 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         not_null={"kernel_id", "kernel", "state", "owner", "created_at", "last_activity", "steps"},
         defaults={"labels": "{}", "steps": 0},
     )
-    db["sessions"].create_index(["kernel_id"], unique=True)
-    db["sessions"].create_index(["created_at", "id"])
-    db["sessions"].create_index(["owner", "created_at"])
-    db["steps"].create(
+    db.table("sessions").create_index(["kernel_id"], unique=True)
+    db.table("sessions").create_index(["created_at", "id"])
+    db.table("sessions").create_index(["owner", "created_at"])
+    db.table("steps").create(
         {
             "session_id": str, "step": int, "seq": int, "execution_count": int, "code": str,
             "status": str, "stdout": str, "stderr": str, "result": str, "error": str,
@@ -49,8 +49,8 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         not_null={"session_id", "step", "seq", "code", "status", "outputs", "source"},
         foreign_keys=[("session_id", "sessions", "id")],
     )
-    db["steps"].create_index(["session_id", "seq"], unique=True)
-    db["events"].create(
+    db.table("steps").create_index(["session_id", "seq"], unique=True)
+    db.table("events").create(
         {
             "id": int, "session_id": str, "seq": int, "at": str, "principal": str,
             "action": str, "details": str,
@@ -58,35 +58,35 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"at", "action"},
     )
-    db["events"].create_index(["session_id", "seq"])
-    db["tokens"].create(
+    db.table("events").create_index(["session_id", "seq"])
+    db.table("tokens").create(
         {"id": int, "name": str, "role": str, "token_hash": str, "created_at": str, "revoked_at": str},
         pk="id",
         not_null={"name", "role", "token_hash", "created_at"},
     )
-    db["tokens"].create_index(["token_hash"], unique=True)
+    db.table("tokens").create_index(["token_hash"], unique=True)
 
 
 @migrations()
 def m002_session_origin(db: sqlite_utils.Database) -> None:
     """Which face created a session: "agent" (the HTTP API) or "jupyter" (POST /api/kernels)."""
-    db["sessions"].add_column("origin", str, not_null_default="agent")
+    db.table("sessions").add_column("origin", str, not_null_default="agent")
 
 
 @migrations()
 def m003_session_env_and_snapshot(db: sqlite_utils.Database) -> None:
     """The session's kernel environment (to start its kernel again on resume; never shown) and
     what its last snapshot saved and could not save."""
-    db["sessions"].add_column("env", str)
-    db["sessions"].add_column("snapshot", str)
-    db["sessions"].create_index(["state", "last_activity"])
+    db.table("sessions").add_column("env", str)
+    db.table("sessions").add_column("snapshot", str)
+    db.table("sessions").create_index(["state", "last_activity"])
 
 
 @migrations()
 def m004_session_kernel_process(db: sqlite_utils.Database) -> None:
     """Where a live session's kernel runs, so a restarted gateway can reattach it."""
-    db["sessions"].add_column("kernel_pid", int)
-    db["sessions"].add_column("connection_file", str)
+    db.table("sessions").add_column("kernel_pid", int)
+    db.table("sessions").add_column("connection_file", str)
 
 
 SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot")
@@ -159,7 +159,8 @@ class Store:
                       label: tuple[str, str] | None = None, limit: int = 50,
                       cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first, one page; returns the rows and the cursor of the next page."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if owner is not None:
             where.append("owner = ?"); params.append(owner)
         if state is not None:

@@ -6,7 +6,6 @@ import re
 import uuid
 
 import httpx
-import pytest
 
 from tests.conftest import GatewayProcess, error_code, run
 

@@ -16,7 +16,6 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from gateway.auth import Principal
-from gateway.errors import GatewayError
 from gateway.handlers.base import log_handler_exception, request_token, write_error_envelope
 from gateway.handlers.jupyter import KID
 from gateway.hub import KernelHub
@@ -33,9 +32,10 @@ CLIENT_WRITE_BUFFER = 64 * 1024 * 1024
 class KernelChannelsHandler(WebSocketHandler):
     """One websocket client of one kernel."""
 
+    principal: Principal  # set by prepare(), before the upgrade
+
     def initialize(self, gateway: "Gateway") -> None:
         self.gateway = gateway
-        self.principal: Principal | None = None
         self.hub: KernelHub | None = None
         self.client_id = ""
         self.protocol: str | None = None
@@ -64,8 +64,9 @@ class KernelChannelsHandler(WebSocketHandler):
 
     def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)
-        if self.ws_connection is not None and getattr(self.ws_connection, "stream", None) is not None:
-            self.ws_connection.stream.max_write_buffer_size = CLIENT_WRITE_BUFFER
+        stream = getattr(self.ws_connection, "stream", None)
+        if stream is not None:
+            stream.max_write_buffer_size = CLIENT_WRITE_BUFFER
         assert self.hub is not None
         self.hub.attach(self)
 

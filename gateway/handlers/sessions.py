@@ -32,7 +32,7 @@ class SessionsHandler(BaseHandler):
                                      details={"parameter": "label"})
             label_pair = (key, value)
         assert self.principal is not None
-        self.write_json(self.gateway.sessions.list(
+        self.write_json(self.gateway.sessions.list_sessions(
             self.principal, state=state, label=label_pair, owner=self.get_query_argument("owner", None),
             limit=self.int_query("limit", 50, 1, 500), cursor=self.get_query_argument("cursor", None)))
 

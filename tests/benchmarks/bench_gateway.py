@@ -26,6 +26,7 @@ figure to a JSON file. Every process it starts is stopped before it exits.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
 import datetime
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ from gateway.kernels import kernels_dir
 
 TOKEN = "bench-admin-token-" + os.urandom(8).hex()
 LISTENING = re.compile(r"listening on http://([^:\s]+):(\d+)")
+KERNEL_STARTED = re.compile(r"kernel \S+ started \(\S+, pid (\d+)\)")
 KERNEL_NAME = "python3"
 BIG_CODE = 'print("x" * 1_000_000)'
 BIG_STDOUT_CHARS = 1_000_001  # the million x's and print's newline
@@ -83,14 +86,33 @@ class Plan:
     duration: float        # seconds of concurrent stepping per side
     rounds: int            # alternating gateway/raw rounds the duration is split into
     big_runs: int          # timed runs of the 1 MB print
+    # the lifecycle section
+    creates: int           # timed `POST /v1/sessions`, with the warm pool and without (--pool-size 0)
+    create_gap: float      # seconds waited before each of them (and until the pool is full again)
+    resume_big_runs: int   # pause/resume cycles of a session holding 100 MiB of numpy arrays
+    resume_small_runs: int  # pause/resume cycles of a session holding a few small variables
+    many_sessions: int     # live sessions created at once (max-live-kernels above it, then at half of it)
+    many_clients: int      # concurrent clients creating them
+    many_deadline: float   # seconds allowed for creating them (the rest is reported as not reached)
+    many_sample: int       # of them, sessions that run a timed `1+1` afterwards
+    paused_sessions: int   # sessions created with --max-live-kernels 4, so that all but 4 end up paused
+    paused_clients: int    # concurrent clients creating them (fewer than 4, so an idle one is always there to evict)
+    paused_deadline: float  # seconds allowed for creating them
+    list_calls: int        # timed calls of each GET /v1/sessions variant with them in the store
 
     @classmethod
     def for_mode(cls, quick: bool) -> "Plan":
         if quick:
             return cls("quick", sessions=5, steps=100, warmup=20, block=50, long_steps=200, concurrency=8,
-                       duration=2.0, rounds=2, big_runs=3)
+                       duration=2.0, rounds=2, big_runs=3,
+                       creates=5, create_gap=1.5, resume_big_runs=2, resume_small_runs=3, many_sessions=30,
+                       many_clients=4, many_deadline=120.0, many_sample=10, paused_sessions=40, paused_clients=2,
+                       paused_deadline=120.0, list_calls=20)
         return cls("full", sessions=20, steps=500, warmup=20, block=50, long_steps=1000, concurrency=8,
-                   duration=5.0, rounds=2, big_runs=10)
+                   duration=5.0, rounds=2, big_runs=10,
+                   creates=20, create_gap=1.5, resume_big_runs=5, resume_small_runs=10, many_sessions=300,
+                   many_clients=4, many_deadline=300.0, many_sample=30, paused_sessions=1000, paused_clients=2,
+                   paused_deadline=360.0, list_calls=20)
 
 
 # statistics ---------------------------------------------------------------------------------
@@ -140,21 +162,32 @@ def interleaved(runners: dict[str, Runner], n: int, block: int) -> dict[str, lis
 
 
 class GatewayServer:
-    """``python -m gateway serve`` on a free loopback port; logs go to files in ``workdir``."""
+    """``python -m gateway serve`` on a free loopback port; logs go to files in ``workdir``.
 
-    def __init__(self, workdir: Path):
-        self.data_dir = workdir / "gateway-data"
-        self.stdout_path = workdir / "gateway.stdout.txt"
-        self.stderr_path = workdir / "gateway.stderr.txt"
+    ``name`` names its data directory and log files (several gateways may run in one ``workdir``);
+    ``args`` are extra ``serve`` flags (``--pool-size``, ``--max-live-kernels``, ...)."""
+
+    def __init__(self, workdir: Path, name: str = "gateway", args: tuple[str, ...] = ()):
+        self.name = name
+        self.args = tuple(args)
+        self.data_dir = workdir / f"{name}-data"
+        self.stdout_path = workdir / f"{name}.stdout.txt"
+        self.stderr_path = workdir / f"{name}.stderr.txt"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_GATEWAY_")}
         env["AGENT_GATEWAY_TOKEN"] = TOKEN
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(self.data_dir)],
+                [sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(self.data_dir),
+                 *self.args],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-        self.host, self.port = self._wait_for_address(timeout=60)
         self.kernel_pids: set[int] = set()
         self.exit_code: int | None = None
+        self.stop_seconds: float | None = None
+        try:
+            self.host, self.port = self._wait_for_address(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_for_address(self, timeout: float) -> tuple[str, int]:
         deadline = time.monotonic() + timeout
@@ -192,6 +225,7 @@ class GatewayServer:
         if self.exit_code is not None:
             return self.exit_code
         self.kernel_pids.update(p.pid for p in self.kernel_processes())
+        start = time.perf_counter()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -200,6 +234,7 @@ class GatewayServer:
             self.process.kill()
             self.process.wait()
             self.exit_code = -signal.SIGKILL
+        self.stop_seconds = round(time.perf_counter() - start, 2)
         return self.exit_code
 
     def log_problems(self) -> list[str]:
@@ -208,13 +243,53 @@ class GatewayServer:
         return [line for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback")]
 
     def leftover_kernels(self) -> list[int]:
-        """Kernel pids seen during the run that are still running (not zombies)."""
-        left = []
+        """Kernel pids seen during the run that are still running (not zombies), and any process still
+        running with this gateway's data directory on its command line (a kernel's connection file)."""
+        left = set()
         for pid in self.kernel_pids:
             with contextlib.suppress(psutil.NoSuchProcess):
                 if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    left.append(pid)
-        return left
+                    left.add(pid)
+        left.update(proc.pid for proc in self.processes_of_data_dir())
+        return sorted(left)
+
+    def processes_of_data_dir(self) -> list[psutil.Process]:
+        """Running processes (anywhere, not only children) whose command line names this gateway's data
+        directory: its kernels, whose connection files are in ``DATA_DIR/runtime``."""
+        marker = os.path.realpath(self.data_dir)
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            with contextlib.suppress(psutil.Error):
+                if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == self.pid:
+                    continue
+                if any(marker in part or str(self.data_dir) in part for part in proc.info["cmdline"] or ()):
+                    found.append(proc)
+        return found
+
+    def log_lines(self, marker: str) -> list[str]:
+        """Lines of the gateway's stderr containing ``marker`` (e.g. ``" WARNING "``)."""
+        text = self.stderr_path.read_text(errors="replace")
+        return [line for line in text.splitlines() if marker in line]
+
+    def started_kernel_pids(self) -> set[int]:
+        """Pids of kernels the gateway logged as started and answering (``kernel ... started (..., pid N)``)."""
+        return {int(m) for m in KERNEL_STARTED.findall(self.stderr_path.read_text(errors="replace"))}
+
+    def pool_pids(self) -> tuple[set[int], set[int]]:
+        """(pids of the warm pool's kernels, those of them ready): pool kernels run in ``DATA_DIR/pool`` until
+        a session takes them; ready ones are those the gateway logged as started."""
+        pool_dir = os.path.realpath(self.data_dir / "pool")
+        pids = set()
+        for proc in self.kernel_processes():
+            with contextlib.suppress(psutil.Error):
+                if os.path.realpath(proc.cwd()) == pool_dir:
+                    pids.add(proc.pid)
+        return pids, pids & self.started_kernel_pids()
+
+    def tree_rss(self) -> int:
+        """RSS of the gateway and all its kernels, in bytes."""
+        gateway, kernels, _ = self.rss()
+        return gateway + kernels
 
 
 class ApiClient:
@@ -656,6 +731,517 @@ def measure_big_output(api: ApiClient, session_id: str, runs: int) -> dict[str, 
             "stdout_complete": complete, "response_bytes": api.last_response_bytes}
 
 
+# the session lifecycle -------------------------------------------------------------------------
+
+MIN_AVAILABLE_BYTES = 2048 * MIB  # stop creating kernels when the machine has less memory available than this
+POOL_SIZE = 2  # the gateway's default --pool-size, used by the lifecycle gateways that keep a pool
+BIG_STATE = ("import numpy as np\n"
+             "arrays = [np.random.default_rng(i).random(1_310_720) for i in range(10)]  # 10 x 10 MiB of float64")
+BIG_STATE_BYTES = 10 * 1_310_720 * 8
+BIG_CHECK = ("import os\n"
+             "(len(arrays), sum(a.nbytes for a in arrays), round(float(sum(a.sum() for a in arrays)), 6), os.getpid())")
+SMALL_STATE = ("import math, json\n"
+               "x = 42\nname = 'bench'\nitems = list(range(100))\nconfig = {'a': 1, 'b': [1, 2, 3]}\n"
+               "def double(v):\n    return 2 * v\n")
+SMALL_CHECK = ("import os\n"
+               "(x, name, sum(items), config['b'][2], double(21), math.floor(2.5), json.dumps(config), os.getpid())")
+
+
+def step_value(api: ApiClient, session_id: str, code: str) -> Any:
+    """The result of a step whose last expression is a literal (a tuple of numbers and strings)."""
+    return ast.literal_eval(api.execute(session_id, code)["result"])
+
+
+def kernel_pid(api: ApiClient, session_id: str) -> int:
+    return int(api.execute(session_id, "import os; os.getpid()")["result"])
+
+
+def pause_session(api: ApiClient, session_id: str) -> dict[str, Any]:
+    return api.call("POST", f"/v1/sessions/{session_id}/pause", {})
+
+
+def resume_session(api: ApiClient, session_id: str) -> dict[str, Any]:
+    return api.call("POST", f"/v1/sessions/{session_id}/resume", {})
+
+
+def process_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for_pool(server: GatewayServer, size: int, timeout: float = 60.0) -> float:
+    """Wait until the warm pool holds ``size`` ready kernels (or ``timeout`` passes); seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if len(server.pool_pids()[1]) >= size:
+            break
+        time.sleep(0.05)
+    return time.perf_counter() - start
+
+
+def settle(server: GatewayServer, gap: float, pool_size: int) -> float:
+    """Sleep ``gap`` seconds, then (with a pool) until the pool is full again; seconds waited in all."""
+    time.sleep(gap)
+    return gap + (wait_for_pool(server, pool_size) if pool_size else 0.0)
+
+
+def seconds_summary(values: list[float]) -> dict[str, float]:
+    return {"p50_s": round(percentile(values, 50), 2), "max_s": round(max(values), 2)} if values else {}
+
+
+def disk_usage(path: Path) -> tuple[int, int, int]:
+    """(bytes allocated on disk, as du counts them; apparent bytes; files) under ``path``."""
+    allocated = apparent = files = 0
+    seen: set[tuple[int, int]] = set()
+    for root, _, names in os.walk(path):
+        for entry in (root, *(os.path.join(root, name) for name in names)):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(entry)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                allocated += st.st_blocks * 512
+                apparent += st.st_size
+                files += entry != root
+    return allocated, apparent, files
+
+
+def du_bytes(path: Path) -> int | None:
+    """``du -s -B1 path`` (None when du is not available)."""
+    try:
+        out = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
+def list_all(api: ApiClient, query: str = "") -> tuple[list[dict[str, Any]], int]:
+    """Every session ``GET /v1/sessions?{query}`` lists, paging with ``limit=500``; (sessions, pages)."""
+    sessions: list[dict[str, Any]] = []
+    cursor, pages = None, 0
+    while True:
+        path = f"/v1/sessions?{query + '&' if query else ''}limit=500"
+        if cursor:
+            path += "&cursor=" + urllib.parse.quote(cursor)
+        page = api.call("GET", path)
+        pages += 1
+        sessions.extend(page["sessions"])
+        cursor = page["next"]
+        if not cursor:
+            return sessions, pages
+
+
+def state_counts(sessions: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for session in sessions:
+        counts[session["state"]] = counts.get(session["state"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def in_clients(server: GatewayServer, count: int, clients: int, job: Callable[[ApiClient, int], Any], *,
+               deadline: float | None = None, guard_memory: bool = False,
+               progress: Callable[[str], None] | None = None, label: str = "") -> dict[str, Any]:
+    """Run ``job(api, index)`` for ``index`` in ``range(count)`` from ``clients`` threads, each with its own
+    connection. Stops taking new work past ``deadline`` seconds or, with ``guard_memory``, when the machine
+    has less than ``MIN_AVAILABLE_BYTES`` available. Returns the values (by index), latencies, errors, time."""
+    lock = threading.Lock()
+    state = {"next": 0, "stopped": None, "done": 0}
+    values: dict[int, Any] = {}
+    latencies: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    report_every = max(1, count // 10)
+
+    def worker() -> None:
+        api = ApiClient(server.host, server.port)
+        try:
+            while True:
+                with lock:
+                    if state["stopped"] or state["next"] >= count:
+                        return
+                    if deadline is not None and time.perf_counter() - start > deadline:
+                        state["stopped"] = f"deadline of {deadline:g} s"
+                        return
+                    if guard_memory and psutil.virtual_memory().available < MIN_AVAILABLE_BYTES:
+                        state["stopped"] = f"less than {mb(MIN_AVAILABLE_BYTES)} of memory available"
+                        return
+                    index = state["next"]
+                    state["next"] += 1
+                began = time.perf_counter()
+                try:
+                    value = job(api, index)
+                except Exception as exc:  # counted and reported
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                    api.close()
+                    api = ApiClient(server.host, server.port)
+                    continue
+                elapsed_ms = (time.perf_counter() - began) * 1000
+                with lock:
+                    values[index] = value
+                    latencies.append(elapsed_ms)
+                    state["done"] += 1
+                    if progress is not None and state["done"] % report_every == 0:
+                        progress(f"  {label}: {state['done']}/{count} in {time.perf_counter() - start:.0f} s")
+        finally:
+            api.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    return {"requested": count, "done": len(values), "errors": len(errors), "error_samples": errors[:5],
+            "clients": clients, "seconds": round(seconds, 2), "per_s": round(len(values) / seconds, 2),
+            "stopped_early": state["stopped"], "latency": summarize(latencies) if latencies else None,
+            "values": [values[i] for i in sorted(values)]}
+
+
+def gateway_shutdown(server: GatewayServer, timeout: float = 300) -> dict[str, Any]:
+    """Stop ``server`` (SIGTERM) and what is left of it: exit code, seconds, leftover kernels, log errors."""
+    exit_code = server.stop(timeout)
+    time.sleep(0.2)
+    return {"gateway": server.name, "flags": " ".join(server.args), "exit_code": exit_code,
+            "stop_seconds": server.stop_seconds, "kernels_seen": len(server.kernel_pids),
+            "kernels_left_running": server.leftover_kernels(), "log_errors": server.log_problems()[:20],
+            "log_warnings": len(server.log_lines(" WARNING "))}
+
+
+def measure_creates(server: GatewayServer, n: int, gap: float, pool_size: int) -> dict[str, Any]:
+    """``n`` timed ``POST /v1/sessions``, each after ``gap`` seconds and (with a pool) once the pool is full
+    again; afterwards each session's kernel pid tells whether a pooled kernel served it."""
+    api = ApiClient(server.host, server.port)
+    created: list[str] = []
+    samples, waits = [], []
+    from_pool = 0
+    try:
+        for _ in range(n):
+            waits.append(settle(server, gap, pool_size))
+            ready = server.pool_pids()[1] if pool_size else set()
+            start = time.perf_counter()
+            session_id = api.create_session()
+            samples.append((time.perf_counter() - start) * 1000)
+            created.append(session_id)
+            from_pool += kernel_pid(api, session_id) in ready
+    finally:
+        for session_id in created:
+            with contextlib.suppress(Exception):
+                api.delete_session(session_id)
+        api.close()
+    return {"pool_size": pool_size, "create": summarize(samples), "gap_s": gap, "waited": seconds_summary(waits),
+            "served_by_pool": from_pool}
+
+
+def measure_pause_frees_memory(api: ApiClient, server: GatewayServer, gap: float) -> tuple[dict[str, Any], str, Any]:
+    """A session holding 100 MiB of numpy arrays: its kernel's RSS, then pause, then whether the process is
+    gone and how much the RSS of the gateway and all its kernels fell. Returns (figures, session, check)."""
+    session_id = api.create_session()
+    pid = kernel_pid(api, session_id)
+    kernel = psutil.Process(pid)
+    is_child = pid in {p.pid for p in server.kernel_processes()}
+    fresh_rss = kernel.memory_info().rss
+    api.execute(session_id, BIG_STATE)
+    check = step_value(api, session_id, BIG_CHECK)
+    settle(server, gap, POOL_SIZE)
+    time.sleep(0.5)
+    kernel_rss = kernel.memory_info().rss
+    gateway_before, kernels_before, processes_before = server.rss()
+    start = time.perf_counter()
+    view = pause_session(api, session_id)
+    pause_ms = (time.perf_counter() - start) * 1000
+    gone_ms = None
+    start = time.perf_counter()
+    while time.perf_counter() - start < 10:
+        if not process_running(pid):
+            gone_ms = (time.perf_counter() - start) * 1000
+            break
+        time.sleep(0.01)
+    time.sleep(0.5)
+    gateway_after, kernels_after, processes_after = server.rss()
+    freed = (gateway_before + kernels_before) - (gateway_after + kernels_after)
+    snapshot = server.data_dir / "sessions" / session_id / "snapshot"
+    state = api.call("GET", f"/v1/sessions/{session_id}")["state"]
+    return ({"kernel_pid_is_gateway_child": is_child, "kernel_rss_fresh_bytes": fresh_rss,
+             "kernel_rss_bytes": kernel_rss, "arrays_bytes": BIG_STATE_BYTES, "pause_ms": round(pause_ms, 1),
+             "state_after": state, "process_gone": gone_ms is not None,
+             "process_gone_ms_after_response": None if gone_ms is None else round(gone_ms, 1),
+             "gateway_rss_before_bytes": gateway_before, "gateway_rss_after_bytes": gateway_after,
+             "kernels_rss_before_bytes": kernels_before, "kernels_rss_after_bytes": kernels_after,
+             "kernel_processes_before": processes_before, "kernel_processes_after": processes_after,
+             "freed_bytes": freed, "freed_fraction": round(freed / kernel_rss, 4),
+             "snapshot_pickle_bytes": (view.get("snapshot") or {}).get("bytes"),
+             "snapshot_disk_bytes": disk_usage(snapshot)[0]},
+            session_id, check)
+
+
+def measure_pause_resume(api: ApiClient, server: GatewayServer, session_id: str, check_code: str, check: Any,
+                         runs: int, gap: float) -> dict[str, Any]:
+    """``runs`` cycles on a paused session: resume (timed), check its state came back, pause (timed); each
+    timed call after ``gap`` seconds and once the warm pool is full."""
+    resume_ms, pause_ms = [], []
+    from_pool, mismatches = 0, 0
+    not_restored: set[str] = set()
+    for _ in range(runs):
+        settle(server, gap, POOL_SIZE)
+        ready = server.pool_pids()[1]
+        start = time.perf_counter()
+        view = resume_session(api, session_id)
+        resume_ms.append((time.perf_counter() - start) * 1000)
+        if view["state"] != "idle":
+            raise RuntimeError(f"session {session_id} is {view['state']} after resume")
+        not_restored.update(entry["name"] for entry in (view.get("snapshot") or {}).get("not_restored", []))
+        value = step_value(api, session_id, check_code)
+        mismatches += tuple(value[:-1]) != tuple(check[:-1])
+        from_pool += value[-1] in ready
+        settle(server, gap, POOL_SIZE)
+        start = time.perf_counter()
+        view = pause_session(api, session_id)
+        pause_ms.append((time.perf_counter() - start) * 1000)
+        if view["state"] != "paused":
+            raise RuntimeError(f"session {session_id} is {view['state']} after pause")
+    return {"resume": summarize(resume_ms), "pause": summarize(pause_ms), "runs": runs,
+            "resumed_on_pooled_kernel": from_pool, "state_mismatches": mismatches,
+            "not_restored": sorted(not_restored)}
+
+
+def measure_pool_pause_resume(workdir: Path, plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Create latency with the warm pool, pause freeing memory, resume latency: one gateway (default pool);
+    then create latency with ``--pool-size 0``."""
+    out: dict[str, Any] = {}
+    server = GatewayServer(workdir, "lifecycle-pool")
+    try:
+        progress(f"lifecycle: gateway pid {server.pid} (pool of {POOL_SIZE}); {plan.creates} creates, "
+                 f"{plan.create_gap:g} s apart and with the pool full")
+        out["create_pool"] = measure_creates(server, plan.creates, plan.create_gap, POOL_SIZE)
+        api = ApiClient(server.host, server.port)
+        try:
+            progress("lifecycle: pausing a session holding 100 MiB of numpy arrays")
+            out["pause_memory"], big_id, big_check = measure_pause_frees_memory(api, server, plan.create_gap)
+            progress(f"lifecycle: {plan.resume_big_runs} resume/pause cycles of the 100 MiB session")
+            out["resume_big"] = measure_pause_resume(api, server, big_id, BIG_CHECK, big_check,
+                                                     plan.resume_big_runs, plan.create_gap)
+            small_id = api.create_session()
+            api.execute(small_id, SMALL_STATE)
+            small_check = step_value(api, small_id, SMALL_CHECK)
+            pause_session(api, small_id)
+            progress(f"lifecycle: {plan.resume_small_runs} resume/pause cycles of a small session")
+            out["resume_small"] = measure_pause_resume(api, server, small_id, SMALL_CHECK, small_check,
+                                                       plan.resume_small_runs, plan.create_gap)
+        finally:
+            api.close()
+    finally:
+        out["shutdown_pool"] = gateway_shutdown(server)
+    server = GatewayServer(workdir, "lifecycle-cold", ("--pool-size", "0"))
+    try:
+        progress(f"lifecycle: gateway pid {server.pid} with --pool-size 0; {plan.creates} creates, "
+                 f"{plan.create_gap:g} s apart")
+        out["create_cold"] = measure_creates(server, plan.creates, plan.create_gap, 0)
+    finally:
+        out["shutdown_cold"] = gateway_shutdown(server)
+    return out
+
+
+def measure_many_live(workdir: Path, plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
+    """``plan.many_sessions`` live sessions at once (``--max-live-kernels`` above that): time to create them,
+    errors, RSS, a `1+1` in a sample; then deleting them."""
+    n = plan.many_sessions
+    server = GatewayServer(workdir, "lifecycle-many", ("--max-live-kernels", str(n + 10)))
+    out: dict[str, Any] = {"max_live_kernels": n + 10}
+    try:
+        out["gateway_rss_idle_bytes"] = server.rss()[0]
+        out["memory_available_before_bytes"] = psutil.virtual_memory().available
+        progress(f"lifecycle: gateway pid {server.pid}, --max-live-kernels {n + 10}; creating {n} live sessions "
+                 f"with {plan.many_clients} clients")
+        creation = in_clients(server, n, plan.many_clients, lambda api, _: api.create_session(),
+                              deadline=plan.many_deadline, guard_memory=True, progress=progress, label="created")
+        ids = creation.pop("values")
+        out["create"] = creation
+        time.sleep(1.0)
+        gateway_rss, kernels_rss, processes = server.rss()
+        out.update(gateway_rss_bytes=gateway_rss, kernels_rss_bytes=kernels_rss, kernel_processes=processes,
+                   gateway_fds=psutil.Process(server.pid).num_fds(),
+                   memory_available_after_bytes=psutil.virtual_memory().available)
+        api = ApiClient(server.host, server.port)
+        try:
+            out["health"] = api.call("GET", "/v1/health")["sessions"]
+            sample = ids[::max(1, len(ids) // plan.many_sample)][:plan.many_sample]
+            step_ms, step_errors = [], []
+            for session_id in sample:
+                try:
+                    step_ms.append(timed_ms(api.stepper(session_id)))
+                except Exception as exc:  # counted and reported
+                    step_errors.append(f"{type(exc).__name__}: {exc}"[:300])
+            out["sample_step"] = {"sessions": len(sample), "latency": summarize(step_ms) if step_ms else None,
+                                  "errors": len(step_errors), "error_samples": step_errors[:3]}
+        finally:
+            api.close()
+        progress(f"lifecycle: deleting the {len(ids)} sessions")
+        deletion = in_clients(server, len(ids), plan.many_clients, lambda api, i: api.delete_session(ids[i]))
+        deletion.pop("values")
+        out["delete"] = deletion
+    finally:
+        out["shutdown"] = gateway_shutdown(server)
+    return out
+
+
+def measure_eviction(workdir: Path, plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
+    """``plan.many_sessions`` sessions with ``--max-live-kernels`` at half of it: no errors expected, and the
+    sessions past the maximum evict (pause) the least recently used."""
+    n, limit = plan.many_sessions, plan.many_sessions // 2
+    server = GatewayServer(workdir, "lifecycle-evict", ("--max-live-kernels", str(limit)))
+    out: dict[str, Any] = {"max_live_kernels": limit}
+    try:
+        progress(f"lifecycle: gateway pid {server.pid}, --max-live-kernels {limit}; creating {n} sessions "
+                 f"with {plan.many_clients} clients")
+        creation = in_clients(server, n, plan.many_clients, lambda api, _: api.create_session(),
+                              deadline=plan.many_deadline, guard_memory=True, progress=progress, label="created")
+        ids = creation.pop("values")
+        out["create"] = creation
+        time.sleep(1.0)
+        api = ApiClient(server.host, server.port)
+        try:
+            out["health"] = api.call("GET", "/v1/health")["sessions"]
+            everything, _ = list_all(api)
+            out["states"] = state_counts(everything)
+            paused, pages = list_all(api, "state=paused")
+            out["paused_listed"] = len(paused)
+            out["paused_listed_pages"] = pages
+            out["paused_reasons"] = sorted({(s.get("snapshot") or {}).get("reason", "?") for s in paused})
+            out["kernel_processes"] = server.rss()[2]
+            # A step in a few evicted sessions resumes each (evicting another).
+            evicted = [s["id"] for s in paused][:3]
+            samples = []
+            for session_id in evicted:
+                samples.append(timed_ms(api.stepper(session_id)))
+            out["step_in_evicted"] = summarize(samples) if samples else None
+            live = [s["id"] for s in list_all(api)[0] if s["state"] in ("idle", "busy", "starting")]
+        finally:
+            api.close()
+        progress(f"lifecycle: deleting the {len(live)} live sessions")
+        deletion = in_clients(server, len(live), plan.many_clients, lambda api, i: api.delete_session(live[i]))
+        deletion.pop("values")
+        out["delete_live"] = deletion
+    finally:
+        out["shutdown"] = gateway_shutdown(server)
+    return out
+
+
+def measure_paused_store(workdir: Path, plan: Plan, progress: Callable[[str], None]) -> dict[str, Any]:
+    """``plan.paused_sessions`` sessions created with ``--max-live-kernels 4``, so that all but four are
+    paused by eviction: disk per paused session, kernels left, and the time of listing them."""
+    n, limit = plan.paused_sessions, 4
+    server = GatewayServer(workdir, "lifecycle-paused", ("--max-live-kernels", str(limit)))
+    out: dict[str, Any] = {"max_live_kernels": limit}
+    try:
+        progress(f"lifecycle: gateway pid {server.pid}, --max-live-kernels {limit}; creating {n} sessions with "
+                 f"{plan.paused_clients} clients (each past the 4th pauses the least recently used)")
+        creation = in_clients(server, n, plan.paused_clients, lambda api, _: api.create_session(),
+                              deadline=plan.paused_deadline, guard_memory=True, progress=progress, label="created")
+        creation.pop("values")
+        out["create"] = creation
+        time.sleep(1.0)
+        api = ApiClient(server.host, server.port)
+        try:
+            out["health"] = api.call("GET", "/v1/health")["sessions"]
+            everything, _ = list_all(api)
+            out["states"] = state_counts(everything)
+            paused, _ = list_all(api, "state=paused")
+            out["paused"] = len(paused)
+            live_ids = [s["id"] for s in everything if s["state"] in ("idle", "busy", "starting")]
+            # Kernel processes: the gateway's children, and any process naming its data directory; every one
+            # must be a live session's (its pid from a step) or the warm pool's.
+            live_pids = {kernel_pid(api, session_id) for session_id in live_ids}
+            pool = server.pool_pids()[0]
+            children = {p.pid for p in server.kernel_processes()}
+            anywhere = {p.pid for p in server.processes_of_data_dir()}
+            out.update(kernel_processes=len(children), kernel_processes_anywhere=len(anywhere),
+                       pool_kernels=len(pool), live_sessions=len(live_ids),
+                       unaccounted_kernels=sorted((children | anywhere) - live_pids - pool))
+            # Disk: du of DATA_DIR/sessions, and per paused session.
+            sessions_dir = server.data_dir / "sessions"
+            out["sessions_dir_du_bytes"] = du_bytes(sessions_dir)
+            out["sessions_dirs"] = sum(1 for _ in sessions_dir.iterdir())
+            per_session = [disk_usage(sessions_dir / s["id"])[0] for s in paused]
+            per_snapshot = [disk_usage(sessions_dir / s["id"] / "snapshot")[0] for s in paused]
+            out["paused_session_disk_bytes"] = ({"median": int(statistics.median(per_session)),
+                                                 "mean": int(statistics.fmean(per_session)),
+                                                 "max": max(per_session)} if per_session else None)
+            out["paused_snapshot_disk_bytes"] = ({"median": int(statistics.median(per_snapshot)),
+                                                  "mean": int(statistics.fmean(per_snapshot))}
+                                                 if per_snapshot else None)
+            out["database_bytes"] = sum(f.stat().st_size for f in server.data_dir.glob("gateway.db*"))
+            out["store_sessions"] = len(everything)
+            # Listing with them in the store, interleaved, one call at a time.
+            runners = {name: (lambda path=path: api.call("GET", path)) for name, path in LIST_CALLS.items()}
+            for run in runners.values():
+                repeat(run, 3)
+            samples = interleaved(runners, plan.list_calls, 1)
+            out["list"] = {name: summarize(found) for name, found in samples.items()}
+            out["list_response_bytes"] = {}
+            for name, path in LIST_CALLS.items():
+                api.call("GET", path)
+                out["list_response_bytes"][name] = api.last_response_bytes
+            start = time.perf_counter()
+            _, pages = list_all(api, "state=paused")
+            out["page_all_paused"] = {"ms": round((time.perf_counter() - start) * 1000, 1), "pages": pages}
+        finally:
+            api.close()
+        progress(f"lifecycle: deleting the {len(live_ids)} live sessions")
+        deletion = in_clients(server, len(live_ids), 1, lambda api, i: api.delete_session(live_ids[i]))
+        deletion.pop("values")
+        out["delete_live"] = deletion
+    finally:
+        out["shutdown"] = gateway_shutdown(server)
+    return out
+
+
+LIST_CALLS = {"all": "/v1/sessions?limit=100", "paused": "/v1/sessions?state=paused&limit=100",
+              "health": "/v1/health"}
+
+
+def run_lifecycle(plan: Plan, workdir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """The lifecycle section: each part on its own gateway, stopped before the next starts. A part that
+    fails is reported as such and the others still run."""
+    results: dict[str, Any] = {}
+    parts = {"pool_pause_resume": measure_pool_pause_resume, "many_live": measure_many_live,
+             "eviction": measure_eviction, "paused_store": measure_paused_store}
+    for name, part in parts.items():
+        start = time.perf_counter()
+        try:
+            results[name] = part(workdir, plan, progress)
+        except Exception as exc:  # reported; the other parts still run
+            progress(f"lifecycle: {name} failed: {exc!r}")
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+        results[name]["part_seconds"] = round(time.perf_counter() - start, 1)
+    results["problems"] = lifecycle_problems(results)
+    return results
+
+
+def lifecycle_problems(results: dict[str, Any]) -> list[str]:
+    """What went wrong in the lifecycle section, in words (empty when nothing did)."""
+    problems = []
+    for name, part in results.items():
+        if not isinstance(part, dict):
+            continue
+        if "error" in part:
+            problems.append(f"{name}: {part['error']}")
+        for key, value in part.items():
+            if key.startswith("shutdown") and isinstance(value, dict):
+                if value["exit_code"] != 0:
+                    problems.append(f"{name}: gateway {value['gateway']} exited with {value['exit_code']}")
+                if value["kernels_left_running"]:
+                    problems.append(f"{name}: kernels left running: {value['kernels_left_running']}")
+                if value["log_errors"]:
+                    problems.append(f"{name}: {len(value['log_errors'])} error lines in the log of {value['gateway']}")
+    eviction = results.get("eviction", {})
+    if eviction.get("create", {}).get("errors"):
+        problems.append(f"eviction: {eviction['create']['errors']} sessions could not be created")
+    return problems
+
+
 # the run ---------------------------------------------------------------------------------------
 
 
@@ -766,8 +1352,6 @@ def ws_comparison_rows(ws_step: dict[str, Any], ws_conc: dict[str, Any]) -> list
 def render_report(report: dict[str, Any]) -> str:
     """The markdown report, ready to paste into docs/performance.md."""
     m, plan, r = report["machine"], report["plan"], report["results"]
-    step, long, conc, big, sess = r["step"], r["long_trajectory"], r["concurrency"], r["big_output"], r["sessions"]
-    ws_step, ws_conc = r["ws_step"], r["ws_concurrency"]
     lines = [
         f"### Benchmark run of {report['date']} ({plan['mode']} mode)",
         "",
@@ -776,6 +1360,20 @@ def render_report(report: dict[str, Any]) -> str:
         f"gateway {m['gateway_version']}, jupyter_client {m['jupyter_client_version']}. "
         "Client and server on the same machine, over loopback; one persistent HTTP/1.1 connection per "
         "client (`http.client`). The raw baseline is a `BlockingKernelClient` on a kernel from the same spec.",
+    ]
+    if "step" in r:
+        lines += render_core(r, plan, report)
+    if "lifecycle" in r:
+        lines += render_lifecycle(r["lifecycle"], plan)
+    lines += ["", f"Whole run: {report['wall_seconds']:g} s."]
+    return "\n".join(lines)
+
+
+def render_core(r: dict[str, Any], plan: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """The agent API and Jupyter face part of the report."""
+    step, long, conc, big, sess = r["step"], r["long_trajectory"], r["concurrency"], r["big_output"], r["sessions"]
+    ws_step, ws_conc = r["ws_step"], r["ws_concurrency"]
+    lines = [
         "",
         "| measurement | n | p50 (ms) | p99 (ms) | mean (ms) |",
         "|---|---:|---:|---:|---:|",
@@ -819,15 +1417,170 @@ def render_report(report: dict[str, Any]) -> str:
         f"GET of its notebook took {long['notebook_get_ms']:.1f} ms (median of 3). "
         f"Gateway shutdown (SIGTERM): exit code {r['shutdown']['gateway_exit_code']}, "
         f"kernels left running: {len(r['shutdown']['kernels_left_running'])}, "
-        f"error lines in its log: {len(r['shutdown']['gateway_log_errors'])}. Whole run: {report['wall_seconds']:g} s.",
+        f"error lines in its log: {len(r['shutdown']['gateway_log_errors'])}.",
     ]
-    return "\n".join(lines)
+    return lines
+
+
+def target(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def kib(value: float) -> str:
+    return f"{value / 1024:,.1f} KiB"
+
+
+def part_failed(part: dict[str, Any]) -> str | None:
+    return f"failed: {part['error']}" if "error" in part else None
+
+
+def render_lifecycle(lc: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    """The lifecycle section of the markdown report."""
+    lines = ["", f"#### Session lifecycle ({plan['mode']} mode)", ""]
+    ppr, many, evict, store = lc["pool_pause_resume"], lc["many_live"], lc["eviction"], lc["paused_store"]
+    rows = ["| measurement | n | p50 (ms) | p99 (ms) | mean (ms) |", "|---|---:|---:|---:|---:|"]
+    figures = ["| figure | value | target |", "|---|---|---|"]
+    if part_failed(ppr):
+        figures.append(f"| create, pause, resume | {part_failed(ppr)} | |")
+    else:
+        warm, cold = ppr["create_pool"], ppr["create_cold"]
+        memory, big, small = ppr["pause_memory"], ppr["resume_big"], ppr["resume_small"]
+        rows += [
+            latency_row(f"`POST /v1/sessions`, warm pool (`--pool-size {warm['pool_size']}`; "
+                        f"{warm['served_by_pool']} of {warm['create']['n']} served by a pooled kernel)", warm["create"]),
+            latency_row("`POST /v1/sessions`, no pool (`--pool-size 0`, cold boot)", cold["create"]),
+            latency_row("`POST /v1/sessions/{id}/pause`, 100 MiB of numpy arrays", big["pause"]),
+            latency_row(f"`POST /v1/sessions/{{id}}/resume`, 100 MiB of numpy arrays "
+                        f"({big['resumed_on_pooled_kernel']} of {big['runs']} on a pooled kernel)", big["resume"]),
+            latency_row("`POST /v1/sessions/{id}/pause`, a few small variables", small["pause"]),
+            latency_row(f"`POST /v1/sessions/{{id}}/resume`, a few small variables "
+                        f"({small['resumed_on_pooled_kernel']} of {small['runs']} on a pooled kernel)", small["resume"]),
+        ]
+        freed_ok = memory["process_gone"] and memory["freed_fraction"] >= 0.95
+        gone = (f"kernel process gone {memory['process_gone_ms_after_response']:.0f} ms after the response"
+                if memory["process_gone"] else "kernel process STILL RUNNING 10 s after the response")
+        figures += [
+            f"| create with the warm pool, p50 (cold boot p50 for comparison) | {warm['create']['p50_ms']:.1f} ms "
+            f"({cold['create']['p50_ms']:.1f} ms) | < 20 ms: {target(warm['create']['p50_ms'] < 20)} |",
+            f"| pause frees memory | kernel RSS {mb(memory['kernel_rss_bytes'])} ({mb(memory['kernel_rss_fresh_bytes'])} "
+            f"fresh + {mb(memory['arrays_bytes'])} of arrays); pause took {memory['pause_ms']:.0f} ms, {gone}; "
+            f"RSS of the gateway and its kernels fell by {mb(memory['freed_bytes'])} = "
+            f"**{memory['freed_fraction']:.1%}** of the kernel's RSS (gateway {mb(memory['gateway_rss_before_bytes'])} "
+            f"-> {mb(memory['gateway_rss_after_bytes'])}); snapshot on disk {mb(memory['snapshot_disk_bytes'])} "
+            f"| >= 95%: {target(freed_ok)} |",
+            f"| resume, 100 MiB session, p50 | {big['resume']['p50_ms']:.0f} ms (pause p50 {big['pause']['p50_ms']:.0f} ms); "
+            f"state checked after each resume: {big['runs'] - big['state_mismatches']} of {big['runs']} identical "
+            f"| < 1 s: {target(big['resume']['p50_ms'] < 1000)} |",
+            f"| resume, small session, p50 | {small['resume']['p50_ms']:.0f} ms (pause p50 {small['pause']['p50_ms']:.0f} ms); "
+            f"state checked: {small['runs'] - small['state_mismatches']} of {small['runs']} identical"
+            f"{'; not restored: ' + ', '.join(small['not_restored']) if small['not_restored'] else ''} "
+            f"| < 300 ms: {target(small['resume']['p50_ms'] < 300)} |",
+        ]
+    if part_failed(many):
+        figures.append(f"| {plan['many_sessions']} live sessions | {part_failed(many)} | |")
+    else:
+        c = many["create"]
+        reached = ("" if c["done"] == c["requested"] and not c["stopped_early"]
+                   else f" (**stopped at {c['done']} of {c['requested']}: {c['stopped_early'] or 'errors'}**)")
+        per_kernel = many["kernels_rss_bytes"] / max(1, many["kernel_processes"])
+        sample = many["sample_step"]
+        rows.append(latency_row(f"`POST /v1/sessions` while creating {c['requested']} live sessions, "
+                                f"{c['clients']} clients at once", c["latency"]))
+        if sample["latency"]:
+            rows.append(latency_row(f"`1+1` in a sample of the {c['done']} live sessions", sample["latency"]))
+        figures += [
+            f"| {c['requested']} live sessions (`--max-live-kernels {many['max_live_kernels']}`) | created {c['done']} "
+            f"in {c['seconds']:.0f} s ({c['per_s']:.2f}/s, {c['clients']} clients){reached}, {c['errors']} errors; "
+            f"gateway RSS {mb(many['gateway_rss_idle_bytes'])} idle -> {mb(many['gateway_rss_bytes'])}, "
+            f"{many['gateway_fds']} open fds; {many['kernel_processes']} kernel processes (incl. the pool) "
+            f"{mb(many['kernels_rss_bytes'])} in total, {mb(per_kernel)} each; `1+1` in {sample['sessions']} of them: "
+            f"{sample['errors']} errors; deleting them took {many['delete']['seconds']:.0f} s "
+            f"({many['delete']['errors']} errors) | no errors: {target(c['errors'] == 0 and sample['errors'] == 0)} |",
+        ]
+    if part_failed(evict):
+        figures.append(f"| eviction | {part_failed(evict)} | |")
+    else:
+        c = evict["create"]
+        expected_paused = c["done"] - evict["max_live_kernels"]
+        evicted_ok = c["errors"] == 0 and evict["paused_listed"] == expected_paused == evict["health"]["paused"]
+        rows.append(latency_row(f"`POST /v1/sessions` past `--max-live-kernels {evict['max_live_kernels']}` "
+                                f"(evicting), {c['clients']} clients at once", c["latency"]))
+        if evict.get("step_in_evicted"):
+            rows.append(latency_row("`1+1` in an evicted session (resumes it, evicting another)",
+                                    evict["step_in_evicted"]))
+        states = ", ".join(f"{k} {v}" for k, v in evict["states"].items())
+        figures.append(
+            f"| {c['requested']} sessions with `--max-live-kernels {evict['max_live_kernels']}` | created {c['done']} "
+            f"in {c['seconds']:.0f} s ({c['per_s']:.2f}/s), {c['errors']} errors; then health: live "
+            f"{evict['health']['live']}, paused {evict['health']['paused']}; `?state=paused` paging: "
+            f"{evict['paused_listed']} in {evict['paused_listed_pages']} page(s), reason "
+            f"{', '.join(evict['paused_reasons']) or '-'}; states: {states}; kernel processes "
+            f"{evict['kernel_processes']} (incl. the pool) | no errors, {expected_paused} evicted: {target(evicted_ok)} |")
+    if part_failed(store):
+        figures.append(f"| paused sessions | {part_failed(store)} | |")
+    else:
+        c = store["create"]
+        reached = ("" if c["done"] == c["requested"] and not c["stopped_early"]
+                   else f" (**stopped at {c['done']} of {c['requested']}: {c['stopped_early'] or 'errors'}**)")
+        rows += [latency_row(f"`GET /v1/sessions?limit=100`, {store['store_sessions']:,} sessions in the store",
+                             store["list"]["all"]),
+                 latency_row(f"`GET /v1/sessions?state=paused&limit=100`, {store['paused']:,} paused",
+                             store["list"]["paused"]),
+                 latency_row("`GET /v1/health` (counts them)", store["list"]["health"])]
+        disk = store["paused_session_disk_bytes"] or {"median": 0, "mean": 0, "max": 0}
+        snap = store["paused_snapshot_disk_bytes"] or {"median": 0, "mean": 0}
+        per_dir = (store["sessions_dir_du_bytes"] or 0) / max(1, store["sessions_dirs"])
+        clean = not store["unaccounted_kernels"] and store["kernel_processes"] <= store["live_sessions"] + POOL_SIZE
+        figures += [
+            f"| {c['requested']:,} sessions with `--max-live-kernels 4` | created {c['done']:,} in {c['seconds']:.0f} s "
+            f"({c['per_s']:.2f}/s, {c['clients']} clients){reached}, {c['errors']} errors; paused {store['paused']:,}, "
+            f"live {store['live_sessions']}; kernel processes: {store['kernel_processes']} children of the gateway "
+            f"({store['live_sessions']} live sessions' + {store['pool_kernels']} pool), "
+            f"{store['kernel_processes_anywhere']} processes anywhere naming its data directory, "
+            f"{len(store['unaccounted_kernels'])} belonging to no live session or the pool "
+            f"| no kernel for a paused session: {target(clean)} |",
+            f"| disk per paused session | median {kib(disk['median'])} (mean {kib(disk['mean'])}, max {kib(disk['max'])}), "
+            f"of which the snapshot {kib(snap['median'])}; `du` of DATA_DIR/sessions {mb(store['sessions_dir_du_bytes'] or 0)} "
+            f"for {store['sessions_dirs']:,} session directories = {kib(per_dir)} each; database "
+            f"{mb(store['database_bytes'])} | |",
+            f"| listing every paused session (`?state=paused&limit=500`, paging) | "
+            f"{store['page_all_paused']['ms']:.0f} ms for {store['page_all_paused']['pages']} pages; responses of the "
+            f"`limit=100` calls: {mb(store['list_response_bytes']['all'])} and {mb(store['list_response_bytes']['paused'])} | |",
+        ]
+    shutdowns = [value for part in (ppr, many, evict, store) for key, value in part.items()
+                 if key.startswith("shutdown") and isinstance(value, dict)]
+    figures.append("| lifecycle gateways stopped (SIGTERM) | " + "; ".join(
+        f"{s['gateway']} (`{s['flags'] or 'defaults'}`): exit {s['exit_code']} in {s['stop_seconds']} s, "
+        f"{len(s['kernels_left_running'])} kernels left, {len(s['log_errors'])} error / {s['log_warnings']} warning "
+        f"log lines" for s in shutdowns) + " | exit 0, nothing left |")
+    gap = plan["create_gap"]
+    waited = (ppr.get("create_pool") or {}).get("waited") or {}
+    lines += rows + [""] + figures + [
+        "",
+        f"Method: each part runs on its own gateway (flags above), started and stopped (SIGTERM) by the script. "
+        f"Create and resume latencies are end to end over one keep-alive connection. With the warm pool, every "
+        f"timed create, pause and resume comes {gap:g} s after the previous call and once the pool holds its "
+        f"{POOL_SIZE} kernels again (a pool kernel counts as ready once the gateway logged it started; waits before "
+        f"the creates: p50 {waited.get('p50_s', 0):g} s, max {waited.get('max_s', 0):g} s); whether a pooled "
+        f"kernel served a session is read from its kernel's pid (a step `os.getpid()` after the timed call) against "
+        f"the pool's ready pids before it. Cold creates are {gap:g} s apart. The 100 MiB state is ten "
+        f"`np.random.default_rng(i).random(1_310_720)` arrays; its kernel's RSS is read with psutil, and memory "
+        f"freed is the fall of the RSS of the gateway plus all its kernels (no kernel starts during a pause), "
+        f"0.5 s after the pause answered. Every resume is followed by a step comparing the restored state with the "
+        f"state before the first pause. Many sessions: created by {plan['many_clients']} client threads at once, "
+        f"stopping early past {plan['many_deadline']:g} s or below {mb(MIN_AVAILABLE_BYTES)} of available memory; "
+        f"the paused store: {plan['paused_clients']} clients, at most {plan['paused_deadline']:g} s. Listing calls "
+        f"alternate one by one, {plan['list_calls']} each. Disk sizes are allocated blocks, as `du` counts them.",
+    ]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (smaller n) to check everything works")
     parser.add_argument("--json", dest="json_out", type=Path, help="also write every figure to this JSON file")
+    parser.add_argument("--only", choices=("core", "lifecycle"),
+                        help="run only the agent API and Jupyter face part (core) or only the lifecycle section")
     return parser.parse_args(argv)
 
 
@@ -840,8 +1593,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = round(os.getloadavg()[0], 2)
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
-        results = run_benchmarks(plan, Path(tmp), progress)
+        if args.only != "lifecycle":
+            results.update(run_benchmarks(plan, Path(tmp), progress))
+        if args.only != "core":
+            results["lifecycle"] = run_lifecycle(plan, Path(tmp), progress)
     report = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "load_before": load_before, "machine": machine(),
               "plan": asdict(plan),
               "wall_seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
@@ -850,13 +1607,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
         progress(f"figures written to {args.json_out}")
-    shutdown = results["shutdown"]
-    clean = (shutdown["gateway_exit_code"] == 0 and not shutdown["kernels_left_running"]
-             and not shutdown["raw_kernels_left_running"] and not shutdown["gateway_log_errors"]
-             and results["big_output"]["stdout_complete"])
-    if not clean:
-        progress(f"problems: {json.dumps(shutdown)}; 1 MB stdout complete: {results['big_output']['stdout_complete']}")
-    return 0 if clean else 1
+    problems = []
+    if "shutdown" in results:
+        shutdown = results["shutdown"]
+        if (shutdown["gateway_exit_code"] != 0 or shutdown["kernels_left_running"]
+                or shutdown["raw_kernels_left_running"] or shutdown["gateway_log_errors"]):
+            problems.append(f"shutdown: {json.dumps(shutdown)}")
+        if not results["big_output"]["stdout_complete"]:
+            problems.append("the 1 MB stdout came back incomplete")
+    if "lifecycle" in results:
+        problems += results["lifecycle"]["problems"]
+    for problem in problems:
+        progress(f"problem: {problem}")
+    return 0 if not problems else 1
 
 
 if __name__ == "__main__":
