@@ -847,7 +847,8 @@ def in_clients(server: GatewayServer, count: int, clients: int, job: Callable[[A
     connection. Stops taking new work past ``deadline`` seconds or, with ``guard_memory``, when the machine
     has less than ``MIN_AVAILABLE_BYTES`` available. Returns the values (by index), latencies, errors, time."""
     lock = threading.Lock()
-    state = {"next": 0, "stopped": None, "done": 0}
+    next_index, done = [0], [0]
+    stopped: list[str] = []
     values: dict[int, Any] = {}
     latencies: list[float] = []
     errors: list[str] = []
@@ -859,16 +860,16 @@ def in_clients(server: GatewayServer, count: int, clients: int, job: Callable[[A
         try:
             while True:
                 with lock:
-                    if state["stopped"] or state["next"] >= count:
+                    if stopped or next_index[0] >= count:
                         return
                     if deadline is not None and time.perf_counter() - start > deadline:
-                        state["stopped"] = f"deadline of {deadline:g} s"
+                        stopped.append(f"deadline of {deadline:g} s")
                         return
                     if guard_memory and psutil.virtual_memory().available < MIN_AVAILABLE_BYTES:
-                        state["stopped"] = f"less than {mb(MIN_AVAILABLE_BYTES)} of memory available"
+                        stopped.append(f"less than {mb(MIN_AVAILABLE_BYTES)} of memory available")
                         return
-                    index = state["next"]
-                    state["next"] += 1
+                    index = next_index[0]
+                    next_index[0] += 1
                 began = time.perf_counter()
                 try:
                     value = job(api, index)
@@ -882,9 +883,9 @@ def in_clients(server: GatewayServer, count: int, clients: int, job: Callable[[A
                 with lock:
                     values[index] = value
                     latencies.append(elapsed_ms)
-                    state["done"] += 1
-                    if progress is not None and state["done"] % report_every == 0:
-                        progress(f"  {label}: {state['done']}/{count} in {time.perf_counter() - start:.0f} s")
+                    done[0] += 1
+                    if progress is not None and done[0] % report_every == 0:
+                        progress(f"  {label}: {done[0]}/{count} in {time.perf_counter() - start:.0f} s")
         finally:
             api.close()
 
@@ -896,7 +897,7 @@ def in_clients(server: GatewayServer, count: int, clients: int, job: Callable[[A
     seconds = time.perf_counter() - start
     return {"requested": count, "done": len(values), "errors": len(errors), "error_samples": errors[:5],
             "clients": clients, "seconds": round(seconds, 2), "per_s": round(len(values) / seconds, 2),
-            "stopped_early": state["stopped"], "latency": summarize(latencies) if latencies else None,
+            "stopped_early": stopped[0] if stopped else None, "latency": summarize(latencies) if latencies else None,
             "values": [values[i] for i in sorted(values)]}
 
 
@@ -1098,7 +1099,7 @@ def measure_eviction(workdir: Path, plan: Plan, progress: Callable[[str], None])
                  f"with {plan.many_clients} clients")
         creation = in_clients(server, n, plan.many_clients, lambda api, _: api.create_session(),
                               deadline=plan.many_deadline, guard_memory=True, progress=progress, label="created")
-        ids = creation.pop("values")
+        creation.pop("values")
         out["create"] = creation
         time.sleep(1.0)
         api = ApiClient(server.host, server.port)
@@ -1175,7 +1176,7 @@ def measure_paused_store(workdir: Path, plan: Plan, progress: Callable[[str], No
             out["database_bytes"] = sum(f.stat().st_size for f in server.data_dir.glob("gateway.db*"))
             out["store_sessions"] = len(everything)
             # Listing with them in the store, interleaved, one call at a time.
-            runners = {name: (lambda path=path: api.call("GET", path)) for name, path in LIST_CALLS.items()}
+            runners = {name: getter(api, path) for name, path in LIST_CALLS.items()}
             for run in runners.values():
                 repeat(run, 3)
             samples = interleaved(runners, plan.list_calls, 1)
@@ -1196,6 +1197,13 @@ def measure_paused_store(workdir: Path, plan: Plan, progress: Callable[[str], No
     finally:
         out["shutdown"] = gateway_shutdown(server)
     return out
+
+
+def getter(api: ApiClient, path: str) -> Runner:
+    """A runner doing one ``GET path``."""
+    def get() -> None:
+        api.call("GET", path)
+    return get
 
 
 LIST_CALLS = {"all": "/v1/sessions?limit=100", "paused": "/v1/sessions?state=paused&limit=100",
@@ -1236,9 +1244,13 @@ def lifecycle_problems(results: dict[str, Any]) -> list[str]:
                     problems.append(f"{name}: kernels left running: {value['kernels_left_running']}")
                 if value["log_errors"]:
                     problems.append(f"{name}: {len(value['log_errors'])} error lines in the log of {value['gateway']}")
-    eviction = results.get("eviction", {})
-    if eviction.get("create", {}).get("errors"):
-        problems.append(f"eviction: {eviction['create']['errors']} sessions could not be created")
+    for name in ("many_live", "eviction", "paused_store"):
+        errors = results.get(name, {}).get("create", {}).get("errors")
+        if errors:
+            problems.append(f"{name}: {errors} sessions could not be created")
+    if results.get("paused_store", {}).get("unaccounted_kernels"):
+        problems.append(f"paused_store: kernel processes of no live session: "
+                        f"{results['paused_store']['unaccounted_kernels']}")
     return problems
 
 
@@ -1252,7 +1264,21 @@ def machine() -> dict[str, Any]:
         "memory_total_bytes": psutil.virtual_memory().total,
         "load_average_1m": round(os.getloadavg()[0], 2),
         "gateway_version": gateway_version, "jupyter_client_version": jupyter_client.__version__,
+        "gateway_source": gateway_source(),
     }
+
+
+def gateway_source() -> dict[str, Any]:
+    """The commit of the checkout the gateway runs from, and its files changed since (if it is a git tree)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "gateway", "kernels"], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "changed": []}
+    return {"commit": commit, "changed": [line[3:] for line in changed if line.strip()]}
 
 
 def start_raw_kernels(stack: contextlib.ExitStack, workdir: Path, count: int) -> list[RawKernel]:
@@ -1357,7 +1383,7 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, {mb(m['memory_total_bytes'])} RAM, Python {m['python']}, "
         f"load average {report['load_before']:.2f} before and {m['load_average_1m']:.2f} after the run; "
-        f"gateway {m['gateway_version']}, jupyter_client {m['jupyter_client_version']}. "
+        f"gateway {m['gateway_version']}{source_note(m)}, jupyter_client {m['jupyter_client_version']}. "
         "Client and server on the same machine, over loopback; one persistent HTTP/1.1 connection per "
         "client (`http.client`). The raw baseline is a `BlockingKernelClient` on a kernel from the same spec.",
     ]
@@ -1367,6 +1393,14 @@ def render_report(report: dict[str, Any]) -> str:
         lines += render_lifecycle(r["lifecycle"], plan)
     lines += ["", f"Whole run: {report['wall_seconds']:g} s."]
     return "\n".join(lines)
+
+
+def source_note(m: dict[str, Any]) -> str:
+    source = m.get("gateway_source") or {}
+    if not source.get("commit"):
+        return ""
+    changed = source.get("changed") or []
+    return f" (commit {source['commit']}" + (f", with uncommitted changes to {', '.join(changed)})" if changed else ")")
 
 
 def render_core(r: dict[str, Any], plan: dict[str, Any], report: dict[str, Any]) -> list[str]:
