@@ -57,8 +57,9 @@ class TokenAuthority:
         self.reload()
 
     def reload(self) -> None:
-        """Re-read the stored tokens (after one is created or revoked)."""
+        """Re-read the stored tokens (after one is created or revoked, here or by the CLI)."""
         self._reloaded_at = time.monotonic()
+        self._last_token_id = self.store.last_token_id()
         self._by_hash = {row["token_hash"]: Principal(row["name"], row["role"]) for row in self.store.active_tokens()}
         for digest, principal in self._configured:
             self._by_hash[digest] = principal
@@ -75,16 +76,25 @@ class TokenAuthority:
         self.reload()
         return token
 
+    def revoke(self, *, name: str | None = None, token_id: int | None = None) -> int:
+        """Revoke the tokens of a principal (or one token by id); returns how many."""
+        count = self.store.revoke_tokens(name=name, token_id=token_id, at=now_iso())
+        self.reload()
+        return count
+
     def authenticate(self, token: str | None) -> Principal:
         """The principal a token belongs to; raises ``AuthenticationRequired`` otherwise."""
         if not token:
             raise AuthenticationRequired(
                 "This request needs a token: send 'Authorization: Bearer <token>' (or 'token <token>', or ?token=).",
                 code="missing_token")
+        if time.monotonic() - self._reloaded_at > RELOAD_INTERVAL:
+            # Tokens created or revoked by the command line while the server runs count within a second.
+            self.reload()
         digest = hash_token(token)
         found = self._match(digest)
-        if found is None and time.monotonic() - self._reloaded_at > RELOAD_INTERVAL:
-            # A token created by ``agent-gateway token create`` while the server runs.
+        if found is None and self.store.last_token_id() != self._last_token_id:
+            # A token created a moment ago (by the command line).
             self.reload()
             found = self._match(digest)
         if found is None:

@@ -30,6 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=("agent", "reviewer", "admin"))
     create.add_argument("--data-dir", dest="data_dir", default=None)
+    listing = token_commands.add_parser("list", help="List tokens (names, roles, dates; never the tokens).")
+    listing.add_argument("--data-dir", dest="data_dir", default=None)
+    revoke = token_commands.add_parser("revoke", help="Revoke a principal's tokens, or one token by id.")
+    revoke.add_argument("--name", default=None)
+    revoke.add_argument("--id", dest="token_id", type=int, default=None)
+    revoke.add_argument("--data-dir", dest="data_dir", default=None)
+
+    audit = commands.add_parser("audit", help="Check or export the audit log.")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="Check the hash chain; names the first broken event.")
+    verify.add_argument("--data-dir", dest="data_dir", default=None)
+    export = audit_commands.add_parser("export", help="Write every event as JSON lines.")
+    export.add_argument("--output", default="-", help="a file (default: standard output)")
+    export.add_argument("--data-dir", dest="data_dir", default=None)
 
     attach = commands.add_parser("attach", help="Open a live session in JupyterLab (started with --gateway-url).")
     attach.add_argument("session_id")
@@ -55,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return attach_command(args)
     if args.command in ("pause", "resume"):
         return lifecycle_command(args)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "token_command", "name", "role")}
+    local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output")
+    overrides = {k: v for k, v in vars(args).items() if k not in local}
     settings = Settings.resolve(overrides)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,18 +79,64 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         asyncio.run(run(settings))
         return 0
-    if args.command == "token" and args.token_command == "create":
-        from gateway.auth import TokenAuthority
-        from gateway.store import Store
-
-        store = Store(settings.data_path / "gateway.db")
-        try:
-            token = TokenAuthority(store).create(args.name, args.role)
-        finally:
-            store.close()
-        print(token)
-        return 0
+    if args.command == "token":
+        return token_command(args, settings)
+    if args.command == "audit":
+        return audit_command(args, settings)
     return 2
+
+
+def token_command(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.auth import TokenAuthority
+    from gateway.store import Store
+
+    store = Store(settings.data_path / "gateway.db")
+    try:
+        authority = TokenAuthority(store)
+        if args.token_command == "create":
+            print(authority.create(args.name, args.role))
+        elif args.token_command == "list":
+            for row in store.list_tokens():
+                state = f"revoked {row['revoked_at']}" if row["revoked_at"] else "active"
+                print(f"{row['id']}\t{row['name']}\t{row['role']}\tcreated {row['created_at']}\t{state}")
+        elif args.token_command == "revoke":
+            if args.name is None and args.token_id is None:
+                print("agent-gateway token revoke: give --name or --id.", file=sys.stderr)
+                return 2
+            count = authority.revoke(name=args.name, token_id=args.token_id)
+            print(f"revoked {count} token(s)")
+            return 0 if count else 1
+    finally:
+        store.close()
+    return 0
+
+
+def audit_command(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway import audit
+    from gateway.store import Store
+
+    path = settings.data_path / "gateway.db"
+    if not path.exists():
+        print(f"agent-gateway audit: there is no database at {path}.", file=sys.stderr)
+        return 2
+    store = Store(path)
+    try:
+        if args.audit_command == "verify":
+            verdict = audit.verify(store.conn)
+            if verdict.ok:
+                print(f"ok: the audit log's {verdict.checked} events form an unbroken chain")
+                return 0
+            print(f"BROKEN at event {verdict.broken_id}: {verdict.reason} ({verdict.checked} events before it hold)")
+            return 1
+        if args.output == "-":
+            audit.export(store.conn, sys.stdout)
+        else:
+            with open(args.output, "w", encoding="utf-8") as out:
+                count = audit.export(store.conn, out)
+            print(f"wrote {count} events to {args.output}", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
 
 
 def _gateway_target(args: argparse.Namespace) -> tuple[str, str] | None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import tornado.web
@@ -15,6 +15,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from gateway import __version__
+from gateway.audit import RateLimit
 from gateway.auth import TokenAuthority
 from gateway.handlers import files, jupyter, kernel_ws, ops, sessions
 from gateway.handlers.base import NotFoundHandler, log_request
@@ -48,6 +49,7 @@ class Gateway:
     sessions: SessionManager
     metrics: Metrics
     jupyter: JupyterKernels
+    refusals: RateLimit = field(default_factory=RateLimit)
 
     @classmethod
     def open(cls, settings: Settings) -> "Gateway":

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from gateway.audit import GENESIS, event_hash
 from gateway.errors import InvalidRequest
 
 migrations = Migrations("agent_gateway")
@@ -89,6 +90,19 @@ def m004_session_kernel_process(db: sqlite_utils.Database) -> None:
     db.table("sessions").add_column("connection_file", str)
 
 
+@migrations()
+def m005_event_hash_chain(db: sqlite_utils.Database) -> None:
+    """Each event carries the hash of the previous one (the audit log's tamper evidence)."""
+    events = db.table("events")
+    events.add_column("prev_hash", str)
+    events.add_column("hash", str)
+    previous = GENESIS
+    for row in list(db.query("SELECT * FROM events ORDER BY id")):
+        digest = event_hash(previous, row)
+        db.execute("UPDATE events SET prev_hash = ?, hash = ? WHERE id = ?", [previous, digest, row["id"]])
+        previous = digest
+
+
 SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot")
 
 
@@ -124,6 +138,8 @@ class Store:
         migrations.apply(self.db)
         self.conn: sqlite3.Connection = conn
         self.conn.row_factory = sqlite3.Row
+        last = self.conn.execute("SELECT id, hash FROM events ORDER BY id DESC LIMIT 1").fetchone()
+        self._chain: tuple[int, str] = (last["id"], last["hash"]) if last else (0, GENESIS)
 
     def close(self) -> None:
         """Close the database; called once at server shutdown."""
@@ -203,15 +219,19 @@ class Store:
     # steps ------------------------------------------------------------------------------
 
     def record_step(self, row: dict[str, Any], *, last_activity: str) -> None:
-        """Commit one executed step and bump the session's counters, in one transaction."""
+        """Commit one executed step, its audit event and the session's counters, in one transaction."""
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
+        audit = {"step": row["step"], "code": row["code"], "status": row["status"], "source": row["source"]}
         with self.conn:
             self.conn.execute(f"INSERT INTO steps ({columns}) VALUES ({marks})", list(row.values()))
             self.conn.execute(
                 "UPDATE sessions SET steps = steps + 1, last_activity = ? WHERE id = ?",
                 [last_activity, row["session_id"]],
             )
+            chain = self._insert_event(row["session_id"], row["seq"], row["finished_at"], row["principal"], "execute",
+                                       audit)
+        self._chain = chain
 
     def list_steps(self, session_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM steps WHERE session_id = ? ORDER BY seq", [session_id])
@@ -224,7 +244,8 @@ class Store:
             "duration_ms, truncated, source, principal FROM steps WHERE session_id = ? ORDER BY seq",
             [session_id]).fetchall()
         events = self.conn.execute(
-            "SELECT seq, at, principal, action, details FROM events WHERE session_id = ? ORDER BY seq",
+            "SELECT seq, at, principal, action, details FROM events WHERE session_id = ? AND action IN "
+            "('file_upload', 'file_delete', 'kernel_restarted', 'kernel_died') ORDER BY seq",
             [session_id]).fetchall()
         i = j = 0
         while i < len(steps) or j < len(events):
@@ -238,11 +259,23 @@ class Store:
     def record_event(self, *, session_id: str | None, seq: int | None, at: str, principal: str | None,
                      action: str, details: dict[str, Any] | None = None) -> int:
         with self.conn:
-            cur = self.conn.execute(
-                "INSERT INTO events (session_id, seq, at, principal, action, details) VALUES (?, ?, ?, ?, ?, ?)",
-                [session_id, seq, at, principal, action, json.dumps(details or {})],
-            )
-        return int(cur.lastrowid or 0)
+            chain = self._insert_event(session_id, seq, at, principal, action, details or {})
+        self._chain = chain
+        return chain[0]
+
+    def _insert_event(self, session_id: str | None, seq: int | None, at: str, principal: str | None, action: str,
+                      details: dict[str, Any]) -> tuple[int, str]:
+        """Append one event to the hash chain inside the caller's transaction; returns the new
+        head (id, hash), which the caller keeps once the transaction has committed."""
+        last_id, last_hash = self._chain
+        event_id = last_id + 1
+        event: dict[str, Any] = {"id": event_id, "session_id": session_id, "seq": seq, "at": at, "principal": principal,
+                 "action": action, "details": json.dumps(details)}
+        digest = event_hash(last_hash, event)
+        self.conn.execute(
+            "INSERT INTO events (id, session_id, seq, at, principal, action, details, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [*event.values(), last_hash, digest])
+        return event_id, digest
 
     def list_events(self, session_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM events WHERE session_id = ? ORDER BY seq, id", [session_id])
@@ -256,6 +289,20 @@ class Store:
                 "INSERT INTO tokens (name, role, token_hash, created_at) VALUES (?, ?, ?, ?)",
                 [name, role, token_hash, created_at],
             )
+
+    def last_token_id(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM tokens").fetchone()[0])
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT id, name, role, created_at, revoked_at FROM tokens ORDER BY id")
+        return [dict(r) for r in rows]
+
+    def revoke_tokens(self, *, name: str | None = None, token_id: int | None = None, at: str) -> int:
+        with self.conn:
+            cur = self.conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE revoked_at IS NULL AND (name = ? OR id = ?)",
+                [at, name, token_id])
+        return int(cur.rowcount)
 
     def active_tokens(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM tokens WHERE revoked_at IS NULL")]

@@ -224,6 +224,8 @@ def write_error_envelope(handler: tornado.web.RequestHandler, status_code: int, 
         error = GatewayError("The gateway hit an internal error; it was logged. Retry, or report it with the time.")
     else:
         error = GatewayError(handler._reason, code=STATUS_CODES.get(status_code, "http_error"))
+    if error.status in (401, 403) or error.code in REFUSAL_CODES:
+        audit_refusal(handler, error)
     if error.status == 401:
         handler.set_header("WWW-Authenticate", 'Bearer realm="agent-gateway"')
     if "retry_after" in error.details:
@@ -231,6 +233,26 @@ def write_error_envelope(handler: tornado.web.RequestHandler, status_code: int, 
     handler.clear_header("Content-Disposition")
     handler.set_header("Content-Type", "application/json")
     handler.finish(json.dumps(error.envelope()))
+
+
+REFUSAL_CODES = ("session_not_found", "kernel_not_found")
+
+
+def audit_refusal(handler: tornado.web.RequestHandler, error: GatewayError) -> None:
+    """Record a refused request in the audit log (rate-limited, so a flood cannot fill it)."""
+    gateway = getattr(handler, "gateway", None)
+    if gateway is None:
+        return
+    dropped = gateway.refusals.allow()
+    if dropped is None:
+        return
+    principal = getattr(handler, "principal", None)
+    details = {"status": error.status, "code": error.code, "method": handler.request.method,
+               "path": handler.request.path, "remote_ip": handler.request.remote_ip}
+    if dropped:
+        details["dropped_before"] = dropped
+    action = "auth_failed" if error.status == 401 else "access_denied"
+    gateway.sessions.recorder.record_event(None, action, principal.name if principal else None, details)
 
 
 def log_handler_exception(handler: tornado.web.RequestHandler, typ: Any, value: Any, tb: Any) -> None:

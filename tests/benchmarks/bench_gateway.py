@@ -17,10 +17,26 @@ data directory, and raw kernels from the same kernel spec driven by jupyter_clie
 6. the latency of a step printing 1 MB;
 7. the gateway's resident memory with live sessions (and the kernels' for context).
 
-It prints a markdown report (ready for docs/performance.md) and, with ``--json OUT``, writes every
-figure to a JSON file. Every process it starts is stopped before it exits.
+Then the session lifecycle, each part on a gateway of its own (started with the flags it needs,
+stopped with SIGTERM, its exit code and leftover kernels checked):
 
-    python tests/benchmarks/bench_gateway.py [--quick] [--json OUT]
+8. ``POST /v1/sessions`` with the warm pool (each create after a pause and once the pool is full
+   again; whether a pooled kernel served it is checked), and with ``--pool-size 0`` (cold boot);
+9. pause frees memory: a session holding 100 MiB of numpy arrays is paused; its kernel process must
+   be gone and the RSS of the gateway and its kernels fall by the kernel's RSS;
+10. pause and resume latency of that session and of a small one, the state checked after each resume;
+11. many live sessions at once (300; 30 with ``--quick``) created by concurrent clients: time, errors,
+    RSS, a ``1+1`` in a sample; then as many with ``--max-live-kernels`` at half of it: no errors,
+    and the sessions past the maximum evict (pause) others;
+12. 1,000 paused sessions (40 with ``--quick``; as many as fit in 6 minutes), made by creating them with
+    ``--max-live-kernels 4``: disk per paused session, no kernel left for them, and the time of
+    ``GET /v1/sessions`` with them in the store.
+
+It prints a markdown report (ready for docs/performance.md) and, with ``--json OUT``, writes every
+figure to a JSON file. Every process it starts is stopped before it exits. ``--only core`` or
+``--only lifecycle`` runs one of the two parts; ``--keep-logs DIR`` keeps the gateways' logs.
+
+    python tests/benchmarks/bench_gateway.py [--quick] [--json OUT] [--only core|lifecycle] [--keep-logs DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -62,6 +79,7 @@ from gateway.kernels import kernels_dir
 
 TOKEN = "bench-admin-token-" + os.urandom(8).hex()
 LISTENING = re.compile(r"listening on http://([^:\s]+):(\d+)")
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 KERNEL_STARTED = re.compile(r"kernel \S+ started \(\S+, pid (\d+)\)")
 KERNEL_NAME = "python3"
 BIG_CODE = 'print("x" * 1_000_000)'
@@ -266,10 +284,36 @@ class GatewayServer:
                     found.append(proc)
         return found
 
-    def log_lines(self, marker: str) -> list[str]:
-        """Lines of the gateway's stderr containing ``marker`` (e.g. ``" WARNING "``)."""
+    def log_error_blocks(self, limit: int = 5) -> list[str]:
+        """The first ``limit`` ERROR log records and tracebacks of its stderr, each with its following lines
+        (up to the next log record), so that the JSON says what went wrong."""
+        blocks: list[list[str]] = []
+        current: list[str] | None = None
+        for line in self.stderr_path.read_text(errors="replace").splitlines():
+            if " ERROR " in line or line.startswith("Traceback"):
+                current = [line]
+                blocks.append(current)
+            elif current is not None and not LOG_RECORD.match(line) and len(current) < 40:
+                current.append(line)
+            else:
+                current = None
+        return ["\n".join(block) for block in blocks[:limit]]
+
+    def log_warning_kinds(self) -> dict[str, int]:
+        """WARNING log records, counted by their text with ids and numbers blanked out."""
+        kinds: dict[str, int] = {}
+        for line in self.log_lines(" WARNING ", records_only=True):
+            text = line.split(" WARNING ", 1)[1]
+            text = re.sub(r"\b(s_[A-Za-z0-9]+|[0-9a-f]{8}-[0-9a-f-]{27}|\d+(\.\d+)?)\b", "#", text)
+            kinds[text] = kinds.get(text, 0) + 1
+        return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+
+    def log_lines(self, marker: str, records_only: bool = False) -> list[str]:
+        """Lines of the gateway's stderr containing ``marker`` (e.g. ``" WARNING "``); with ``records_only``,
+        only the gateway's own log records (not what its kernels print to the same stderr)."""
         text = self.stderr_path.read_text(errors="replace")
-        return [line for line in text.splitlines() if marker in line]
+        return [line for line in text.splitlines()
+                if marker in line and (not records_only or LOG_RECORD.match(line))]
 
     def started_kernel_pids(self) -> set[int]:
         """Pids of kernels the gateway logged as started and answering (``kernel ... started (..., pid N)``)."""
@@ -908,7 +952,8 @@ def gateway_shutdown(server: GatewayServer, timeout: float = 300) -> dict[str, A
     return {"gateway": server.name, "flags": " ".join(server.args), "exit_code": exit_code,
             "stop_seconds": server.stop_seconds, "kernels_seen": len(server.kernel_pids),
             "kernels_left_running": server.leftover_kernels(), "log_errors": server.log_problems()[:20],
-            "log_warnings": len(server.log_lines(" WARNING "))}
+            "log_error_blocks": server.log_error_blocks(), "log_warnings": len(server.log_lines(" WARNING ", records_only=True)),
+            "log_warning_kinds": server.log_warning_kinds()}
 
 
 def measure_creates(server: GatewayServer, n: int, gap: float, pool_size: int) -> dict[str, Any]:
@@ -1615,6 +1660,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_out", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--only", choices=("core", "lifecycle"),
                         help="run only the agent API and Jupyter face part (core) or only the lifecycle section")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy the gateways' logs into DIR at the end")
     return parser.parse_args(argv)
 
 
@@ -1633,6 +1679,10 @@ def main(argv: list[str] | None = None) -> int:
             results.update(run_benchmarks(plan, Path(tmp), progress))
         if args.only != "core":
             results["lifecycle"] = run_lifecycle(plan, Path(tmp), progress)
+        if args.keep_logs:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in [*Path(tmp).glob("*.std*.txt"), *Path(tmp).glob("*.log")]:
+                shutil.copy(log, args.keep_logs / log.name)
     report = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "load_before": load_before, "machine": machine(),
               "plan": asdict(plan),
               "wall_seconds": round((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1),
