@@ -282,10 +282,20 @@ class SessionManager:
                                   kernel_pid=kernel.pid, connection_file=kernel.connection_file)
 
     async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
-        """Shut the kernel down; the trajectory and workspace stay."""
-        live = self.writable(principal, session_id)
-        await self._end(live, principal.name, "terminated", f"Terminated by {principal.name}.")
-        return self.view(live.row)
+        """Shut the kernel down (a paused session has none); the trajectory and workspace stay."""
+        self.changeable(principal, session_id)
+        if session_id in self.lifecycle.resuming:
+            await asyncio.shield(self.lifecycle.resuming[session_id])
+        reason = f"Terminated by {principal.name}."
+        live = self.live.get(session_id)
+        if live is not None:
+            await self._end(live, principal.name, "terminated", reason)
+            return self.view(live.row)
+        self.store.update_session(session_id, state="terminated", reason=reason, ended_at=now_iso())
+        self.recorder.record_event(self._trajectory(session_id), "session_terminated", principal.name,
+                                   {"reason": reason})
+        self.recorder.flush(session_id)
+        return self.get(principal, session_id)
 
     async def _end(self, live: LiveSession, principal: str | None, state: str, reason: str,
                    grace: float = 0.0) -> None:

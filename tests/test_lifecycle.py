@@ -93,13 +93,17 @@ def test_execute_resumes_a_paused_session_and_the_counter_continues(client: http
     assert run(client, sid, "open('while-paused.txt').read()")["result"] == "'p'"
 
 
-def test_restart_and_interrupt_of_a_paused_session_are_clear_conflicts(client: httpx.Client, session) -> None:
+def test_a_paused_session_refuses_restart_and_can_be_terminated(client: httpx.Client, session) -> None:
     sid = session["id"]
     client.post(f"/v1/sessions/{sid}/pause")
     response = client.post(f"/v1/sessions/{sid}/restart")
     assert response.status_code == 409 and error_code(response) == "session_paused"
     assert client.post(f"/v1/sessions/{sid}/pause").json()["state"] == "paused"  # pausing twice is fine
-    client.delete(f"/v1/sessions/{sid}")
+    ended = client.delete(f"/v1/sessions/{sid}")
+    assert ended.status_code == 200 and ended.json()["state"] == "terminated"
+    refused = client.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})
+    assert refused.status_code == 409 and error_code(refused) == "session_ended"
+    assert client.post(f"/v1/sessions/{sid}/resume").status_code == 409
 
 
 def test_fork_copies_state_and_files_and_the_two_are_independent(client: httpx.Client, session) -> None:
