@@ -9,7 +9,6 @@ import sys
 import uuid
 from typing import Any, Iterator
 
-import httpx
 import pytest
 import websocket
 
