@@ -21,10 +21,6 @@ NBFORMAT, NBFORMAT_MINOR = 4, 5
 NOTEBOOK_FILE = "trajectory.ipynb"
 
 
-def _lines(text: str) -> str:
-    return json.dumps(text)
-
-
 def step_tags(status: str) -> list[str]:
     if status in ("timeout", "interrupted", "died"):
         return ["skip-execution", "raises-exception"]
@@ -49,7 +45,7 @@ def step_cell_json(row: Any) -> str:
     count = "null" if row["execution_count"] is None else str(int(row["execution_count"]))
     return ('{"cell_type": "code", "execution_count": %s, "id": "step-%d", "metadata": %s, '
             '"outputs": %s, "source": %s}' % (count, row["step"], json.dumps(metadata), row["outputs"],
-                                               _lines(row["code"])))
+                                               json.dumps(row["code"])))
 
 
 def event_cell(row: Any) -> dict[str, Any] | None:
