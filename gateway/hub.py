@@ -14,11 +14,13 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.auth import Principal
+from gateway.clock import now_iso
 from gateway.executor import ExecutionListener
 from gateway.outputs import OutputCollector
 from gateway.recorder import StepPlace
@@ -44,6 +46,16 @@ class WebsocketClient(Protocol):
 
     def refuse(self, reason: str) -> None:
         """Close the connection because the client broke a limit."""
+
+
+def reply_to(request_header: dict[str, Any], msg_type: str, content: dict[str, Any]
+             ) -> tuple[dict[str, Any], list[bytes]]:
+    """A reply the gateway itself sends to a websocket client, with its encoded frames."""
+    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "username": "gateway",
+              "session": request_header.get("session", ""), "date": now_iso(), "version": "5.3"}
+    msg = {"header": header, "parent_header": request_header, "metadata": {}, "content": content, "buffers": []}
+    frames = [json.dumps(part).encode() for part in (header, request_header, {}, content)]
+    return msg, frames
 
 
 @dataclass
@@ -172,6 +184,9 @@ class KernelHub:
         ``content`` is given for execute requests (the code is recorded)."""
         msg_type = str(header.get("msg_type", ""))
         msg_id = str(header.get("msg_id", ""))
+        if not self.may_run(client.principal):
+            self.refuse_read_only(client, channel, header, content)
+            return
         if msg_type == "shutdown_request":
             # A debugger must not end a session through the kernel protocol; restarts go through REST.
             log.info("session %s: ignored a shutdown_request from %s", self.live.id, client.principal.name)
@@ -203,6 +218,27 @@ class KernelHub:
         self.requests[msg_id] = request
         self.pending_by_client[client.client_id] = self.pending_by_client.get(client.client_id, 0) + 1
         send(request)
+
+    def may_run(self, principal: Principal) -> bool:
+        return principal.may_write_anything or principal.name == self.live.row["owner"]
+
+    def refuse_read_only(self, client: WebsocketClient, channel: str, header: dict[str, Any],
+                         content: dict[str, Any] | None) -> None:
+        """A read-only client (a reviewer) asked for something: only kernel_info goes through;
+        any other request gets an error reply and is recorded as ``access_denied``."""
+        msg_type = str(header.get("msg_type", ""))
+        if msg_type == "kernel_info_request" and self.live.kernel is not None:
+            info = self.live.kernel.kernel_info
+            self.to_client(client.client_id, channel, *reply_to(header, "kernel_info_reply", info))
+            return
+        self.manager.recorder.record_event(self.live.trajectory, "access_denied", client.principal.name, {
+            "msg_type": msg_type, "client": client.client_id, "code": (content or {}).get("code"),
+            "reason": "read-only websocket client"})
+        if msg_type.endswith("_request"):
+            denied = {"status": "error", "ename": "Forbidden", "traceback": [],
+                      "evalue": f"The {client.principal.role} '{client.principal.name}' may watch this session "
+                                "but not run anything in it."}
+            self.to_client(client.client_id, channel, *reply_to(header, msg_type[:-len("request")] + "reply", denied))
 
     def forget(self, msg_id: str) -> None:
         request = self.requests.pop(msg_id, None)

@@ -137,8 +137,9 @@ class JupyterKernels:
         return self.model(live)
 
     def hub(self, principal: Principal, kernel_id: str) -> KernelHub:
-        """The hub a websocket client attaches to (the caller must be allowed to run code)."""
-        live = self._writable(principal, kernel_id)
+        """The hub a websocket client attaches to: the session's owner and admins run code;
+        reviewers attach read-only (they see every message and may run nothing)."""
+        live = self._live(principal, kernel_id) if principal.role == "reviewer" else self._writable(principal, kernel_id)
         if live.hub is None:
             live.hub = KernelHub(self.sessions, live, self.replay_seconds)
         return live.hub

@@ -4,6 +4,7 @@ Table-driven over the route lists, so a new route cannot be added unprotected.""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -114,12 +115,45 @@ def test_lists_show_only_what_a_principal_may_see(people: dict[str, Any]) -> Non
 
 def test_the_kernel_websocket_follows_the_same_rules(gateway: GatewayProcess, people: dict[str, Any]) -> None:
     url = gateway.url.replace("http://", "ws://") + f"/api/kernels/{people['session']['kernel_id']}/channels"
-    for name, status in (("bob", 404), ("rita", 403)):
-        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-            websocket.create_connection(url, timeout=10, header=[f"Authorization: token {people['tokens'][name]}"])
-        assert refused.value.status_code == status
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(url, timeout=10, header=[f"Authorization: token {people['tokens']['bob']}"])
+    assert refused.value.status_code == 404
     allowed = websocket.create_connection(url, timeout=10, header=[f"Authorization: token {people['tokens']['alice']}"])
     allowed.close()
+
+
+def test_a_reviewer_watches_over_the_websocket_and_runs_nothing(gateway: GatewayProcess, people: dict[str, Any]) -> None:
+    sid, kid = people["session"]["id"], people["session"]["kernel_id"]
+    alice, rita = people["clients"]["alice"], people["clients"]["rita"]
+    url = gateway.url.replace("http://", "ws://") + f"/api/kernels/{kid}/channels"
+    watcher = websocket.create_connection(url, timeout=30, header=[f"Authorization: token {people['tokens']['rita']}"])
+    try:
+        steps_before = len(alice.get(f"/v1/sessions/{sid}/steps").json()["steps"])
+        header = {"msg_id": uuid.uuid4().hex, "msg_type": "execute_request", "username": "rita", "session": "r",
+                  "version": "5.3", "date": "2026-01-01T00:00:00.000000Z"}
+        watcher.send(json.dumps({"channel": "shell", "header": header, "parent_header": {}, "metadata": {},
+                                 "content": {"code": "alice_secret = 'changed'", "silent": False}}))
+        reply = None
+        while reply is None:
+            msg = json.loads(watcher.recv())
+            if msg["parent_header"].get("msg_id") == header["msg_id"]:
+                reply = msg
+        assert reply["msg_type"] == "execute_reply" and reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "Forbidden"
+        # The reviewer sees the owner's step go by on iopub.
+        execution = run(alice, sid, "print('watched')")
+        seen = ""
+        while "watched" not in seen:
+            msg = json.loads(watcher.recv())
+            if msg["msg_type"] == "stream":
+                seen += msg["content"]["text"]
+        assert execution["stdout"] == "watched\n"
+    finally:
+        watcher.close()
+    assert run(alice, sid, "alice_secret")["result"] == "'only alice'"
+    assert len(alice.get(f"/v1/sessions/{sid}/steps").json()["steps"]) == steps_before + 2
+    denied = [e for e in rita.get(f"/v1/sessions/{sid}/events").json()["events"] if e["action"] == "access_denied"]
+    assert denied and denied[-1]["details"]["code"] == "alice_secret = 'changed'" and denied[-1]["principal"].startswith("rita")
 
 
 def test_an_agent_cannot_reach_anothers_kernel_by_id_through_either_face(people: dict[str, Any]) -> None:
