@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--jupyter-url", default="http://127.0.0.1:8888", help="the JupyterLab server")
     attach.add_argument("--jupyter-token", default=None, help="its token (env JUPYTER_TOKEN)")
     _client_arguments(attach)
+    replay = commands.add_parser("replay", help="Rerun a session (SESSION_ID) or an exported notebook (FILE.ipynb) "
+                                 "in a new session and report step by step; exit 1 if any step diverged.")
+    replay.add_argument("target")
+    _client_arguments(replay)
     for action, text in (("pause", "Pause a session: save its state, stop its kernel."),
                          ("resume", "Resume a paused session with its state.")):
         command = commands.add_parser(action, help=text)
@@ -69,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return attach_command(args)
     if args.command in ("pause", "resume"):
         return lifecycle_command(args)
+    if args.command == "replay":
+        return replay_command(args)
     local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output")
     overrides = {k: v for k, v in vars(args).items() if k not in local}
     settings = Settings.resolve(overrides)
@@ -146,6 +152,29 @@ def _gateway_target(args: argparse.Namespace) -> tuple[str, str] | None:
               file=sys.stderr)
         return None
     return args.gateway_url or f"http://{settings.host}:{settings.port}", settings.token
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.http_client import CallError
+    from gateway.replay_cli import print_report, replay_notebook, replay_remote
+
+    target = _gateway_target(args)
+    if target is None:
+        return 2
+    url, token = target
+    url = url.rstrip("/")
+    try:
+        if args.target.endswith(".ipynb"):
+            report = replay_notebook(url, token, Path(args.target))
+        else:
+            report = replay_remote(url, token, args.target)
+    except (CallError, OSError, ValueError) as exc:
+        print(f"agent-gateway replay: {exc}", file=sys.stderr)
+        return 2
+    print_report(report)
+    return 0 if report["reproduced"] else 1
 
 
 def lifecycle_command(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ Services raise these, never HTTP errors. The tree::
     ├── MethodNotAllowed (405): method_not_allowed
     ├── Conflict (409): session_ended, is_a_directory
     ├── PayloadTooLarge (413): body_too_large
-    ├── NotImplementedYet (501): not_implemented
     └── Unavailable (503): kernel_start_failed, shutting_down
 """
 
@@ -85,13 +84,6 @@ class PayloadTooLarge(GatewayError):
 
     status = 413
     code = "body_too_large"
-
-
-class NotImplementedYet(GatewayError):
-    """A route of the contract that this version does not serve yet."""
-
-    status = 501
-    code = "not_implemented"
 
 
 class Unavailable(GatewayError):

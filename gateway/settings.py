@@ -33,6 +33,16 @@ class Setting:
 MIB = 1024 * 1024
 
 
+def _pairs(text: str) -> list[tuple[str, str]]:
+    import json
+    import re
+
+    pairs = [(str(a), str(b)) for a, b in json.loads(text)]
+    for pattern, _ in pairs:
+        re.compile(pattern)
+    return pairs
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -60,6 +70,7 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("resume_strategy", "snapshot", str, "How a paused session gets its state back: snapshot (saved namespace) or replay (re-run its steps)."),
     Setting("snapshot_fallback_replay", False, _boolean, "With snapshot, re-run the steps first when the snapshot lacks some names."),
     Setting("snapshot_timeout", 120.0, float, "Seconds a kernel may take to save or load its state."),
+    Setting("replay_normalisers", [], _pairs, "Extra [pattern, replacement] pairs (a JSON list) applied to outputs before replay compares them."),
     Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
     Setting("log_level", "INFO", str, "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
@@ -88,6 +99,7 @@ class Settings:
     resume_strategy: str = "snapshot"
     snapshot_fallback_replay: bool = False
     snapshot_timeout: float = 120.0
+    replay_normalisers: list[tuple[str, str]] = field(default_factory=list)
     websocket_replay_seconds: float = 60.0
     log_level: str = "INFO"
 

@@ -101,13 +101,6 @@ def test_bad_bodies_get_their_own_errors_and_change_nothing(client: httpx.Client
         assert response.status_code == 400, body
 
 
-def test_not_yet_available_actions_answer_501(client: httpx.Client, session) -> None:
-    for action in ("replay",):
-        response = client.post(f"/v1/sessions/{session['id']}/{action}")
-        assert response.status_code == 501
-        assert error_code(response) == "not_implemented"
-
-
 def test_tokens_never_reach_the_logs(gateway: GatewayProcess) -> None:
     with httpx.Client(base_url=gateway.url) as anonymous:
         anonymous.get("/v1/sessions", params={"token": gateway.token})

@@ -8,7 +8,8 @@ from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
-from gateway.errors import InvalidRequest, NotImplementedYet
+from gateway.errors import InvalidRequest
+from gateway.replay import replay_session
 from gateway.handlers.base import BaseHandler
 
 KEEPALIVE_SECONDS = 5.0
@@ -172,15 +173,26 @@ class ForkHandler(BaseHandler):
         self.write_json(child, status=201)
 
 
-class NotYetHandler(BaseHandler):
-    """Routes of the contract that this version does not serve yet: a clear 501, never a silent 404."""
+class ReplayHandler(BaseHandler):
+    """POST reruns the trajectory in a new session and reports step by step; with
+    ``Accept: application/x-ndjson`` a line per step as it goes, then ``done`` with the report."""
 
     async def post(self, session_id: str) -> None:
+        self.json_body({})
         assert self.principal is not None
-        self.gateway.sessions.get(self.principal, session_id)
-        action = self.request.path.rstrip("/").rsplit("/", 1)[-1]
-        raise NotImplementedYet(f"'{action}' is not available in this version of the gateway.",
-                                details={"action": action})
+        if "application/x-ndjson" not in self.request.headers.get("Accept", ""):
+            self.write_json(await replay_session(self.gateway.sessions, self.principal, session_id), status=201)
+            return
+
+        def send(line: dict[str, Any]) -> None:
+            if not self._headers_written:
+                self.set_header("Content-Type", "application/x-ndjson")
+            self.write(json.dumps(line) + "\n")
+            self.flush().add_done_callback(_ignore_closed)
+
+        report = await replay_session(self.gateway.sessions, self.principal, session_id, progress=send)
+        send({"type": "done", "report": report})
+        self.finish()
 
 
 SID = r"(?P<session_id>[A-Za-z0-9_-]{1,64})"
@@ -196,5 +208,5 @@ routes = [
     (rf"/v1/sessions/{SID}/pause", PauseHandler),
     (rf"/v1/sessions/{SID}/resume", ResumeHandler),
     (rf"/v1/sessions/{SID}/fork", ForkHandler),
-    (rf"/v1/sessions/{SID}/(?:replay)", NotYetHandler),
+    (rf"/v1/sessions/{SID}/replay", ReplayHandler),
 ]

@@ -1,0 +1,150 @@
+"""Replaying a trajectory in a fresh session, and judging step by step whether it reproduced.
+
+The replay session is a fork-like child of the original (``parent`` names it) and is recorded
+like any session. Steps run again in their recorded order, with file uploads, deletions and
+restarts re-applied where they happened. Outputs are compared after normalising what is
+expected to vary between runs (memory addresses, timestamps, durations; see ``NORMALISERS``).
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import hashlib
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from gateway.auth import Principal
+from gateway.errors import Forbidden
+
+if TYPE_CHECKING:
+    from gateway.sessions import SessionManager
+
+# (pattern, replacement): applied in order to every output text before comparing.
+NORMALISERS: list[tuple[str, str]] = [
+    (r"0x[0-9a-fA-F]{6,}", "0x<address>"),
+    (r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?", "<timestamp>"),
+    (r"\b\d+(?:\.\d+)?\s?(?:ns|us|µs|ms|s|sec|seconds)\b", "<duration>"),
+]
+SKIPPED_STATUSES = ("died", "timeout", "interrupted")
+FILE_EVENTS = ("file_upload", "file_delete", "kernel_restarted")
+
+
+def normalise(text: str, normalisers: list[tuple[str, str]]) -> str:
+    for pattern, replacement in normalisers:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def comparable(outputs: list[dict[str, Any]], normalisers: list[tuple[str, str]]) -> str:
+    """The parts of a step's outputs that a rerun should reproduce, as normalised text."""
+    parts = []
+    for output in outputs:
+        kind = output.get("output_type")
+        if kind == "stream":
+            parts.append(f"[{output.get('name')}] {output.get('text', '')}")
+        elif kind in ("execute_result", "display_data"):
+            data = output.get("data", {})
+            parts.append(f"[{kind}] {data.get('text/plain', '')}")
+            for mime in sorted(data):
+                if mime.startswith("image/"):
+                    parts.append(f"[{kind}] {mime}")
+        elif kind == "error":
+            parts.append(f"[error] {output.get('ename')}: {output.get('evalue')}")
+    return normalise("\n".join(parts), normalisers)
+
+
+def judge(original: dict[str, Any], replayed: dict[str, Any], normalisers: list[tuple[str, str]]) -> dict[str, Any]:
+    """One step's verdict: reproduced, different (with a short diff) or error."""
+    verdict: dict[str, Any] = {"step": original["step"], "replay_step": replayed["step"], "code": original["code"]}
+    if replayed["status"] != original["status"] and replayed["status"] not in ("ok",):
+        failure = replayed.get("error") or {}
+        verdict.update(status="error", detail=f"{replayed['status']}: {failure.get('name', '')} {failure.get('value', '')}".strip())
+        return verdict
+    before = comparable(json.loads(original["outputs"]), normalisers)
+    after = comparable(replayed["outputs"], normalisers)
+    if before == after and replayed["status"] == original["status"]:
+        verdict["status"] = "reproduced"
+    else:
+        diff = difflib.unified_diff(before.splitlines(), after.splitlines(), "recorded", "replayed", lineterm="", n=1)
+        verdict.update(status="different", diff="\n".join(list(diff)[:40]))
+    return verdict
+
+
+async def replay_session(manager: "SessionManager", principal: Principal, session_id: str,
+                         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Rerun ``session_id``'s trajectory in a new session owned by ``principal``; the report."""
+    row = manager._row(principal, session_id)
+    if principal.role == "reviewer":
+        raise Forbidden("Reviewers read sessions; replaying one creates a session, which they cannot do.")
+    normalisers = NORMALISERS + [(str(a), str(b)) for a, b in manager.settings.replay_normalisers]
+    steps = manager.store.list_steps(session_id)
+    events = [e for e in manager.store.list_events(session_id) if e["action"] in FILE_EVENTS]
+    last_step = steps[-1]["step"] if steps else 0
+    child = await manager.create(principal, kernel=row["kernel"], env=row.get("env") or {},
+                                 labels={**(row.get("labels") or {}), "replay_of": session_id},
+                                 parent=(session_id, last_step))
+    child_id = child["id"]
+    timeline = sorted([("step", s["seq"], s) for s in steps] + [("event", e["seq"], e) for e in events],
+                      key=lambda item: item[1])
+    verdicts: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for kind, _, item in timeline:
+        if kind == "event":
+            await _apply_event(manager, principal, child_id, session_id, item, notes)
+            continue
+        if item["status"] in SKIPPED_STATUSES:
+            verdict = {"step": item["step"], "code": item["code"], "status": "skipped",
+                       "detail": f"the recorded step ended '{item['status']}'; it is not run again"}
+        else:
+            replayed = await manager.execute(principal, child_id, item["code"])
+            verdict = judge(item, replayed, normalisers)
+        verdicts.append(verdict)
+        if progress is not None:
+            progress({"type": "step", **verdict, "done": len(verdicts), "total": len(steps)})
+    summary = {status: sum(v["status"] == status for v in verdicts)
+               for status in ("reproduced", "different", "error", "skipped")}
+    report = {"session_id": child_id, "source_session_id": session_id, "steps": verdicts, "summary": summary,
+              "notes": notes, "reproduced": summary["different"] == 0 and summary["error"] == 0}
+    manager.recorder.record_event(manager.live[child_id].trajectory if child_id in manager.live
+                                  else manager._trajectory(child_id), "replay_report", principal.name,
+                                  {"source_session_id": session_id, "summary": summary})
+    return report
+
+
+def _uploaded_bytes(manager: "SessionManager", source_id: str, details: dict[str, Any]) -> bytes | None:
+    """An upload's bytes: kept in the event when small; else the original file if unchanged."""
+    if "content_b64" in details:
+        return base64.b64decode(details["content_b64"])
+    original = manager.sessions_dir / source_id / "workspace" / details["path"]
+    if original.is_file():
+        content = original.read_bytes()
+        if hashlib.sha256(content).hexdigest() == details.get("sha256"):
+            return content
+    return None
+
+
+async def _apply_event(manager: "SessionManager", principal: Principal, session_id: str, source_id: str,
+                       event: dict[str, Any], notes: list[str]) -> None:
+    details = event["details"]
+    if event["action"] == "file_upload":
+        content = _uploaded_bytes(manager, source_id, details)
+        if content is None:
+            notes.append(f"the upload of {details['path']!r} ({details.get('size')} bytes) was not kept and "
+                         "the original file has changed or is gone; it was not re-applied")
+            return
+        directory = manager.upload_dir(principal, session_id)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=False) as handle:
+            handle.write(content)
+        manager.put_file(principal, session_id, details["path"], Path(handle.name), size=len(content),
+                         sha256=details.get("sha256", ""), content=content)
+    elif event["action"] == "file_delete":
+        try:
+            manager.delete_file(principal, session_id, details["path"])
+        except Exception:
+            pass  # already gone in the replay: the deletion's effect holds
+    elif event["action"] == "kernel_restarted":
+        await manager.restart(principal, session_id)
