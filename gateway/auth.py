@@ -11,9 +11,11 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.clock import now_iso
 from gateway.errors import AuthenticationRequired
+from gateway.jwt_auth import looks_like_jwt
 from gateway.store import Store
 
 ROLES = ("agent", "reviewer", "admin")
@@ -47,8 +49,9 @@ def new_token() -> str:
 class TokenAuthority:
     """Maps tokens to principals. Created once per server; consulted on every request."""
 
-    def __init__(self, store: Store, configured_admin_token: str | None = None):
+    def __init__(self, store: Store, configured_admin_token: str | None = None, jwt: Any = None):
         self.store = store
+        self.jwt = jwt
         self._configured: list[tuple[str, Principal]] = []
         if configured_admin_token:
             self._configured.append((hash_token(configured_admin_token), Principal("admin", "admin")))
@@ -88,6 +91,9 @@ class TokenAuthority:
             raise AuthenticationRequired(
                 "This request needs a token: send 'Authorization: Bearer <token>' (or 'token <token>', or ?token=).",
                 code="missing_token")
+        if self.jwt is not None and looks_like_jwt(token):
+            name, role = self.jwt.principal(token)
+            return Principal(name, role)
         if time.monotonic() - self._reloaded_at > RELOAD_INTERVAL:
             # Tokens created or revoked by the command line while the server runs count within a second.
             self.reload()

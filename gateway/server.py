@@ -63,7 +63,14 @@ class Gateway:
         if settings.pool_size > 0:
             manager.pool = KernelPool(launcher, settings.pool_size, data / "pool", settings.kernel_start_timeout)
         jupyter_face = JupyterKernels(manager, settings.websocket_replay_seconds)
-        return cls(settings, store, TokenAuthority(store, settings.token), manager, metrics, jupyter_face)
+        verifier = None
+        if settings.jwt_jwks:
+            from gateway.jwt_auth import JwtVerifier
+
+            verifier = JwtVerifier(settings.jwt_jwks, audience=settings.jwt_audience, issuer=settings.jwt_issuer,
+                                   principal_claim=settings.jwt_principal_claim, role_claim=settings.jwt_role_claim,
+                                   role_map=settings.jwt_role_map)
+        return cls(settings, store, TokenAuthority(store, settings.token, verifier), manager, metrics, jupyter_face)
 
 
 def make_app(gateway: Gateway) -> tornado.web.Application:

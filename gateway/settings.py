@@ -43,6 +43,12 @@ def _pairs(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _mapping(text: str) -> dict[str, str]:
+    import json
+
+    return {str(k): str(v) for k, v in json.loads(text).items()}
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -70,6 +76,12 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("resume_strategy", "snapshot", str, "How a paused session gets its state back: snapshot (saved namespace) or replay (re-run its steps)."),
     Setting("snapshot_fallback_replay", False, _boolean, "With snapshot, re-run the steps first when the snapshot lacks some names."),
     Setting("snapshot_timeout", 120.0, float, "Seconds a kernel may take to save or load its state."),
+    Setting("jwt_jwks", None, str, "A JWKS file or URL: accept bearer JWTs signed by its keys (needs the [jwt] extra)."),
+    Setting("jwt_audience", None, str, "The audience JWTs must name (unchecked when unset)."),
+    Setting("jwt_issuer", None, str, "The issuer JWTs must name (unchecked when unset)."),
+    Setting("jwt_principal_claim", "sub", str, "The JWT claim that names the principal."),
+    Setting("jwt_role_claim", "role", str, "The JWT claim that gives the role (a value or a list)."),
+    Setting("jwt_role_map", {}, _mapping, "JSON object mapping the role claim's values to agent, reviewer or admin."),
     Setting("replay_normalisers", [], _pairs, "Extra [pattern, replacement] pairs (a JSON list) applied to outputs before replay compares them."),
     Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
     Setting("log_level", "INFO", str, "Logging level (DEBUG, INFO, WARNING, ERROR)."),
@@ -99,6 +111,12 @@ class Settings:
     resume_strategy: str = "snapshot"
     snapshot_fallback_replay: bool = False
     snapshot_timeout: float = 120.0
+    jwt_jwks: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_principal_claim: str = "sub"
+    jwt_role_claim: str = "role"
+    jwt_role_map: dict[str, str] = field(default_factory=dict)
     replay_normalisers: list[tuple[str, str]] = field(default_factory=list)
     websocket_replay_seconds: float = 60.0
     log_level: str = "INFO"
