@@ -1,0 +1,66 @@
+"""What the audit log costs a step: committing a step with its hash-chained audit event, against
+the same commit without it, interleaved in blocks on one SQLite file (WAL, as the server uses).
+
+    python tests/benchmarks/bench_audit.py [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.store import Store
+
+OUTPUTS = json.dumps([{"output_type": "execute_result", "data": {"text/plain": "2"}, "metadata": {},
+                       "execution_count": 1}])
+
+
+def step_row(step: int) -> dict[str, Any]:
+    return {"session_id": "s_bench", "step": step, "seq": step, "execution_count": step, "code": "1+1",
+            "status": "ok", "stdout": "", "stderr": "", "result": "2", "error": None, "outputs": OUTPUTS,
+            "started_at": "2026-01-01T00:00:00.000000Z", "finished_at": "2026-01-01T00:00:00.001000Z",
+            "duration_ms": 1.0, "truncated": 0, "source": "agent", "principal": "bench"}
+
+
+def commit_without_audit(store: Store, row: dict[str, Any]) -> None:
+    columns, marks = ", ".join(row), ", ".join("?" for _ in row)
+    with store.conn:
+        store.conn.execute(f"INSERT INTO steps ({columns}) VALUES ({marks})", list(row.values()))
+        store.conn.execute("UPDATE sessions SET steps = steps + 1, last_activity = ? WHERE id = ?",
+                           [row["finished_at"], row["session_id"]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=2000, help="steps timed on each side")
+    args = parser.parse_args()
+    store = Store(Path(tempfile.mkdtemp()) / "gateway.db")
+    store.insert_session({"id": "s_bench", "kernel_id": "k", "kernel": "python3", "state": "idle", "owner": "bench",
+                          "labels": {}, "created_at": "2026", "last_activity": "2026", "steps": 0})
+    with_audit: list[float] = []
+    without: list[float] = []
+    step = 0
+    for _ in range(max(args.steps // 100, 1)):
+        for _ in range(100):
+            step += 1
+            started = time.perf_counter()
+            store.record_step(step_row(step), last_activity="2026")
+            with_audit.append(time.perf_counter() - started)
+        for _ in range(100):
+            step += 1
+            started = time.perf_counter()
+            commit_without_audit(store, step_row(step))
+            without.append(time.perf_counter() - started)
+    store.close()
+    a, b = statistics.median(with_audit) * 1000, statistics.median(without) * 1000
+    print(f"step commit with its audit event: p50 {a:.3f} ms; without: p50 {b:.3f} ms; "
+          f"the audit log adds {a - b:.3f} ms per step (n={len(with_audit)} each, interleaved in blocks of 100)")
+
+
+if __name__ == "__main__":
+    main()
