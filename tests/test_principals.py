@@ -52,6 +52,7 @@ def concrete(pattern: str, session: dict[str, Any]) -> str:
 
 SESSION_ROUTES = [(pattern, handler) for module in (sessions, files, jupyter, kernel_ws)
                   for pattern, handler in module.routes if "session_id" in pattern or "kernel_id" in pattern]
+HTTP_SESSION_ROUTES = [(p, h) for p, h in SESSION_ROUTES if h is not kernel_ws.KernelChannelsHandler]
 ALL_ROUTES = [(p, h) for module in (ops, sessions, files, jupyter, kernel_ws) for p, h in module.routes]
 
 
@@ -68,8 +69,7 @@ def test_the_tables_cover_every_route() -> None:
                                              and "kernel_id" not in p} >= protected
 
 
-@pytest.mark.parametrize("pattern,handler", [(p, h) for p, h in SESSION_ROUTES if h is not kernel_ws.KernelChannelsHandler],
-                         ids=[p for p, h in SESSION_ROUTES if h is not kernel_ws.KernelChannelsHandler])
+@pytest.mark.parametrize("pattern,handler", HTTP_SESSION_ROUTES, ids=[p for p, _ in HTTP_SESSION_ROUTES])
 def test_another_agent_gets_404_on_every_session_route(people: dict[str, Any], pattern: str, handler: type) -> None:
     bob = people["clients"]["bob"]
     path = concrete(pattern, people["session"])
@@ -81,8 +81,7 @@ def test_another_agent_gets_404_on_every_session_route(people: dict[str, Any], p
         assert error_code(response) in ("session_not_found", "kernel_not_found")
 
 
-@pytest.mark.parametrize("pattern,handler", [(p, h) for p, h in SESSION_ROUTES if h is not kernel_ws.KernelChannelsHandler],
-                         ids=[p for p, h in SESSION_ROUTES if h is not kernel_ws.KernelChannelsHandler])
+@pytest.mark.parametrize("pattern,handler", HTTP_SESSION_ROUTES, ids=[p for p, _ in HTTP_SESSION_ROUTES])
 def test_a_reviewer_reads_and_cannot_write(people: dict[str, Any], pattern: str, handler: type) -> None:
     rita = people["clients"]["rita"]
     path = concrete(pattern, people["session"])
