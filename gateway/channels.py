@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 from collections import deque
 from typing import Any, Callable, Mapping, Protocol
 
@@ -119,7 +118,6 @@ class KernelConnection:
         self.listeners: dict[str, MessageListener] = {}
         self.observers: list[Observer] = observers if observers is not None else []
         self.streams: dict[str, SocketReader] = {}
-        self.last_message_at = time.monotonic()
         for channel in CHANNELS:
             self.streams[channel] = SocketReader(self._socket(context, connection_info, channel),
                                                  self._receiver(channel))
@@ -145,7 +143,6 @@ class KernelConnection:
             except Exception:
                 log.warning("kernel %s: dropped an unreadable %s message", self.label, channel, exc_info=True)
                 return
-            self.last_message_at = time.monotonic()
             parent_id = msg["parent_header"].get("msg_id") if msg.get("parent_header") else None
             listener = self.listeners.get(parent_id) if parent_id else None
             if listener is not None:

@@ -8,7 +8,7 @@ kernel's liveness checked while waiting so a dead kernel never hangs a step.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from gateway.channels import KernelConnection
@@ -26,8 +26,6 @@ class RawExecution:
     execution_count: int | None
     truncated: bool
     ended: str  # "reply"; "timeout" (stopped by the interrupt); "stuck" (ignored it); "died"; "aborted"
-    interrupted_by_timeout: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ExecutionListener:
@@ -68,7 +66,7 @@ class ExecutionListener:
             if self.on_start is not None:
                 self.on_start()
 
-    def result(self, ended: str, timed_out: bool = False) -> RawExecution:
+    def result(self, ended: str) -> RawExecution:
         """What the kernel did, once the wait has ended."""
         self.mark_started()
         execution_count = self.collector.execution_count
@@ -76,7 +74,7 @@ class ExecutionListener:
         if reply and reply.get("execution_count") is not None:
             execution_count = reply["execution_count"]
         return RawExecution(outputs=self.collector.finish(), reply=reply, execution_count=execution_count,
-                            truncated=self.collector.truncated, ended=ended, interrupted_by_timeout=timed_out)
+                            truncated=self.collector.truncated, ended=ended)
 
 
 async def execute(connection: KernelConnection, code: str, *, timeout: float, output_limit: int,
@@ -102,14 +100,13 @@ async def execute(connection: KernelConnection, code: str, *, timeout: float, ou
     connection.send("shell", request, listener)
     try:
         ended = await _wait(done, loop.time() + timeout, is_alive, abort)
-        timed_out = ended == "timeout"
-        if timed_out:
+        if ended == "timeout":
             await interrupt()
             after = await _wait(done, loop.time() + interrupt_grace, is_alive, abort)
             ended = {"reply": "timeout", "timeout": "stuck"}.get(after, after)
     finally:
         connection.forget(msg_id)
-    return listener.result(ended, timed_out)
+    return listener.result(ended)
 
 
 async def _wait(done: asyncio.Future[None], deadline: float, is_alive: Any,

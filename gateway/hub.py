@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway.auth import Principal
 from gateway.clock import now_iso
 from gateway.executor import ExecutionListener
+from gateway.outcomes import step_outcome
 from gateway.outputs import OutputCollector
 from gateway.recorder import StepPlace
 
@@ -48,13 +49,15 @@ class WebsocketClient(Protocol):
         """Close the connection because the client broke a limit."""
 
 
-def reply_to(request_header: dict[str, Any], msg_type: str, content: dict[str, Any]
-             ) -> tuple[dict[str, Any], list[bytes]]:
-    """A reply the gateway itself sends to a websocket client, with its encoded frames."""
+def gateway_message(msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], list[bytes]]:
+    """A message the gateway itself sends to websocket clients (a reply to ``parent``, or a
+    status of its own), with its encoded frames."""
+    parent = parent or {}
     header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "username": "gateway",
-              "session": request_header.get("session", ""), "date": now_iso(), "version": "5.3"}
-    msg = {"header": header, "parent_header": request_header, "metadata": {}, "content": content, "buffers": []}
-    frames = [json.dumps(part).encode() for part in (header, request_header, {}, content)]
+              "session": parent.get("session", ""), "date": now_iso(), "version": "5.3"}
+    msg = {"header": header, "parent_header": parent, "metadata": {}, "content": content, "buffers": []}
+    frames = [json.dumps(part).encode() for part in (header, parent, {}, content)]
     return msg, frames
 
 
@@ -129,14 +132,16 @@ class KernelHub:
             previous.refuse("another connection with the same session_id replaced this one")
         self.clients[client.client_id] = client
         parked = self.parked.pop(client.client_id, None)
-        replayed = 0
+        replayed = dropped = 0
         if parked is not None and parked.principal == client.principal:
+            dropped = parked.dropped
             for channel, msg, frames in parked.messages:
                 if not client.deliver(channel, msg, frames):
                     break
                 replayed += 1
         self.manager.recorder.record_event(self.live.trajectory, "jupyter_attached", client.principal.name,
-                                           {"client": client.client_id, "replayed": replayed})
+                                           {"client": client.client_id, "replayed": replayed,
+                                            "dropped": dropped})
         return replayed
 
     def detach(self, client: WebsocketClient) -> None:
@@ -229,7 +234,7 @@ class KernelHub:
         msg_type = str(header.get("msg_type", ""))
         if msg_type == "kernel_info_request" and self.live.kernel is not None:
             info = self.live.kernel.kernel_info
-            self.to_client(client.client_id, channel, *reply_to(header, "kernel_info_reply", info))
+            self.to_client(client.client_id, channel, *gateway_message("kernel_info_reply", info, header))
             return
         self.manager.recorder.record_event(self.live.trajectory, "access_denied", client.principal.name, {
             "msg_type": msg_type, "client": client.client_id, "code": (content or {}).get("code"),
@@ -238,7 +243,7 @@ class KernelHub:
             denied = {"status": "error", "ename": "Forbidden", "traceback": [],
                       "evalue": f"The {client.principal.role} '{client.principal.name}' may watch this session "
                                 "but not run anything in it."}
-            self.to_client(client.client_id, channel, *reply_to(header, msg_type[:-len("request")] + "reply", denied))
+            self.to_client(client.client_id, channel, *gateway_message(msg_type[:-len("request")] + "reply", denied, header))
 
     def forget(self, msg_id: str) -> None:
         request = self.requests.pop(msg_id, None)
@@ -251,33 +256,27 @@ class KernelHub:
         if self.live.kernel is not None and self.live.kernel.connection is not None:
             self.live.kernel.connection.forget(msg_id)
 
-    def finish_step(self, request: ClientRequest, ended: str = "reply", why: str = "") -> None:
+    def finish_step(self, request: ClientRequest, ended: str = "reply", aborted_by: str | None = None,
+                    exit_description: str = "") -> None:
         """Record a websocket client's execution (committed at once, like an agent step)."""
         if request.msg_id not in self.requests:
             return
         self.forget(request.msg_id)
         assert request.execution is not None and request.place is not None
         raw = request.execution.result(ended)
-        reply = raw.reply or {}
-        if ended == "died":
-            status, error = "died", {"name": "KernelDied", "value": why, "traceback": ""}
-        elif reply.get("status") == "ok":
-            status, error = "ok", None
-        else:
-            error = {"name": reply.get("ename", "Error"), "value": reply.get("evalue", ""),
-                     "traceback": "\n".join(reply.get("traceback", []))}
-            status = "interrupted" if reply.get("ename") == "KeyboardInterrupt" else "error"
+        # A client's KeyboardInterrupt is always an interrupt someone asked for.
+        status, error = step_outcome(raw, aborted_by, True, 0.0, exit_description)
         self.manager.commit_step(self.live, request.place, request.code, raw, status, error,
                                  source="jupyter", principal=request.principal.name)
 
-    def kernel_replaced(self, why: str) -> None:
-        """The kernel died or restarted: unfinished client executions are recorded as such."""
+    def kernel_replaced(self, died: bool, exit_description: str) -> None:
+        """The kernel died or is being restarted: unfinished client executions are recorded as
+        ``died`` or ``interrupted``, and clients are told the kernel is restarting."""
         for request in list(self.requests.values()):
-            if request.execution is not None:
-                self.finish_step(request, "died", why)
-            else:
+            if request.execution is None:
                 self.forget(request.msg_id)
-        status = {"header": {"msg_id": "", "msg_type": "status"}, "parent_header": {}, "metadata": {},
-                  "content": {"execution_state": "restarting"}}
-        frames = [json.dumps(part).encode() for part in (status["header"], {}, {}, status["content"])]
-        self.observe("iopub", status, frames)
+            elif died:
+                self.finish_step(request, "died", exit_description=exit_description)
+            else:
+                self.finish_step(request, "aborted", aborted_by="restart")
+        self.observe("iopub", *gateway_message("status", {"execution_state": "restarting"}))

@@ -69,7 +69,7 @@ class JupyterKernels:
         hub = live.hub
         return {
             "id": live.row["kernel_id"], "name": live.row["kernel"],
-            "last_activity": max(live.row["last_activity"], live.last_message_at or ""),
+            "last_activity": live.active_at,
             "execution_state": live.execution_state,
             "connections": hub.connections if hub is not None else 0,
         }

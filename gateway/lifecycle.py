@@ -50,7 +50,7 @@ class Lifecycle:
         """Save the session's state and stop its kernel; returns the Session (with ``snapshot``)."""
         manager = self.manager
         if session_id not in manager.live:
-            row = manager._row(principal, session_id)
+            row = manager.visible_row(principal, session_id)
             if row["state"] == "paused":
                 return manager.view(row)
         live = manager.writable(principal, session_id)
@@ -69,7 +69,7 @@ class Lifecycle:
             await self._pause(live, None, "shutdown")
         except Exception:
             log.exception("session %s: could not be paused at shutdown; its kernel is stopped", live.id)
-            await self.manager._end(live, None, "failed", "The gateway could not pause it at shutdown.")
+            await self.manager.end(live, None, "failed", "The gateway could not pause it at shutdown.")
 
     async def _pause(self, live: "LiveSession", principal: str | None, reason: str) -> None:
         manager = self.manager
@@ -111,7 +111,7 @@ class Lifecycle:
     async def resume(self, principal: Principal, session_id: str, reason: str = "requested") -> dict[str, Any]:
         """Bring a paused session back with its state; a live session is returned as it is."""
         manager = self.manager
-        row = manager._row(principal, session_id)
+        row = manager.visible_row(principal, session_id)
         if not (principal.may_write_anything or row["owner"] == principal.name):
             raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not resume it.")
         if session_id in manager.live:
@@ -143,7 +143,7 @@ class Lifecycle:
         started = time.monotonic()
         row = manager.store.get_session(row["id"]) or row
         row["state"] = "starting"
-        live = manager._register(row, manager._trajectory(row["id"]))
+        live = manager.register(row, manager.trajectory_of(row["id"]))
         await manager.start_kernel(live, principal)
         outcome = await self.restore(live, self.snapshot_dir(live.id), row.get("snapshot") or {})
         outcome["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -175,9 +175,9 @@ class Lifecycle:
                 not_restored = [{"name": name, "type": "unknown", "error": str(exc)} for name in saved.get("saved", [])]
         elif strategy == "snapshot" and saved.get("error"):
             not_restored = [{"name": "*", "type": "namespace", "error": saved["error"]}]
-        if replayed:
-            names = {entry["name"] for entry in not_restored}
-            not_restored = [e for e in not_restored if e["name"] not in names or not self.settings.snapshot_fallback_replay]
+        if replayed and strategy == "snapshot":
+            # What the snapshot lacked was rebuilt by re-running the steps before it was loaded.
+            not_restored = []
         return {"strategy": strategy if not replayed or strategy == "replay" else "snapshot+replay",
                 "restored": restored, "replayed_steps": replayed,
                 "not_restored": [{"name": e["name"], "type": e["type"]} for e in not_restored]}
@@ -185,22 +185,20 @@ class Lifecycle:
     async def replay_steps(self, live: "LiveSession") -> int:
         """Re-run the session's recorded steps (those that finished) silently in its new kernel."""
         assert live.kernel is not None
-        count = 0
-        for step in self.manager.store.list_steps(live.id):
-            if step["status"] not in REPLAYED_STATUSES:
-                continue
+        steps = self.manager.store.list_steps(live.id)
+        rerun = [step for step in steps if step["status"] in REPLAYED_STATUSES]
+        for step in rerun:
             await snapshots.run_silently(live.kernel, step["code"], self.settings.default_timeout)
-            count += 1
-        last = max((s["execution_count"] or 0 for s in self.manager.store.list_steps(live.id)), default=0)
+        last = max((step["execution_count"] or 0 for step in steps), default=0)
         await snapshots.run_silently(live.kernel, f"get_ipython().execution_count = {last + 1}", 10)
-        return count
+        return len(rerun)
 
     # fork -------------------------------------------------------------------------------
 
     async def fork(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """A new session owned by the caller, with a copy of this one's files and state."""
         manager = self.manager
-        row = manager._row(principal, session_id)
+        row = manager.visible_row(principal, session_id)
         if principal.role == "reviewer":
             raise Forbidden("Reviewers read sessions; they cannot fork them.")
         if row["state"] in ENDED:
@@ -233,7 +231,7 @@ class Lifecycle:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         parent_trajectory = (manager.live[session_id].trajectory if session_id in manager.live
-                             else manager._trajectory(session_id))
+                             else manager.trajectory_of(session_id))
         manager.recorder.record_event(parent_trajectory, "session_forked", principal.name,
                                       {"child": child_view["id"], "step": parent_step})
         view = manager.view(child.row)
@@ -247,14 +245,14 @@ class Lifecycle:
         Kernel processes that no session claims are stopped."""
         manager = self.manager
         for row in manager.store.sessions_in_states(LIVE):
-            trajectory = manager._trajectory(row["id"])
+            trajectory = manager.trajectory_of(row["id"])
             workspace = manager.sessions_dir / row["id"] / "workspace"
             kernel = await adopt(manager.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
                                  spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
                                  timeout=min(10.0, self.settings.kernel_start_timeout))
             if kernel is not None:
-                live = manager._register(row, trajectory)
-                manager._attach_kernel(live, kernel)
+                live = manager.register(row, trajectory)
+                manager.attach_kernel(live, kernel)
                 manager.recorder.record_event(trajectory, "session_reattached", None,
                                            {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
                 log.warning("session %s: reattached its kernel (pid %s) after a crash", row["id"], kernel.pid)
@@ -293,7 +291,7 @@ class Lifecycle:
                     f"All {len(manager.live)} live sessions are busy and the gateway runs at most {limit} kernels. "
                     "Retry in a few seconds, or pause or terminate a session.",
                     code="at_capacity", details={"max_live_kernels": limit, "retry_after": 5})
-            victim = min(idle, key=lambda live: max(live.row["last_activity"], live.last_message_at or ""))
+            victim = min(idle, key=lambda live: live.active_at)
             await self._pause(victim, None, "capacity")
 
     async def sweep(self) -> None:
@@ -302,7 +300,7 @@ class Lifecycle:
         if self.settings.idle_pause_seconds > 0:
             threshold = iso(utcnow() - timedelta(seconds=self.settings.idle_pause_seconds))
             for live in list(manager.live.values()):
-                active = max(live.row["last_activity"], live.last_message_at or "")
+                active = live.active_at
                 if (live.row["state"] == "idle" and not live.lock.locked() and active < threshold
                         and not (live.hub is not None and live.hub.connections)):
                     await self._pause(live, None, "idle")
@@ -315,5 +313,5 @@ class Lifecycle:
                     continue
                 for name in removed:
                     shutil.rmtree(directory / name, ignore_errors=True)
-                manager.recorder.record_event(manager._trajectory(row["id"]), "workspace_removed", None,
+                manager.recorder.record_event(manager.trajectory_of(row["id"]), "workspace_removed", None,
                                               {"removed": removed, "retention_days": self.settings.retention_days})

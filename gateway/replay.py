@@ -77,7 +77,7 @@ def judge(original: dict[str, Any], replayed: dict[str, Any], normalisers: list[
 async def replay_session(manager: "SessionManager", principal: Principal, session_id: str,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Rerun ``session_id``'s trajectory in a new session owned by ``principal``; the report."""
-    row = manager._row(principal, session_id)
+    row = manager.visible_row(principal, session_id)
     if principal.role == "reviewer":
         raise Forbidden("Reviewers read sessions; replaying one creates a session, which they cannot do.")
     normalisers = NORMALISERS + [(str(a), str(b)) for a, b in manager.settings.replay_normalisers]
@@ -110,7 +110,7 @@ async def replay_session(manager: "SessionManager", principal: Principal, sessio
     report = {"session_id": child_id, "source_session_id": session_id, "steps": verdicts, "summary": summary,
               "notes": notes, "reproduced": summary["different"] == 0 and summary["error"] == 0}
     manager.recorder.record_event(manager.live[child_id].trajectory if child_id in manager.live
-                                  else manager._trajectory(child_id), "replay_report", principal.name,
+                                  else manager.trajectory_of(child_id), "replay_report", principal.name,
                                   {"source_session_id": session_id, "summary": summary})
     return report
 

@@ -65,6 +65,11 @@ class LiveSession:
     def id(self) -> str:
         return str(self.row["id"])
 
+    @property
+    def active_at(self) -> str:
+        """When the session last did anything: its last step or its kernel's last message."""
+        return max(self.row["last_activity"], self.last_message_at)
+
 
 class SessionManager:
     """Creates, runs and ends sessions. One per server; its methods are what handlers call."""
@@ -114,11 +119,11 @@ class SessionManager:
 
     # lookups ----------------------------------------------------------------------------
 
-    def _trajectory(self, session_id: str) -> Trajectory:
+    def trajectory_of(self, session_id: str) -> Trajectory:
         next_step, next_seq = self.store.next_positions(session_id)
         return Trajectory(session_id, self.sessions_dir / session_id, next_step, next_seq)
 
-    def _row(self, principal: Principal, session_id: str) -> dict[str, Any]:
+    def visible_row(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """The session's current row if the principal may see it; else ``NotFound``."""
         live = self.live.get(session_id)
         row = live.row if live is not None else self.store.get_session(session_id)
@@ -129,7 +134,7 @@ class SessionManager:
 
     def changeable(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """The row of a live or paused session the principal may change (404, 403, 409 ended)."""
-        row = self._row(principal, session_id)
+        row = self.visible_row(principal, session_id)
         if not (principal.may_write_anything or row["owner"] == principal.name):
             raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not change it.",
                             details={"session_id": session_id})
@@ -177,7 +182,7 @@ class SessionManager:
         return view
 
     def get(self, principal: Principal, session_id: str) -> dict[str, Any]:
-        return self.view(self._row(principal, session_id))
+        return self.view(self.visible_row(principal, session_id))
 
     def list_sessions(self, principal: Principal, *, state: str | None = None, label: tuple[str, str] | None = None,
              owner: str | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
@@ -229,7 +234,7 @@ class SessionManager:
         }
         self.store.insert_session(row)
         trajectory = Trajectory(session_id, self.sessions_dir / session_id, next_step=0 if setup else 1)
-        live = self._register(row, trajectory)
+        live = self.register(row, trajectory)
         self.recorder.record_event(trajectory, "session_created", principal.name, {
             "kernel": kernel, "labels": row["labels"], "env_names": sorted(env), "origin": origin,
             **({"parent": {"session_id": parent[0], "step": parent[1]}} if parent else {})})
@@ -239,7 +244,7 @@ class SessionManager:
             await self.execute(principal, session_id, setup)
         return self.view(row)
 
-    def _register(self, row: dict[str, Any], trajectory: Trajectory) -> LiveSession:
+    def register(self, row: dict[str, Any], trajectory: Trajectory) -> LiveSession:
         live = LiveSession(row, None, trajectory, Workspace(trajectory.directory / "workspace"))
         self.live[row["id"]] = live
         self.by_kernel[row["kernel_id"]] = row["id"]
@@ -266,12 +271,12 @@ class SessionManager:
         except Exception as exc:
             reason = f"The kernel could not be started: {exc}"
             log.error("session %s: %s", live.id, reason)
-            await self._end(live, principal, "failed", reason)
+            await self.end(live, principal, "failed", reason)
             raise Unavailable(reason + " Check the kernel spec and the server log, then retry.",
                               code="kernel_start_failed", details={"session_id": live.id}) from None
-        self._attach_kernel(live, kernel)
+        self.attach_kernel(live, kernel)
 
-    def _attach_kernel(self, live: LiveSession, kernel: RunningKernel) -> None:
+    def attach_kernel(self, live: LiveSession, kernel: RunningKernel) -> None:
         """Make ``kernel`` the session's, and record where it runs (for reattaching after a crash)."""
         live.kernel = kernel
         kernel.observers.append(self._state_tracker(live))
@@ -289,15 +294,15 @@ class SessionManager:
         reason = f"Terminated by {principal.name}."
         live = self.live.get(session_id)
         if live is not None:
-            await self._end(live, principal.name, "terminated", reason)
+            await self.end(live, principal.name, "terminated", reason)
             return self.view(live.row)
         self.store.update_session(session_id, state="terminated", reason=reason, ended_at=now_iso())
-        self.recorder.record_event(self._trajectory(session_id), "session_terminated", principal.name,
+        self.recorder.record_event(self.trajectory_of(session_id), "session_terminated", principal.name,
                                    {"reason": reason})
         self.recorder.flush(session_id)
         return self.get(principal, session_id)
 
-    async def _end(self, live: LiveSession, principal: str | None, state: str, reason: str,
+    async def end(self, live: LiveSession, principal: str | None, state: str, reason: str,
                    grace: float = 0.0) -> None:
         """End a session: let a running step finish within ``grace``, abort it otherwise, then close."""
         loop = asyncio.get_running_loop()
@@ -345,7 +350,7 @@ class SessionManager:
         A paused session is resumed first."""
         limit = self.check_timeout(timeout)
         while True:
-            if session_id not in self.live and self._row(principal, session_id)["state"] == "paused":
+            if session_id not in self.live and self.visible_row(principal, session_id)["state"] == "paused":
                 await self.lifecycle.resume(principal, session_id, reason="execute")
             live = self.writable(principal, session_id)
             async with live.lock:
@@ -356,9 +361,7 @@ class SessionManager:
                                    code="session_ended", details={"session_id": session_id,
                                                                  "state": live.row["state"]})
                 if not await live.kernel.is_alive():
-                    await self._replace_kernel(
-                        live, "kernel_died", None, f"The kernel had stopped ({live.kernel.exit_description()}) "
-                        "before this step; a new one was started: variables and imports are gone, files are kept.")
+                    await self._replace_dead_kernel(live, "before this step")
                 return await self._run_step(live, principal, code, limit, sink, source)
 
     async def _run_step(self, live: LiveSession, principal: Principal, code: str, limit: float,
@@ -426,7 +429,7 @@ class SessionManager:
         self.recorder.record_event(live.trajectory, action, principal,
                                    {"message": message} if action == "kernel_died" else {"reason": message})
         if live.hub is not None:
-            live.hub.kernel_replaced(message)
+            live.hub.kernel_replaced(action == "kernel_died", live.kernel.exit_description())
         live.execution_state = "restarting"
         try:
             await live.kernel.restart(self.settings.kernel_start_timeout)
@@ -443,6 +446,13 @@ class SessionManager:
         except Exception as exc:
             log.error("session %s: no new kernel could be started: %s", live.id, exc)
             await self._close(live, principal, "failed", f"A new kernel could not be started: {exc}")
+
+    async def _replace_dead_kernel(self, live: LiveSession, when: str) -> None:
+        """A kernel found dead outside a step: say so in the trajectory and start a new one."""
+        assert live.kernel is not None
+        await self._replace_kernel(live, "kernel_died", None,
+                                   f"The kernel stopped {when} ({live.kernel.exit_description()}); a new one was "
+                                   "started: variables and imports are gone, files are kept.")
 
     async def interrupt(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Interrupt the running step, if any; it ends with status ``interrupted``."""
@@ -471,23 +481,23 @@ class SessionManager:
     # trajectory and files ---------------------------------------------------------------
 
     def steps(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
-        self._row(principal, session_id)
+        self.visible_row(principal, session_id)
         return [execution_view(row, with_code=True) for row in self.store.list_steps(session_id)]
 
     def events(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
-        self._row(principal, session_id)
+        self.visible_row(principal, session_id)
         events = self.store.list_events(session_id)
         for event in events:
             event["details"].pop("content_b64", None)
         return events
 
     def notebook(self, principal: Principal, session_id: str) -> str:
-        self._row(principal, session_id)
+        self.visible_row(principal, session_id)
         return self.recorder.notebook_text(session_id)
 
     def workspace(self, principal: Principal, session_id: str) -> Workspace:
         """The workspace of a session the principal may read (live or ended)."""
-        self._row(principal, session_id)
+        self.visible_row(principal, session_id)
         live = self.live.get(session_id)
         return live.workspace if live else Workspace(self.sessions_dir / session_id / "workspace")
 
@@ -504,7 +514,7 @@ class SessionManager:
         live = self.live.get(session_id)
         if live is not None:
             return live.workspace, live.trajectory
-        return Workspace(self.sessions_dir / session_id / "workspace"), self._trajectory(session_id)
+        return Workspace(self.sessions_dir / session_id / "workspace"), self.trajectory_of(session_id)
 
     def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
                  sha256: str, content: bytes | None) -> dict[str, Any]:
@@ -535,7 +545,4 @@ class SessionManager:
             if not await live.kernel.is_alive():
                 async with live.lock:
                     if live.kernel is not None and live.row["state"] == "idle" and not await live.kernel.is_alive():
-                        await self._replace_kernel(
-                            live, "kernel_died", None,
-                            f"The kernel stopped between steps ({live.kernel.exit_description()}); a new one was "
-                            "started: variables and imports are gone, files are kept.")
+                        await self._replace_dead_kernel(live, "between steps")

@@ -268,3 +268,22 @@ def test_a_client_that_never_reads_does_not_stall_the_agent(gateway, client, ses
         assert time.monotonic() - started < 20
     finally:
         idle_reader.close()
+
+
+def test_a_restart_during_a_client_step_records_it_as_interrupted(gateway, client: httpx.Client, session) -> None:
+    ws = connect(gateway, session["kernel_id"])
+    try:
+        message = execute_request("import time\ntime.sleep(30)")
+        ws.send(json.dumps(message))
+        time.sleep(1.0)
+        assert client.post(f"/v1/sessions/{session['id']}/restart").status_code == 200
+        states = []
+        while "restarting" not in states:
+            msg = decode_json_frame(ws.recv())
+            if msg["header"]["msg_type"] == "status":
+                states.append(msg["content"]["execution_state"])
+    finally:
+        ws.close()
+    step = client.get(f"/v1/sessions/{session['id']}/steps").json()["steps"][-1]
+    assert step["code"] == "import time\ntime.sleep(30)" and step["source"] == "jupyter"
+    assert step["status"] == "interrupted" and "restarted during this step" in step["error"]["value"]
