@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import tornado.web
@@ -17,7 +20,7 @@ from tornado.netutil import bind_sockets
 from gateway import __version__
 from gateway.audit import RateLimit
 from gateway.auth import TokenAuthority
-from gateway.handlers import files, jupyter, kernel_ws, ops, sessions
+from gateway.handlers import files, jupyter, kernel_ws, ops, sessions, ui
 from gateway.handlers.base import NotFoundHandler, log_request
 from gateway.jupyter import JupyterKernels
 from gateway.kernels import KernelLauncher
@@ -49,6 +52,7 @@ class Gateway:
     sessions: SessionManager
     metrics: Metrics
     jupyter: JupyterKernels
+    cookie_secret: str = field(default="", repr=False)
     refusals: RateLimit = field(default_factory=RateLimit)
 
     @classmethod
@@ -70,12 +74,25 @@ class Gateway:
             verifier = JwtVerifier(settings.jwt_jwks, audience=settings.jwt_audience, issuer=settings.jwt_issuer,
                                    principal_claim=settings.jwt_principal_claim, role_claim=settings.jwt_role_claim,
                                    role_map=settings.jwt_role_map)
-        return cls(settings, store, TokenAuthority(store, settings.token, verifier), manager, metrics, jupyter_face)
+        return cls(settings, store, TokenAuthority(store, settings.token, verifier), manager, metrics, jupyter_face,
+                   cookie_secret=load_cookie_secret(data / "cookie_secret"))
+
+
+def load_cookie_secret(path: Path) -> str:
+    """The key that signs the pages' login cookies; made once, kept (mode 0600) so logins survive restarts."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        secret = secrets.token_hex(32)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secret)
+        return secret
 
 
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The tornado application with every route of the gateway."""
-    routes = [*ops.routes, *sessions.routes, *files.routes, *jupyter.routes, *kernel_ws.routes]
+    routes = [*ops.routes, *sessions.routes, *files.routes, *jupyter.routes, *kernel_ws.routes, *ui.routes]
     kwargs = {"gateway": gateway}
     return tornado.web.Application(
         [(pattern, handler, kwargs) for pattern, handler in routes],
@@ -83,7 +100,10 @@ def make_app(gateway: Gateway) -> tornado.web.Application:
         default_handler_args=kwargs,
         log_function=log_request,
         compress_response=False,
-        xsrf_cookies=False,
+        xsrf_cookies=False,  # the pages check their forms' XSRF tokens themselves; the API uses no cookies
+        xsrf_cookie_kwargs=ui.XSRF_COOKIE_KWARGS,
+        cookie_secret=gateway.cookie_secret,
+        template_path=str(Path(__file__).parent / "templates"),
         websocket_max_message_size=gateway.settings.max_body_bytes,
         websocket_ping_interval=30,
     )

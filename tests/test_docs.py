@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tornado.web
 
-from gateway.handlers import files, jupyter, kernel_ws, ops, sessions
+from gateway.handlers import files, jupyter, kernel_ws, ops, sessions, ui
 from gateway.handlers.base import STATUS_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +16,7 @@ API_DOC = ROOT / "docs" / "api.md"
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 PLACEHOLDERS = {"session_id": "{id}", "path": "{path}", "kernel_id": "{kernel_id}", "name": "{name}",
                 "filename": "{file}"}
-ROUTES = [(pattern, handler) for module in (ops, sessions, files, jupyter, kernel_ws)
+ROUTES = [(pattern, handler) for module in (ops, sessions, files, jupyter, kernel_ws, ui)
           for pattern, handler in module.routes]
 
 
@@ -56,6 +56,7 @@ def documented_paths(pattern: str) -> list[str]:
         choices = pattern[alternation + 3:end - 1].split("|")
         return [path for choice in choices
                 for path in documented_paths(pattern[:alternation] + choice + pattern[end:])]
+    pattern = pattern.replace("\\.", ".").replace("/?", "/")
     assert re.fullmatch(r"[/A-Za-z0-9_.{}-]+", pattern), f"cannot turn {pattern!r} into a documented path"
     return [pattern]
 

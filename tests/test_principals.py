@@ -13,11 +13,11 @@ from typing import Any, Iterator
 import pytest
 import websocket
 
-from gateway.handlers import files, jupyter, kernel_ws, ops, sessions
+from gateway.handlers import files, jupyter, kernel_ws, ops, sessions, ui
 from tests.conftest import GatewayProcess, error_code, run
 
 READS = {"GET"}
-PUBLIC = {r"/v1/health"}
+PUBLIC = {r"/v1/health", r"/ui/?", r"/ui/login"}
 
 
 def token_for(gateway: GatewayProcess, name: str, role: str) -> str:
@@ -45,15 +45,15 @@ def people(gateway: GatewayProcess) -> Iterator[dict[str, Any]]:
 def concrete(pattern: str, session: dict[str, Any]) -> str:
     path = pattern.replace("(?P<session_id>[A-Za-z0-9_-]{1,64})", session["id"])
     path = path.replace("(?P<kernel_id>[0-9a-fA-F-]{1,64})", session["kernel_id"])
-    path = path.replace("(?P<path>.+)", "a.txt").replace("(?:replay)", "replay")
+    path = path.replace("(?P<path>.+)", "a.txt").replace("(?:replay)", "replay").replace("\\.", ".")
     path = path.replace("(?P<name>[A-Za-z0-9._-]{1,128})", "python3").replace("(?P<filename>[^/]+)", "logo-64x64.png")
     return path
 
 
-SESSION_ROUTES = [(pattern, handler) for module in (sessions, files, jupyter, kernel_ws)
+SESSION_ROUTES = [(pattern, handler) for module in (sessions, files, jupyter, kernel_ws, ui)
                   for pattern, handler in module.routes if "session_id" in pattern or "kernel_id" in pattern]
 HTTP_SESSION_ROUTES = [(p, h) for p, h in SESSION_ROUTES if h is not kernel_ws.KernelChannelsHandler]
-ALL_ROUTES = [(p, h) for module in (ops, sessions, files, jupyter, kernel_ws) for p, h in module.routes]
+ALL_ROUTES = [(p, h) for module in (ops, sessions, files, jupyter, kernel_ws, ui) for p, h in module.routes]
 
 
 def methods_of(handler: type) -> list[str]:
@@ -78,7 +78,10 @@ def test_another_agent_gets_404_on_every_session_route(people: dict[str, Any], p
                                ({"code": "alice_secret"} if method == "POST" else None),
                                content=b"x" if method == "PUT" else None)
         assert response.status_code == 404, (method, path, response.text)
-        assert error_code(response) in ("session_not_found", "kernel_not_found")
+        if path.startswith("/ui/"):  # the pages answer in HTML, with the same code
+            assert "(session_not_found)" in response.text and "alice_secret" not in response.text
+        else:
+            assert error_code(response) in ("session_not_found", "kernel_not_found")
 
 
 @pytest.mark.parametrize("pattern,handler", HTTP_SESSION_ROUTES, ids=[p for p, _ in HTTP_SESSION_ROUTES])
