@@ -59,7 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(action, help=text)
         command.add_argument("session_id")
         _client_arguments(command)
+    doctor = commands.add_parser("doctor", help="Report which kernel isolation profiles work on this machine, and why not.")
+    doctor.add_argument("--json", action="store_true", help="print the facts as JSON")
     return parser
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    """Print which profiles work here; exit 0 when at least one isolating profile does."""
+    import json
+
+    from gateway import doctor
+
+    facts = doctor.diagnose()
+    print(json.dumps(facts, indent=2) if args.json else doctor.format_report(facts))
+    return 0 if facts.get("recommended", "none") != "none" else 1
 
 
 def _client_arguments(command: argparse.ArgumentParser) -> None:
@@ -75,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lifecycle_command(args)
     if args.command == "replay":
         return replay_command(args)
+    if args.command == "doctor":
+        return doctor_command(args)
     local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output")
     overrides = {k: v for k, v in vars(args).items() if k not in local}
     settings = Settings.resolve(overrides)

@@ -11,6 +11,7 @@ Services raise these, never HTTP errors. The tree::
     ├── MethodNotAllowed (405): method_not_allowed
     ├── Conflict (409): session_ended, is_a_directory
     ├── PayloadTooLarge (413): body_too_large
+    ├── InsufficientStorage (507): workspace_full
     └── Unavailable (503): kernel_start_failed, shutting_down
 """
 
@@ -84,6 +85,13 @@ class PayloadTooLarge(GatewayError):
 
     status = 413
     code = "body_too_large"
+
+
+class InsufficientStorage(GatewayError):
+    """The session's workspace is at its size limit."""
+
+    status = 507
+    code = "workspace_full"
 
 
 class Unavailable(GatewayError):

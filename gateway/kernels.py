@@ -7,21 +7,28 @@ channels to it. Remote kernels come through the spec's ``metadata.kernel_provisi
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import dataclasses
 import logging
 import os
 import re
 import resource
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
+from gateway import sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
 from gateway.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from gateway.isolation import Isolation, SessionIsolation
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +76,89 @@ def validate_env(env: Any) -> dict[str, str]:
     return dict(env)
 
 
+def kernel_process_under(launcher_pid: int, connection_file: str) -> int | None:
+    """The pid of the ipykernel started (through bwrap or setpriv) by ``launcher_pid``."""
+    import psutil
+
+    try:
+        launcher = psutil.Process(launcher_pid)
+        for process in [launcher, *launcher.children(recursive=True)]:
+            cmdline = process.cmdline()
+            if connection_file in cmdline and "ipykernel_launcher" in " ".join(cmdline) and \
+                    not os.path.basename(cmdline[0]).startswith(("bwrap", "setpriv")):
+                return int(process.pid)
+    except psutil.Error:
+        return None
+    return None
+
+
 class RunningKernel:
     """One kernel process and the gateway's channels to it. Owned by a live session."""
 
-    def __init__(self, manager: AsyncKernelManager, context: zmq.Context, label: str):
+    def __init__(self, manager: AsyncKernelManager, context: zmq.Context, label: str,
+                 isolation: "SessionIsolation | None" = None, owner: tuple[int, int] | None = None,
+                 runtime_dir: Path | None = None):
         self.manager: AsyncKernelManager = manager
         self.context = context
         self.label = label
         self.connection: KernelConnection | None = None
         self.kernel_info: dict[str, Any] = {}
         self.observers: list[Observer] = []
+        self.isolation = isolation
+        self.owner = owner  # (uid, gid) the kernel runs as, under the process and sandbox profiles
+        self.runtime_dir = runtime_dir  # connection file and ipc sockets, same path inside and out
+        self.released: list[Any] = []  # called once when the kernel is shut down
+
+    @property
+    def profile(self) -> str:
+        return self.isolation.profile if self.isolation is not None else "none"
+
+    @property
+    def exchange_dir(self) -> Path | None:
+        """A directory both the gateway and an isolated kernel can use (snapshots go through it)."""
+        if self.runtime_dir is None or self.owner is None:
+            return None
+        path = self.runtime_dir / "exchange"
+        if not path.is_dir():
+            path.mkdir(mode=0o700)
+            os.chown(path, *self.owner)
+        return path
+
+    def workspace_path(self, host_path: Path) -> str:
+        """The workspace as the kernel sees it."""
+        return sandbox.SANDBOX_WORKSPACE if self.profile == "sandbox" else str(host_path)
+
+    def launch_workspace(self) -> Path | None:
+        """The workspace directory this kernel's sandbox was started on (None when not isolated)."""
+        spec = (self.manager._launch_args or {}).get("sandbox") if self.owner is not None else None
+        return spec.workspace if isinstance(spec, sandbox.SandboxSpec) else None
+
+    def move_workspace(self, target: Path) -> None:
+        """An isolated kernel's workspace is mounted when it starts: move that directory (with
+        whatever ``target`` already holds) to ``target``, and restart there from now on."""
+        current = self.launch_workspace()
+        if current is None or current == target:
+            return
+        if target.exists():
+            for entry in target.iterdir():
+                os.replace(entry, current / entry.name)
+            target.rmdir()
+        os.replace(current, target)
+        args: dict[str, Any] = self.manager._launch_args or {}
+        spec: sandbox.SandboxSpec = args["sandbox"]
+        args["sandbox"] = dataclasses.replace(spec, workspace=target)
+        if self.owner is not None:
+            sandbox.hand_over_tree(target, *self.owner)
 
     @property
     def pid(self) -> int | None:
+        """The kernel's process id on the host (for an isolated kernel: the ipykernel process
+        inside the sandbox, not the launcher in front of it)."""
         process = getattr(self.manager.provisioner, "process", None)
-        return getattr(process, "pid", None)
+        launched = getattr(process, "pid", None)
+        if launched is None or self.owner is None:
+            return launched
+        return kernel_process_under(launched, self.connection_file) or launched
 
     @property
     def connection_file(self) -> str:
@@ -103,12 +178,28 @@ class RunningKernel:
     async def is_alive(self) -> bool:
         return bool(await self.manager.is_alive())
 
+    def limit_hit(self) -> dict[str, Any] | None:
+        """The limit that ended the kernel, if one did (the memory cgroup's OOM kill)."""
+        provisioner = self.manager.provisioner
+        oom = getattr(provisioner, "oom_killed", None)
+        if oom is not None and oom() and self.isolation is not None:
+            return {"limit": "memory", "value": self.isolation.memory_bytes}
+        return None
+
     def exit_description(self) -> str:
         """How the process ended, in words ("exit code 1", "killed by SIGKILL")."""
+        hit = self.limit_hit()
+        if hit is not None:
+            from gateway.isolation import human_bytes
+
+            return (f"the session exceeded its {human_bytes(hit['value'])} memory limit and the kernel was stopped "
+                    "by the system")
         process = getattr(self.manager.provisioner, "process", None)
         code = getattr(process, "returncode", None)
         if code is None:
             return "it stopped responding"
+        if self.owner is not None and code > 128:
+            code = 128 - code  # the sandbox's launcher reports a kernel killed by signal N as 128 + N
         if code < 0:
             try:
                 return f"it was killed by {signal.Signals(-code).name}"
@@ -144,18 +235,29 @@ class RunningKernel:
                 log.exception("kernel %s: could not be killed", self.label)
         finally:
             self.manager.cleanup_connection_file()
+            for release in self.released:
+                release()
+            self.released.clear()
 
 
 class KernelLauncher:
     """Starts kernels from the gateway's specs. One per server."""
 
-    def __init__(self, runtime_dir: Path, context: zmq.Context | None = None):
+    def __init__(self, runtime_dir: Path, context: zmq.Context | None = None, isolation: "Isolation | None" = None):
         self.runtime_dir = runtime_dir
         runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(runtime_dir, 0o700)
+        self.isolation = isolation
+        if isolation is not None and isolation.profile != "none":
+            sandbox_provisioner.register()
+            isolation.runtime_root.mkdir(parents=True, exist_ok=True)
+            os.chmod(isolation.runtime_root, 0o711 if isolation.profile == "process" else 0o700)
         self.context = context or shared_zmq_context()
         self.async_context = zmq.asyncio.Context.shadow(self.context.underlying)
         self.specs = KernelSpecManager(kernel_dirs=[str(kernels_dir())], ensure_native_kernel=False)
+
+    def isolation_defaults(self) -> "SessionIsolation | None":
+        return self.isolation.defaults if self.isolation is not None else None
 
     def spec_names(self) -> list[str]:
         return sorted(self.specs.find_kernel_specs())
@@ -175,26 +277,68 @@ class KernelLauncher:
         return env
 
     async def start(self, *, kernel_id: str, spec_name: str, cwd: Path, env: dict[str, str],
-                    ready_timeout: float) -> RunningKernel:
-        """Start a kernel and wait until it answers; on any failure nothing is left running."""
-        self.get_spec(spec_name)
-        manager = AsyncKernelManager(
-            kernel_name=spec_name,
-            kernel_spec_manager=self.specs,
-            context=self.async_context,
-            connection_file=str(self.runtime_dir / f"kernel-{kernel_id}.json"),
-        )
-        manager.kernel_id = kernel_id
+                    ready_timeout: float, isolation: "SessionIsolation | None" = None) -> RunningKernel:
+        """Start a kernel and wait until it answers; on any failure nothing is left running.
+
+        ``isolation`` (default: the server's) decides the profile and limits; under ``process``
+        and ``sandbox`` the kernel gets its own uid, cgroups and a runtime directory with ipc
+        sockets, and ``cwd`` is the workspace its sandbox shows.
+        """
+        spec = self.get_spec(spec_name)
+        if isolation is None and self.isolation is not None:
+            isolation = self.isolation.defaults
+        if isolation is not None and (isolation.profile == "none" or "kernel_provisioner" in spec.metadata):
+            isolation = None if isolation.profile == "none" else isolation
+        if isolation is None or "kernel_provisioner" in spec.metadata:
+            # Unisolated, or a spec whose own provisioner places the kernel (a cluster).
+            return await self._start_plain(kernel_id, spec_name, cwd, env, ready_timeout)
+        return await self._start_isolated(kernel_id, spec, spec_name, cwd, env, ready_timeout, isolation)
+
+    def _manager(self, spec_name: str, **settings: Any) -> AsyncKernelManager:
+        manager = AsyncKernelManager(kernel_name=spec_name, kernel_spec_manager=self.specs,
+                                     context=self.async_context, **settings)
         # A kernel that does not exit within this after a shutdown request is signalled.
         manager.shutdown_wait_time = 1.0
+        return manager
+
+    async def _start_plain(self, kernel_id: str, spec_name: str, cwd: Path, env: dict[str, str],
+                           ready_timeout: float) -> RunningKernel:
+        manager = self._manager(spec_name, connection_file=str(self.runtime_dir / f"kernel-{kernel_id}.json"))
+        manager.kernel_id = kernel_id
         kernel = RunningKernel(manager, self.context, label=kernel_id)
+        # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
+        await self._launch(kernel, ready_timeout, cwd=str(cwd), env=self.build_env(env), independent=True)
+        return kernel
+
+    async def _start_isolated(self, kernel_id: str, spec: KernelSpec, spec_name: str, cwd: Path,
+                              env: dict[str, str], ready_timeout: float, isolation: "SessionIsolation") -> RunningKernel:
+        assert self.isolation is not None
+        runtime = self.isolation.runtime_root / kernel_id.replace("-", "")[:12]
+        manager = self._manager(spec_name, **sandbox_provisioner.connection_settings(runtime))
+        manager.connection_file = str(runtime / f"kernel-{kernel_id}.json")
+        manager.kernel_id = kernel_id
+        isolated_spec = copy.copy(spec)
+        isolated_spec.metadata = {**spec.metadata, **sandbox_provisioner.spec_metadata()}
+        isolated_spec.interrupt_mode = "message"
+        manager._kernel_spec = isolated_spec
+        uid = self.isolation.uids.allocate(kernel_id)
+        kernel = RunningKernel(manager, self.context, label=kernel_id, isolation=isolation, owner=(uid, uid),
+                               runtime_dir=runtime)
+        kernel.released.append(lambda: self.isolation.uids.release(kernel_id) if self.isolation else None)
+        launch = sandbox.SandboxSpec(isolation.profile, kernel_id, cwd, runtime, uid=uid, gid=uid,
+                                     limits=isolation.kernel_limits())
+        if cwd.exists():  # files the gateway put there (uploads, a fork's copy) become the kernel's
+            await asyncio.to_thread(sandbox.hand_over_tree, cwd, uid, uid)
+        await self._launch(kernel, ready_timeout, env=self.build_env(env), independent=True, sandbox=launch)
+        return kernel
+
+    async def _launch(self, kernel: RunningKernel, ready_timeout: float, **kwargs: Any) -> None:
         try:
-            # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
-            await manager.start_kernel(cwd=str(cwd), env=self.build_env(env), independent=True)
+            await kernel.manager.start_kernel(**kwargs)
             kernel.connect()
             await kernel.wait_ready(ready_timeout)
         except BaseException:
             await kernel.shutdown(now=True)
             raise
-        log.info("kernel %s started (%s, pid %s)", kernel_id, spec_name, kernel.pid)
-        return kernel
+        log.info("kernel %s started (%s, %s, pid %s)", kernel.label, kernel.manager.kernel_name, kernel.profile,
+                 kernel.pid)

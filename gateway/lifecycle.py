@@ -221,9 +221,11 @@ class Lifecycle:
                 shutil.copytree(manager.sessions_dir / session_id / "workspace", staging / "workspace", symlinks=True)
                 saved = row.get("snapshot") or {}
             child_view = await manager.create(principal, kernel=row["kernel"], labels=row.get("labels") or {},
-                                              env=row.get("env") or {}, parent=(session_id, parent_step))
+                                              env=row.get("env") or {}, parent=(session_id, parent_step),
+                                              isolation=manager.isolation_of(row))
             child = manager.live[child_view["id"]]
             shutil.copytree(staging / "workspace", child.workspace.root, symlinks=True, dirs_exist_ok=True)
+            child.workspace.give_to_owner()
             async with child.lock:
                 outcome = await self.restore(child, staging / "snapshot", saved)
             manager.recorder.record_event(child.trajectory, "state_restored", principal.name,
@@ -271,6 +273,9 @@ class Lifecycle:
             log.warning("session %s: failed; its kernel did not survive the crash", row["id"])
         claimed = {live.kernel.connection_file for live in manager.live.values() if live.kernel is not None}
         stopped = stop_unclaimed(manager.launcher.runtime_dir, claimed)
+        isolation = manager.launcher.isolation
+        if isolation is not None and isolation.runtime_root != manager.launcher.runtime_dir:
+            stopped += stop_unclaimed(isolation.runtime_root, claimed)
         if stopped:
             log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
         manager.recorder.flush()

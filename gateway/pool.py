@@ -55,9 +55,14 @@ class KernelPool:
                 task.add_done_callback(self.tasks.discard)
 
     async def _start_one(self, spec: str) -> None:
+        kernel_id = str(uuid.uuid4())
+        # An isolated kernel's workspace is mounted at start, so each gets a directory of its own,
+        # which becomes its session's workspace when it is handed out.
+        isolated = self.launcher.isolation is not None and self.launcher.isolation.profile != "none"
+        cwd = self.directory / kernel_id if isolated else self.directory
         try:
-            kernel = await self.launcher.start(kernel_id=str(uuid.uuid4()), spec_name=spec, cwd=self.directory,
-                                               env={}, ready_timeout=self.start_timeout)
+            kernel = await self.launcher.start(kernel_id=kernel_id, spec_name=spec, cwd=cwd, env={},
+                                               ready_timeout=self.start_timeout)
         except Exception:
             log.warning("pool: a %s kernel failed to start", spec, exc_info=True)
             return
@@ -93,7 +98,8 @@ class KernelPool:
 
 async def bind(kernel: RunningKernel, workspace: Path, env: dict[str, str], timeout: float) -> None:
     """Give a pooled kernel its session's working directory and environment (not recorded)."""
-    inner = f"import os\nos.chdir({str(workspace)!r})\nos.environ.update({env!r})"
+    kernel.move_workspace(workspace)
+    inner = f"import os\nos.chdir({kernel.workspace_path(workspace)!r})\nos.environ.update({env!r})"
     code = f"exec({inner!r}, {{'__name__': '_gateway_bind'}})"
     raw = await run_silently(kernel, code, timeout)
     if raw.ended != "reply" or (raw.reply or {}).get("status") != "ok":

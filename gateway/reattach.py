@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import uuid
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 import psutil
 from jupyter_client.manager import AsyncKernelManager
 
+from gateway import cgroups
+from gateway.cgroups import CgroupSet
 from gateway.kernels import KernelLauncher, RunningKernel
 
 log = logging.getLogger(__name__)
@@ -69,9 +72,19 @@ class AdoptedKernel(RunningKernel):
             return super().exit_description()
         return "its process is gone"
 
+    @property
+    def isolated(self) -> bool:
+        """Started under process or sandbox: not our child's group; signalled through its cgroup."""
+        return Path(self.manager.connection_file).parent != self.launcher.runtime_dir
+
     async def interrupt(self) -> None:
         if self.process is None:
             await super().interrupt()
+            return
+        if self.isolated:
+            manager = self.manager
+            manager._connect_control_socket()
+            manager.session.send(manager._control_socket, manager.session.msg("interrupt_request", content={}))
             return
         try:
             os.killpg(os.getpgid(self.process.pid), signal.SIGINT)
@@ -80,6 +93,10 @@ class AdoptedKernel(RunningKernel):
 
     def _kill(self) -> None:
         if self.process is None:
+            return
+        if self.isolated:
+            kill_isolated(Path(self.manager.connection_file))
+            self.process = None
             return
         try:
             os.killpg(os.getpgid(self.process.pid), signal.SIGKILL)
@@ -101,6 +118,8 @@ class AdoptedKernel(RunningKernel):
         if fresh.connection is not None:
             fresh.connection.close()
         self.manager = fresh.manager
+        self.isolation, self.owner, self.runtime_dir = fresh.isolation, fresh.owner, fresh.runtime_dir
+        self.released = fresh.released
         self.connect()
         await self.wait_ready(timeout)
 
@@ -113,7 +132,10 @@ class AdoptedKernel(RunningKernel):
             self.connection = None
         process = self.process
         try:
-            os.killpg(os.getpgid(process.pid), signal.SIGTERM if not now else signal.SIGKILL)
+            if self.isolated:
+                process.send_signal(signal.SIGTERM if not now else signal.SIGKILL)
+            else:
+                os.killpg(os.getpgid(process.pid), signal.SIGTERM if not now else signal.SIGKILL)
             await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs([process], timeout=2))
         except (ProcessLookupError, PermissionError, psutil.Error):
             pass
@@ -142,10 +164,21 @@ async def adopt(launcher: KernelLauncher, *, pid: int | None, connection_file: s
     return kernel
 
 
+def kill_isolated(connection_file: Path) -> None:
+    """Stop everything in an isolated kernel's cgroups and remove them and its runtime directory."""
+    kernel_id = connection_file.stem.removeprefix("kernel-")
+    group = CgroupSet(cgroups.detect_cached(cgroups.DEFAULT_PARENT), kernel_id)
+    if group.exists():
+        group.remove()
+    shutil.rmtree(connection_file.parent, ignore_errors=True)
+
+
 def stop_unclaimed(runtime_dir: Path, claimed: set[str]) -> list[int]:
-    """Stop kernels whose connection files are in ``runtime_dir`` but that no session claims."""
+    """Stop kernels whose connection files are in ``runtime_dir`` (isolated ones: in a directory
+    of their own there) but that no session claims."""
     stopped: list[int] = []
-    unclaimed = {str(path) for path in runtime_dir.glob("kernel-*.json")} - claimed
+    found = [*runtime_dir.glob("kernel-*.json"), *runtime_dir.glob("*/kernel-*.json")]
+    unclaimed = {str(path) for path in found} - claimed
     if not unclaimed:
         return stopped
     for process in psutil.process_iter(["pid", "cmdline"]):
@@ -157,5 +190,7 @@ def stop_unclaimed(runtime_dir: Path, claimed: set[str]) -> list[int]:
         except psutil.Error:
             continue
     for path in unclaimed:
+        if Path(path).parent != runtime_dir:
+            kill_isolated(Path(path))
         Path(path).unlink(missing_ok=True)
     return stopped

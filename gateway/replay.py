@@ -86,7 +86,7 @@ async def replay_session(manager: "SessionManager", principal: Principal, sessio
     last_step = steps[-1]["step"] if steps else 0
     child = await manager.create(principal, kernel=row["kernel"], env=row.get("env") or {},
                                  labels={**(row.get("labels") or {}), "replay_of": session_id},
-                                 parent=(session_id, last_step))
+                                 parent=(session_id, last_step), isolation=manager.isolation_of(row))
     child_id = child["id"]
     timeline = sorted([("step", s["seq"], s) for s in steps] + [("event", e["seq"], e) for e in events],
                       key=lambda item: item[1])

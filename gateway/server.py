@@ -22,6 +22,7 @@ from gateway.audit import RateLimit
 from gateway.auth import TokenAuthority
 from gateway.handlers import files, jupyter, kernel_ws, ops, sessions, ui
 from gateway.handlers.base import NotFoundHandler, log_request
+from gateway.isolation import Isolation
 from gateway.jupyter import JupyterKernels
 from gateway.kernels import KernelLauncher
 from gateway.metrics import Metrics
@@ -62,7 +63,8 @@ class Gateway:
         data.chmod(0o700)
         store = Store(data / "gateway.db")
         metrics = Metrics()
-        launcher = KernelLauncher(data / "runtime")
+        isolation = Isolation(settings, data)
+        launcher = KernelLauncher(data / "runtime", isolation=isolation)
         manager = SessionManager(settings, store, launcher, metrics)
         if settings.pool_size > 0:
             manager.pool = KernelPool(launcher, settings.pool_size, data / "pool", settings.kernel_start_timeout)
@@ -129,6 +131,9 @@ async def run(settings: Settings, announce: Callable[[str], None] = print) -> No
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    isolation = gateway.sessions.launcher.isolation
+    if isolation is not None:
+        (log.warning if isolation.profile == "none" else log.info)("%s", isolation.describe())
     announce(f"Agent Kernel Gateway {__version__} listening on http://{host}:{port} "
              f"(data: {settings.data_path})")
     sys.stdout.flush()

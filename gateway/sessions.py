@@ -19,7 +19,8 @@ from typing import Any
 from gateway import executor
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
-from gateway.errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unavailable
+from gateway.errors import (Conflict, Forbidden, GatewayError, InsufficientStorage, InvalidRequest, NotFound,
+                            Unavailable)
 from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
@@ -30,6 +31,7 @@ from gateway.pool import KernelPool, bind
 from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view
 from gateway.settings import Settings
 from gateway.store import Store, decode_cursor, encode_cursor
+from gateway.isolation import SessionIsolation
 from gateway.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class LiveSession:
     execution_state: str = "starting"
     last_message_at: str = ""
     hub: Any = None  # the Jupyter face's KernelHub, once a websocket client attached
+    workspace_bytes: int = 0  # measured after each step when the session has a workspace limit
 
     @property
     def id(self) -> str:
@@ -179,6 +182,8 @@ class SessionManager:
             view["reason"] = row["reason"]
         if row.get("snapshot"):
             view["snapshot"] = row["snapshot"]
+        if row.get("isolation"):
+            view["isolation"] = row["isolation"]
         return view
 
     def get(self, principal: Principal, session_id: str) -> dict[str, Any]:
@@ -215,7 +220,9 @@ class SessionManager:
 
     async def create(self, principal: Principal, *, kernel: str = "python3", labels: dict[str, str] | None = None,
                      env: dict[str, str] | None = None, setup: str | None = None, origin: str = "agent",
-                     parent: tuple[str, int] | None = None) -> dict[str, Any]:
+                     parent: tuple[str, int] | None = None, sandbox: str | None = None,
+                     limits: dict[str, Any] | None = None,
+                     isolation: SessionIsolation | None = None) -> dict[str, Any]:
         """Start a session and its kernel; runs ``setup`` as step 0. Returns the Session view."""
         if self.closing:
             raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
@@ -223,6 +230,8 @@ class SessionManager:
             raise Forbidden("Reviewers read sessions; they cannot create them.")
         self.launcher.get_spec(kernel)
         env = validate_env(env)
+        if isolation is None and self.launcher.isolation is not None:
+            isolation = self.launcher.isolation.for_session(principal.may_write_anything, sandbox, limits)
         await self.lifecycle.ensure_room()
         session_id = "s_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
         created = now_iso()
@@ -231,12 +240,14 @@ class SessionManager:
             "owner": principal.name, "labels": labels or {}, "created_at": created, "last_activity": created,
             "steps": 0, "origin": origin, "env": env,
             "parent_session_id": parent[0] if parent else None, "parent_step": parent[1] if parent else None,
+            "isolation": isolation.view() if isolation is not None else None,
         }
         self.store.insert_session(row)
         trajectory = Trajectory(session_id, self.sessions_dir / session_id, next_step=0 if setup else 1)
         live = self.register(row, trajectory)
         self.recorder.record_event(trajectory, "session_created", principal.name, {
             "kernel": kernel, "labels": row["labels"], "env_names": sorted(env), "origin": origin,
+            **({"isolation": row["isolation"]} if row["isolation"] else {}),
             **({"parent": {"session_id": parent[0], "step": parent[1]}} if parent else {})})
         await self.start_kernel(live, principal.name)
         log.info("session %s: created by %s (kernel %s)", session_id, principal.name, row["kernel_id"])
@@ -256,8 +267,10 @@ class SessionManager:
         On failure the session is ended as ``failed`` and ``Unavailable`` raised.
         """
         row, env = live.row, live.row.get("env") or {}
+        isolation = self.isolation_of(row)
+        pooled = self.pool is not None and (isolation is None or isolation == self.launcher.isolation_defaults())
         try:
-            kernel = await self.pool.take(row["kernel"], env) if self.pool is not None else None
+            kernel = await self.pool.take(row["kernel"], env) if pooled and self.pool is not None else None
             if kernel is not None:
                 try:
                     await bind(kernel, live.workspace.root, env, self.settings.kernel_start_timeout)
@@ -267,7 +280,7 @@ class SessionManager:
             if kernel is None:
                 kernel = await self.launcher.start(
                     kernel_id=str(uuid.uuid4()), spec_name=row["kernel"], cwd=live.workspace.root, env=env,
-                    ready_timeout=self.settings.kernel_start_timeout)
+                    ready_timeout=self.settings.kernel_start_timeout, isolation=isolation)
         except Exception as exc:
             reason = f"The kernel could not be started: {exc}"
             log.error("session %s: %s", live.id, reason)
@@ -276,9 +289,14 @@ class SessionManager:
                               code="kernel_start_failed", details={"session_id": live.id}) from None
         self.attach_kernel(live, kernel)
 
+    @staticmethod
+    def isolation_of(row: dict[str, Any]) -> SessionIsolation | None:
+        return SessionIsolation.from_view(row["isolation"]) if row.get("isolation") else None
+
     def attach_kernel(self, live: LiveSession, kernel: RunningKernel) -> None:
         """Make ``kernel`` the session's, and record where it runs (for reattaching after a crash)."""
         live.kernel = kernel
+        live.workspace.owner = kernel.owner
         kernel.observers.append(self._state_tracker(live))
         row = live.row
         row["state"] = live.execution_state = "idle"
@@ -360,6 +378,7 @@ class SessionManager:
                     raise Conflict(f"Session '{session_id}' ended while this step waited to run.",
                                    code="session_ended", details={"session_id": session_id,
                                                                  "state": live.row["state"]})
+                self.check_workspace_room(live.row, live.workspace_bytes)
                 if not await live.kernel.is_alive():
                     await self._replace_dead_kernel(live, "before this step")
                 return await self._run_step(live, principal, code, limit, sink, source)
@@ -383,6 +402,12 @@ class SessionManager:
         status, error = step_outcome(raw, running.abort.result() if running.abort.done() else None,
                                      running.interrupt_requested, limit, kernel.exit_description())
         execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
+        if self.workspace_limit(live.row):
+            live.workspace_bytes = await asyncio.to_thread(live.workspace.size)
+            if live.workspace_bytes > (self.workspace_limit(live.row) or 0):
+                self.recorder.record_event(live.trajectory, "limit_exceeded", None, {
+                    "limit": "workspace", "value": self.workspace_limit(live.row), "size": live.workspace_bytes})
+                execution["warning"] = self.workspace_full(live.row, live.workspace_bytes).message
         if raw.ended == "died":
             await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")
         elif raw.ended == "stuck":
@@ -426,8 +451,12 @@ class SessionManager:
     async def _replace_kernel(self, live: LiveSession, action: str, principal: str | None, message: str) -> None:
         """Record why the kernel is being replaced, then start a new one (or fail the session)."""
         assert live.kernel is not None
-        self.recorder.record_event(live.trajectory, action, principal,
-                                   {"message": message} if action == "kernel_died" else {"reason": message})
+        details: dict[str, Any] = {"message": message} if action == "kernel_died" else {"reason": message}
+        hit = live.kernel.limit_hit() if action == "kernel_died" else None
+        if hit is not None:
+            details["limit"] = hit
+            self.recorder.record_event(live.trajectory, "limit_exceeded", None, hit)
+        self.recorder.record_event(live.trajectory, action, principal, details)
         if live.hub is not None:
             live.hub.kernel_replaced(action == "kernel_died", live.kernel.exit_description())
         live.execution_state = "restarting"
@@ -516,10 +545,31 @@ class SessionManager:
             return live.workspace, live.trajectory
         return Workspace(self.sessions_dir / session_id / "workspace"), self.trajectory_of(session_id)
 
+    def workspace_limit(self, row: dict[str, Any]) -> int | None:
+        isolation = self.isolation_of(row)
+        return isolation.workspace_bytes if isolation is not None else None
+
+    def workspace_full(self, row: dict[str, Any], size: int) -> InsufficientStorage:
+        from gateway.isolation import human_bytes
+
+        limit = self.workspace_limit(row) or 0
+        return InsufficientStorage(
+            f"The session's workspace holds {size} bytes, over its {human_bytes(limit)} limit. Delete files "
+            "(DELETE /v1/sessions/{id}/files/{path}) to run steps or upload again.".replace("{id}", row["id"]),
+            details={"limit": "workspace", "limit_bytes": limit, "size_bytes": size})
+
+    def check_workspace_room(self, row: dict[str, Any], size: int, adding: int = 0) -> None:
+        """Refuse (507 ``workspace_full``) when the workspace is, or would be, over its limit."""
+        limit = self.workspace_limit(row)
+        if limit is not None and size + adding > limit:
+            raise self.workspace_full(row, size + adding)
+
     def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
                  sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
         workspace, trajectory = self._files_of(principal, session_id)
+        if self.workspace_limit(self.visible_row(principal, session_id)):
+            self.check_workspace_room(self.visible_row(principal, session_id), workspace.size(), size)
         target = workspace.install(path, received)
         relative = workspace.relative(target)
         self.recorder.record_event(trajectory, "file_upload", principal.name,
@@ -529,6 +579,9 @@ class SessionManager:
     def delete_file(self, principal: Principal, session_id: str, path: str) -> dict[str, Any]:
         workspace, trajectory = self._files_of(principal, session_id)
         kind = workspace.delete(path)
+        live = self.live.get(session_id)
+        if live is not None and self.workspace_limit(live.row):
+            live.workspace_bytes = workspace.size()
         self.recorder.record_event(trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
         return {"path": path, "deleted": kind}
 

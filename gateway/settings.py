@@ -49,6 +49,22 @@ def _mapping(text: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in json.loads(text).items()}
 
 
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": MIB, "mb": MIB, "mib": MIB,
+              "g": 1024 * MIB, "gb": 1024 * MIB, "gib": 1024 * MIB, "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
+
+
+def byte_size(text: str | int) -> int:
+    """A size in bytes from ``2GiB``, ``512M``, ``1048576`` (0 means no limit)."""
+    import re
+
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (write e.g. 2GiB, 512MiB or a number of bytes)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -84,6 +100,13 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("jwt_role_map", {}, _mapping, "JSON object mapping the role claim's values to agent, reviewer or admin."),
     Setting("replay_normalisers", [], _pairs, "Extra [pattern, replacement] pairs (a JSON list) applied to outputs before replay compares them."),
     Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
+    Setting("sandbox", "auto", str, "How kernels are isolated: none, process, sandbox, or auto (the strongest that works here; see agent-gateway doctor)."),
+    Setting("sandbox_uids", "1000000-1009999", str, "The range of unprivileged uids given to kernels under process and sandbox, one per kernel."),
+    Setting("memory_limit", 2048 * MIB, byte_size, "Memory a session's kernel may use (cgroup; RLIMIT_AS where no memory cgroup can be made), e.g. 2GiB; 0: none."),
+    Setting("cpu_limit", 1.0, float, "CPU cores a session's kernel may use (cgroup quota); 0: none."),
+    Setting("pids_limit", 256, int, "Processes and threads a session's kernel may have at once (cgroup pids); 0: none."),
+    Setting("file_size_limit", 1024 * MIB, byte_size, "Largest file a kernel may write (RLIMIT_FSIZE), e.g. 1GiB; 0: none."),
+    Setting("workspace_limit", 5 * 1024 * MIB, byte_size, "Largest total size of a session's workspace, checked after each step and upload; 0: none."),
     Setting("log_level", "INFO", str, "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
 
@@ -119,6 +142,13 @@ class Settings:
     jwt_role_map: dict[str, str] = field(default_factory=dict)
     replay_normalisers: list[tuple[str, str]] = field(default_factory=list)
     websocket_replay_seconds: float = 60.0
+    sandbox: str = "auto"
+    sandbox_uids: str = "1000000-1009999"
+    memory_limit: int = 2048 * MIB
+    cpu_limit: float = 1.0
+    pids_limit: int = 256
+    file_size_limit: int = 1024 * MIB
+    workspace_limit: int = 5 * 1024 * MIB
     log_level: str = "INFO"
 
     @property
@@ -143,9 +173,20 @@ class Settings:
         settings = cls(**values)
         if settings.resume_strategy not in ("snapshot", "replay"):
             raise ValueError("resume_strategy must be 'snapshot' or 'replay'")
+        if settings.sandbox not in ("auto", "none", "process", "sandbox"):
+            raise ValueError("sandbox must be auto, none, process or sandbox")
+        uid_range(settings.sandbox_uids)
         if settings.max_live_kernels <= 0:
             settings.max_live_kernels = default_max_live_kernels()
         return settings
+
+
+def uid_range(text: str) -> tuple[int, int]:
+    """``first-last`` as (first uid, how many)."""
+    first, sep, last = text.partition("-")
+    if not (first.strip().isdigit() and sep and last.strip().isdigit()) or int(last) < int(first) or int(first) < 1000:
+        raise ValueError(f"sandbox_uids must look like 1000000-1009999 (unprivileged uids), not {text!r}")
+    return int(first), int(last) - int(first) + 1
 
 
 def default_max_live_kernels() -> int:

@@ -7,6 +7,8 @@ a silent execution (no cell, no history, no execution count) in a private namesp
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +44,22 @@ async def _run(kernel: RunningKernel, action: str, directory: Path, timeout: flo
         raise SnapshotError(f"the kernel could not {action} its state ({why})")
 
 
+SNAPSHOT_FILES = ("snapshot.json", "namespace.pkl")
+
+
 async def save(kernel: RunningKernel, directory: Path, timeout: float) -> dict[str, Any]:
-    """Save the user namespace, imports, counter and history to ``directory``; returns what was saved."""
+    """Save the user namespace, imports, counter and history to ``directory``; returns what was saved.
+
+    An isolated kernel cannot see ``directory``: it writes into its exchange directory, and the
+    files are moved from there (out of its reach)."""
     directory.mkdir(parents=True, exist_ok=True)
-    await _run(kernel, "save", directory, timeout)
+    exchange = kernel.exchange_dir
+    await _run(kernel, "save", exchange or directory, timeout)
+    if exchange is not None:
+        for name in SNAPSHOT_FILES:
+            if (exchange / name).exists():
+                shutil.move(str(exchange / name), str(directory / name))
+                os.chown(directory / name, os.getuid(), os.getgid())
     state: dict[str, Any] = json.loads((directory / "snapshot.json").read_text())
     return {"saved": state["saved"], "modules": state["modules"], "unsaved": state["failed"],
             "bytes": state["bytes"], "execution_count": state["execution_count"]}
@@ -53,9 +67,20 @@ async def save(kernel: RunningKernel, directory: Path, timeout: float) -> dict[s
 
 async def load(kernel: RunningKernel, directory: Path, timeout: float) -> dict[str, Any]:
     """Restore a saved state into a fresh kernel; returns what was restored and what was not."""
-    await _run(kernel, "load", directory, timeout)
-    result: dict[str, Any] = json.loads((directory / "restore.json").read_text())
-    return result
+    exchange = kernel.exchange_dir
+    if exchange is None:
+        await _run(kernel, "load", directory, timeout)
+        return dict(json.loads((directory / "restore.json").read_text()))
+    try:
+        for name in SNAPSHOT_FILES:
+            shutil.copyfile(directory / name, exchange / name)
+            if kernel.owner is not None:
+                os.chown(exchange / name, *kernel.owner)
+        await _run(kernel, "load", exchange, timeout)
+        return dict(json.loads((exchange / "restore.json").read_text()))
+    finally:
+        for name in (*SNAPSHOT_FILES, "restore.json"):
+            (exchange / name).unlink(missing_ok=True)
 
 
 def exists(directory: Path) -> bool:

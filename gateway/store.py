@@ -103,7 +103,13 @@ def m005_event_hash_chain(db: sqlite_utils.Database) -> None:
         previous = digest
 
 
-SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot")
+@migrations()
+def m006_session_isolation(db: sqlite_utils.Database) -> None:
+    """The sandbox profile and resource limits a session's kernels run under."""
+    db.table("sessions").add_column("isolation", str)
+
+
+SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot", "isolation")
 
 
 def encode_cursor(created_at: str, session_id: str) -> str:

@@ -22,6 +22,7 @@ class Workspace:
     def __init__(self, root: Path):
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
+        self.owner: tuple[int, int] | None = None  # the isolated kernel's (uid, gid), given what the gateway writes
 
     def resolve(self, relative: str) -> Path:
         """The absolute path of ``relative`` inside the workspace, or ``InvalidRequest``."""
@@ -88,8 +89,31 @@ class Workspace:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Re-check after creating parents: a component may be a symlink created meanwhile.
         self.resolve(relative)
+        if self.owner is not None:
+            os.chown(source, *self.owner)
+            for parent in path.relative_to(self.root).parents:
+                if parent != Path("."):
+                    os.chown(self.root / parent, *self.owner)
         os.replace(source, path)
         return path
+
+    def give_to_owner(self) -> None:
+        """Hand everything in the workspace to the isolated kernel's uid (after the gateway wrote it)."""
+        if self.owner is not None:
+            from gateway.sandbox import hand_over_tree
+
+            hand_over_tree(self.root, *self.owner)
+
+    def size(self) -> int:
+        """Bytes held by the workspace's files (symbolic links not followed)."""
+        total = 0
+        for dirpath, _dirnames, filenames in os.walk(self.root, followlinks=False):
+            for name in filenames:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue
+        return total
 
     def delete(self, relative: str) -> str:
         """Delete a file, a symbolic link (not its target) or a whole directory; returns what it was."""

@@ -111,6 +111,24 @@ def session(client: httpx.Client) -> Iterator[dict[str, Any]]:
     client.delete(f"/v1/sessions/{created['id']}")
 
 
+def kernel_host_pid(data_dir: Path, session_id: str) -> int:
+    """The host pid of a session's kernel, as the gateway recorded it (inside a sandbox the kernel
+    sees its own pid namespace, so ``os.getpid()`` there is not a host pid)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{data_dir / 'gateway.db'}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT kernel_pid FROM sessions WHERE id = ?", [session_id]).fetchone()
+    assert row and row[0], f"no kernel pid recorded for {session_id}"
+    return int(row[0])
+
+
+def kernel_cwd(data_dir: Path, session: dict[str, Any]) -> str:
+    """The working directory a session's kernel sees: its workspace, at /workspace in a sandbox."""
+    if (session.get("isolation") or {}).get("profile") == "sandbox":
+        return "/workspace"
+    return str(data_dir / "sessions" / session["id"] / "workspace")
+
+
 def run(client: httpx.Client, session_id: str, code: str, **extra: Any) -> dict[str, Any]:
     """Execute one step and return its Execution."""
     response = client.post(f"/v1/sessions/{session_id}/execute", json={"code": code, **extra})

@@ -15,7 +15,7 @@ import nbformat
 import psutil
 import pytest
 
-from tests.conftest import GatewayProcess, error_code, run, start_gateway
+from tests.conftest import GatewayProcess, error_code, kernel_cwd, kernel_host_pid, run, start_gateway
 
 STATE = """
 import numpy as np, pandas as pd, threading, sqlite3, socket
@@ -40,14 +40,11 @@ CHECK = "(int(arr.sum()), int(frame.a.sum()), ''.join(frame.b), double(21), add_
 EXPECTED = "(499999500000, 10, 'vwxyz', 42, 2, 7, True, '[1, 2, 3]')"
 
 
-def kernel_pid(client: httpx.Client, sid: str) -> int:
-    return int(client.post(f"/v1/sessions/{sid}/execute", json={"code": "import os; os.getpid()"}).json()["result"])
-
-
-def test_pause_frees_the_kernel_and_resume_restores_state(client: httpx.Client, session) -> None:
+def test_pause_frees_the_kernel_and_resume_restores_state(gateway: GatewayProcess, client: httpx.Client,
+                                                          session) -> None:
     sid = session["id"]
     assert run(client, sid, STATE)["status"] == "ok"
-    pid = kernel_pid(client, sid)
+    pid = kernel_host_pid(gateway.data_dir, sid)
     rss = psutil.Process(pid).memory_info().rss
     assert rss > 30 * 1024 * 1024
     response = client.post(f"/v1/sessions/{sid}/pause")
@@ -156,7 +153,7 @@ def test_the_warm_pool_hands_out_fresh_bound_kernels_quickly(gateway: GatewayPro
         for i, sid in enumerate(ids):
             check = run(client, sid, "import os; (os.getcwd(), os.environ.get('SESSION_MARK'), 'leak' in dir())")
             cwd, mark, leaked = eval(check["result"])  # noqa: S307 (a tuple of literals the test wrote)
-            assert cwd == str(gateway.data_dir / "sessions" / sid / "workspace")
+            assert cwd == kernel_cwd(gateway.data_dir, client.get(f"/v1/sessions/{sid}").json())
             assert mark == f"m{i}"
             assert leaked is (i == 0)
             assert run(client, sid, "open('here.txt', 'w').write('x')")["status"] == "ok"

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import GatewayProcess, error_code, run, start_gateway
+from tests.conftest import GatewayProcess, error_code, kernel_host_pid, run, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +135,16 @@ def test_a_kernel_that_dies_mid_step_is_reported_and_replaced(client: httpx.Clie
     assert "kernel_died" in actions and "kernel_restarted" in actions
 
 
-def test_a_kernel_killed_between_steps_is_replaced_and_recorded(client: httpx.Client, session) -> None:
+def test_a_kernel_killed_between_steps_is_replaced_and_recorded(gateway: GatewayProcess, client: httpx.Client,
+                                                                session) -> None:
     sid = session["id"]
-    pid = int(run(client, sid, "import os; os.getpid()")["result"])
+    run(client, sid, "x = 1")
+    pid = kernel_host_pid(gateway.data_dir, sid)
     os.kill(pid, signal.SIGKILL)
     psutil.wait_procs([psutil.Process(pid)], timeout=5) if psutil.pid_exists(pid) else None
-    execution = run(client, sid, "import os; os.getpid()")
-    assert execution["status"] == "ok"
-    assert int(execution["result"]) != pid
+    execution = run(client, sid, "'x' in dir()")
+    assert execution["status"] == "ok" and execution["result"] == "False"
+    assert kernel_host_pid(gateway.data_dir, sid) != pid
     events = client.get(f"/v1/sessions/{sid}/events").json()["events"]
     died = [e for e in events if e["action"] == "kernel_died"]
     assert died and "SIGKILL" in died[0]["details"]["message"]

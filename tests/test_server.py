@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import run, start_gateway
+from tests.conftest import kernel_host_pid, run, start_gateway
 
 
 def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:
@@ -92,7 +92,9 @@ def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path
         sid = client.post("/v1/sessions", json={}).json()["id"]
         for i in range(5):
             run(client, sid, f"v{i} = {i}")
-        kernel_pid = int(run(client, sid, "import os; os.getpid()")["result"])
+        inner_pid = run(client, sid, "import os; os.getpid()")["result"]
+        kernel_pid = kernel_host_pid(proc.data_dir, sid)
+        family = {kernel_pid, *(p.pid for p in psutil.Process(kernel_pid).parents())}
         paused = client.post("/v1/sessions", json={}).json()["id"]
         run(client, paused, "kept_in_snapshot = 'yes'")
         client.post(f"/v1/sessions/{paused}/pause")
@@ -107,7 +109,8 @@ def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path
             session = client.get(f"/v1/sessions/{sid}").json()
             assert session["state"] == "idle"
             assert run(client, sid, "v0 + v1 + v2 + v3 + v4")["result"] == "10"
-            assert int(run(client, sid, "import os; os.getpid()")["result"]) == kernel_pid
+            assert run(client, sid, "import os; os.getpid()")["result"] == inner_pid
+            assert kernel_host_pid(restarted.data_dir, sid) == kernel_pid
             steps = client.get(f"/v1/sessions/{sid}/steps").json()["steps"]
             assert [s["code"] for s in steps][:5] == [f"v{i} = {i}" for i in range(5)]
             actions = [e["action"] for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]]
@@ -115,7 +118,7 @@ def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path
             assert client.get(f"/v1/sessions/{paused}").json()["state"] == "paused"
             assert run(client, paused, "kept_in_snapshot")["result"] == "'yes'"
             # A kernel no session claims (the pool's) was stopped; nothing is orphaned.
-            orphans = [pid for pid in kernels_before - {kernel_pid}
+            orphans = [pid for pid in kernels_before - family
                        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
             assert orphans == []
             # Interrupt and restart work on the reattached kernel.
@@ -132,7 +135,7 @@ def test_a_crash_with_the_kernel_gone_too_fails_the_session_with_a_reason(tmp_pa
     with proc.client() as client:
         sid = client.post("/v1/sessions", json={}).json()["id"]
         run(client, sid, "x = 1")
-        kernel_pid = int(run(client, sid, "import os; os.getpid()")["result"])
+        kernel_pid = kernel_host_pid(proc.data_dir, sid)
     proc.stop(signal.SIGKILL)
     os.kill(kernel_pid, signal.SIGKILL)
     restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))

@@ -137,7 +137,8 @@ def test_different_sessions_do_not_share_variables(client: httpx.Client) -> None
     try:
         run(client, a, "secret = 'a-only'")
         assert run(client, b, "secret")["error"]["name"] == "NameError"
-        assert run(client, b, "import os; os.getcwd()")["result"] != run(client, a, "import os; os.getcwd()")["result"]
+        run(client, a, "open('mine.txt', 'w').write('a')")
+        assert run(client, b, "import os; os.path.exists('mine.txt')")["result"] == "False"
     finally:
         client.delete(f"/v1/sessions/{a}")
         client.delete(f"/v1/sessions/{b}")

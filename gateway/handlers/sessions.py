@@ -38,7 +38,7 @@ class SessionsHandler(BaseHandler):
             limit=self.int_query("limit", 50, 1, 500), cursor=self.get_query_argument("cursor", None)))
 
     async def post(self) -> None:
-        body = self.json_body({"kernel": str, "labels": dict, "env": dict, "setup": str})
+        body = self.json_body({"kernel": str, "labels": dict, "env": dict, "setup": str, "sandbox": str, "limits": dict})
         labels = body.get("labels") or {}
         if not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 1024
                    for k, v in labels.items()):
@@ -47,7 +47,7 @@ class SessionsHandler(BaseHandler):
         assert self.principal is not None
         session = await self.gateway.sessions.create(
             self.principal, kernel=body.get("kernel") or "python3", labels=labels, env=body.get("env"),
-            setup=body.get("setup"))
+            setup=body.get("setup"), sandbox=body.get("sandbox"), limits=body.get("limits"))
         self.set_header("Location", f"/v1/sessions/{session['id']}")
         self.write_json(session, status=201)
 

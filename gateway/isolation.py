@@ -1,0 +1,163 @@
+"""Which isolation profile kernels run under on this server, and each session's limits.
+
+One ``Isolation`` per server: it picks the profile (``auto``: the strongest that starts a kernel
+here, see ``agent-gateway doctor``), hands out kernel uids, and turns the global limits and a
+session's own (admins may loosen them, anyone may tighten them) into what a launch needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import Forbidden, InvalidRequest
+from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile
+from gateway.settings import Settings, byte_size, uid_range
+
+log = logging.getLogger(__name__)
+
+STRONGEST_FIRST = ("sandbox", "process", "none")
+LIMIT_FIELDS = {"memory": "memory_bytes", "cpu": "cpu_cores", "pids": "pids", "file_size": "file_size_bytes",
+                "workspace": "workspace_bytes"}
+# ipc socket paths must fit in sockaddr_un (107 bytes): "<runtime>/<12 chars>/ipc-<port>".
+RUNTIME_PATH_BUDGET = 80
+
+
+@dataclass(frozen=True)
+class SessionIsolation:
+    """A session's profile and limits (None: no limit), as stored in its row."""
+
+    profile: str
+    memory_bytes: int | None
+    cpu_cores: float | None
+    pids: int | None
+    file_size_bytes: int | None
+    workspace_bytes: int | None
+
+    def kernel_limits(self) -> Limits:
+        return Limits(memory_bytes=self.memory_bytes, cpu_cores=self.cpu_cores, pids=self.pids,
+                      file_size_bytes=self.file_size_bytes, address_space_bytes=self.memory_bytes)
+
+    def view(self) -> dict[str, Any]:
+        return {"profile": self.profile, "limits": {name: getattr(self, attr) for name, attr in LIMIT_FIELDS.items()}}
+
+    @classmethod
+    def from_view(cls, data: dict[str, Any]) -> "SessionIsolation":
+        limits = data.get("limits") or {}
+        return cls(data.get("profile", "none"), *(limits.get(name) for name in LIMIT_FIELDS))
+
+
+class Isolation:
+    """The server's profile, kernel uids and default limits."""
+
+    def __init__(self, settings: Settings, data_dir: Path):
+        self.requested = settings.sandbox
+        self.profile, self.reasons = choose_profile(settings.sandbox)
+        first, count = uid_range(settings.sandbox_uids)
+        self.uids = UidPool(first, count)
+        self.defaults = SessionIsolation(
+            self.profile, settings.memory_limit or None, settings.cpu_limit or None, settings.pids_limit or None,
+            settings.file_size_limit or None, settings.workspace_limit or None)
+        self.runtime_root = runtime_root(data_dir)
+
+    def describe(self) -> str:
+        """One line for the server's start-up message."""
+        if self.profile == "none":
+            return ("kernels run UNISOLATED as the gateway's own user (sandbox profile 'none': for development "
+                    "only; any session can read the database, tokens and other sessions' files)")
+        limits = self.defaults
+        parts = [f"memory {human_bytes(limits.memory_bytes)}", f"cpu {limits.cpu_cores or 'unlimited'}",
+                 f"pids {limits.pids or 'unlimited'}", f"file size {human_bytes(limits.file_size_bytes)}",
+                 f"workspace {human_bytes(limits.workspace_bytes)}"]
+        return f"kernels run under the '{self.profile}' sandbox profile ({', '.join(parts)})"
+
+    def for_session(self, is_admin: bool, profile: str | None, limits: dict[str, Any] | None) -> SessionIsolation:
+        """A new session's isolation: the defaults, changed by the request (400/403 when not allowed)."""
+        chosen = self.defaults.profile
+        if profile is not None:
+            if profile not in PROFILES:
+                raise InvalidRequest(f"'sandbox' must be one of {', '.join(PROFILES)}.", code="invalid_field",
+                                     details={"field": "sandbox"})
+            if profile != chosen and not is_admin:
+                raise Forbidden("Only an admin may choose a session's sandbox profile.", details={"field": "sandbox"})
+            if profile != "none" and STRONGEST_FIRST.index(profile) < STRONGEST_FIRST.index(self.profile):
+                why = self.reasons.get(profile, "it does not work on this machine")
+                raise InvalidRequest(f"The '{profile}' profile is not available here: {why}", code="invalid_field",
+                                     details={"field": "sandbox"})
+            chosen = profile
+        values = {attr: getattr(self.defaults, attr) for attr in LIMIT_FIELDS.values()}
+        for name, raw in (limits or {}).items():
+            if name not in LIMIT_FIELDS:
+                raise InvalidRequest(f"Unknown limit '{name}'. Known: {', '.join(LIMIT_FIELDS)}.",
+                                     code="invalid_field", details={"field": "limits", "name": name})
+            value = parse_limit(name, raw)
+            attr = LIMIT_FIELDS[name]
+            current = values[attr]
+            loosens = value is None or (current is not None and value > current)
+            if loosens and current is not None and not is_admin:
+                raise Forbidden(f"Only an admin may raise a session's {name} limit above the server's "
+                                f"{current}; ask for less.", details={"field": "limits", "name": name})
+            values[attr] = value
+        return SessionIsolation(chosen, **values)
+
+
+def parse_limit(name: str, raw: Any) -> int | float | None:
+    """A limit from a request: a number, a size string for byte limits, or 0/null for none."""
+    try:
+        if raw is None:
+            return None
+        if isinstance(raw, bool):
+            raise ValueError
+        if name == "cpu":
+            value: int | float = float(raw)
+        elif name == "pids":
+            value = int(raw) if isinstance(raw, int) else int(str(raw))
+        else:
+            value = byte_size(raw if isinstance(raw, (int, str)) else int(raw))
+        if value < 0:
+            raise ValueError
+        return value or None
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"The {name} limit must be a non-negative number"
+                             f"{' or a size like 512MiB' if name in ('memory', 'file_size', 'workspace') else ''}.",
+                             code="invalid_field", details={"field": "limits", "name": name}) from None
+
+
+def choose_profile(requested: str) -> tuple[str, dict[str, str]]:
+    """The profile to use and, for each one tried and not working, why."""
+    reasons: dict[str, str] = {}
+    candidates = STRONGEST_FIRST if requested == "auto" else (requested,)
+    for profile in candidates:
+        if profile == "none":
+            return "none", reasons
+        status = probe_profile(profile)
+        if status.works:
+            return profile, reasons
+        reasons[profile] = status.reason
+        log.warning("sandbox profile %s does not work here: %s", profile, status.reason)
+    if requested != "auto":
+        raise RuntimeError(f"The '{requested}' sandbox profile does not work here: {reasons[requested]} "
+                           "(run `agent-gateway doctor`, or choose another with --sandbox).")
+    return "none", reasons
+
+
+def runtime_root(data_dir: Path) -> Path:
+    """Where kernels' runtime directories (connection files, ipc sockets) live: in the data dir,
+    or under /run when that path is too long for socket names."""
+    inside = data_dir / "runtime"
+    if len(str(inside)) <= RUNTIME_PATH_BUDGET:
+        return inside
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    return Path("/run") / f"agent-gateway-{digest}"
+
+
+def human_bytes(value: int | None) -> str:
+    if not value:
+        return "unlimited"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= size and value % (size // 8 or 1) == 0:
+            return f"{value / size:g} {unit}"
+    return f"{value} bytes"
