@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import Forbidden, InvalidRequest
-from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile
+from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile, untraversable
 from gateway.settings import Settings, byte_size, uid_range
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,14 @@ class Isolation:
 
     def __init__(self, settings: Settings, data_dir: Path):
         self.requested = settings.sandbox
-        self.profile, self.reasons = choose_profile(settings.sandbox)
+        self.profile, self.reasons = choose_profile(settings.sandbox, data_dir)
         first, count = uid_range(settings.sandbox_uids)
         self.uids = UidPool(first, count)
         self.defaults = SessionIsolation(
             self.profile, settings.memory_limit or None, settings.cpu_limit or None, settings.pids_limit or None,
             settings.file_size_limit or None, settings.workspace_limit or None)
         self.runtime_root = runtime_root(data_dir)
+        self.data_dir = data_dir
 
     def describe(self) -> str:
         """One line for the server's start-up message."""
@@ -104,6 +105,16 @@ class Isolation:
         return SessionIsolation(chosen, **values)
 
 
+def open_for_traversal(path: Path, root: Path) -> None:
+    """Let other users pass through (not list) ``root`` and the directories from it down to
+    ``path``: under the process profile a kernel's uid must reach its workspace on the host."""
+    for directory in [*reversed(path.parents), path]:
+        if directory == root or root in directory.parents:
+            mode = directory.stat().st_mode & 0o777
+            if mode & 0o011 != 0o011:
+                directory.chmod(mode | 0o011)
+
+
 def parse_limit(name: str, raw: Any) -> int | float | None:
     """A limit from a request: a number, a size string for byte limits, or 0/null for none."""
     try:
@@ -126,7 +137,7 @@ def parse_limit(name: str, raw: Any) -> int | float | None:
                              code="invalid_field", details={"field": "limits", "name": name}) from None
 
 
-def choose_profile(requested: str) -> tuple[str, dict[str, str]]:
+def choose_profile(requested: str, data_dir: Path) -> tuple[str, dict[str, str]]:
     """The profile to use and, for each one tried and not working, why."""
     reasons: dict[str, str] = {}
     candidates = STRONGEST_FIRST if requested == "auto" else (requested,)
@@ -134,9 +145,11 @@ def choose_profile(requested: str) -> tuple[str, dict[str, str]]:
         if profile == "none":
             return "none", reasons
         status = probe_profile(profile)
-        if status.works:
+        blocked = untraversable(str(data_dir)) if profile == "process" else None
+        if status.works and blocked is None:
             return profile, reasons
-        reasons[profile] = status.reason
+        reasons[profile] = status.reason if not status.works else (
+            f"kernel uids must reach the data directory, but {blocked}")
         log.warning("sandbox profile %s does not work here: %s", profile, status.reason)
     if requested != "auto":
         raise RuntimeError(f"The '{requested}' sandbox profile does not work here: {reasons[requested]} "

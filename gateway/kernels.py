@@ -16,8 +16,9 @@ import re
 import resource
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
+import psutil
 import zmq
 import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
@@ -26,9 +27,7 @@ from jupyter_client.manager import AsyncKernelManager
 from gateway import sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
 from gateway.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from gateway.isolation import Isolation, SessionIsolation
+from gateway.isolation import Isolation, SessionIsolation, human_bytes, open_for_traversal
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +77,6 @@ def validate_env(env: Any) -> dict[str, str]:
 
 def kernel_process_under(launcher_pid: int, connection_file: str) -> int | None:
     """The pid of the ipykernel started (through bwrap or setpriv) by ``launcher_pid``."""
-    import psutil
-
     try:
         launcher = psutil.Process(launcher_pid)
         for process in [launcher, *launcher.children(recursive=True)]:
@@ -96,7 +93,7 @@ class RunningKernel:
     """One kernel process and the gateway's channels to it. Owned by a live session."""
 
     def __init__(self, manager: AsyncKernelManager, context: zmq.Context, label: str,
-                 isolation: "SessionIsolation | None" = None, owner: tuple[int, int] | None = None,
+                 isolation: SessionIsolation | None = None, owner: tuple[int, int] | None = None,
                  runtime_dir: Path | None = None):
         self.manager: AsyncKernelManager = manager
         self.context = context
@@ -107,7 +104,8 @@ class RunningKernel:
         self.isolation = isolation
         self.owner = owner  # (uid, gid) the kernel runs as, under the process and sandbox profiles
         self.runtime_dir = runtime_dir  # connection file and ipc sockets, same path inside and out
-        self.released: list[Any] = []  # called once when the kernel is shut down
+        self.released: list[Callable[[], None]] = []  # called once when the kernel is shut down
+        self._found_pid: tuple[int, int] | None = None  # (launcher pid, ipykernel pid) of an isolated kernel
 
     @property
     def profile(self) -> str:
@@ -158,7 +156,12 @@ class RunningKernel:
         launched = getattr(process, "pid", None)
         if launched is None or self.owner is None:
             return launched
-        return kernel_process_under(launched, self.connection_file) or launched
+        if self._found_pid is None or self._found_pid[0] != launched:
+            found = kernel_process_under(launched, self.connection_file)
+            if found is None:
+                return launched
+            self._found_pid = (launched, found)
+        return self._found_pid[1]
 
     @property
     def connection_file(self) -> str:
@@ -190,8 +193,6 @@ class RunningKernel:
         """How the process ended, in words ("exit code 1", "killed by SIGKILL")."""
         hit = self.limit_hit()
         if hit is not None:
-            from gateway.isolation import human_bytes
-
             return (f"the session exceeded its {human_bytes(hit['value'])} memory limit and the kernel was stopped "
                     "by the system")
         process = getattr(self.manager.provisioner, "process", None)
@@ -243,7 +244,7 @@ class RunningKernel:
 class KernelLauncher:
     """Starts kernels from the gateway's specs. One per server."""
 
-    def __init__(self, runtime_dir: Path, context: zmq.Context | None = None, isolation: "Isolation | None" = None):
+    def __init__(self, runtime_dir: Path, context: zmq.Context | None = None, isolation: Isolation | None = None):
         self.runtime_dir = runtime_dir
         runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(runtime_dir, 0o700)
@@ -256,7 +257,7 @@ class KernelLauncher:
         self.async_context = zmq.asyncio.Context.shadow(self.context.underlying)
         self.specs = KernelSpecManager(kernel_dirs=[str(kernels_dir())], ensure_native_kernel=False)
 
-    def isolation_defaults(self) -> "SessionIsolation | None":
+    def isolation_defaults(self) -> SessionIsolation | None:
         return self.isolation.defaults if self.isolation is not None else None
 
     def spec_names(self) -> list[str]:
@@ -277,7 +278,7 @@ class KernelLauncher:
         return env
 
     async def start(self, *, kernel_id: str, spec_name: str, cwd: Path, env: dict[str, str],
-                    ready_timeout: float, isolation: "SessionIsolation | None" = None) -> RunningKernel:
+                    ready_timeout: float, isolation: SessionIsolation | None = None) -> RunningKernel:
         """Start a kernel and wait until it answers; on any failure nothing is left running.
 
         ``isolation`` (default: the server's) decides the profile and limits; under ``process``
@@ -287,9 +288,7 @@ class KernelLauncher:
         spec = self.get_spec(spec_name)
         if isolation is None and self.isolation is not None:
             isolation = self.isolation.defaults
-        if isolation is not None and (isolation.profile == "none" or "kernel_provisioner" in spec.metadata):
-            isolation = None if isolation.profile == "none" else isolation
-        if isolation is None or "kernel_provisioner" in spec.metadata:
+        if isolation is None or isolation.profile == "none" or "kernel_provisioner" in spec.metadata:
             # Unisolated, or a spec whose own provisioner places the kernel (a cluster).
             return await self._start_plain(kernel_id, spec_name, cwd, env, ready_timeout)
         return await self._start_isolated(kernel_id, spec, spec_name, cwd, env, ready_timeout, isolation)
@@ -311,7 +310,7 @@ class KernelLauncher:
         return kernel
 
     async def _start_isolated(self, kernel_id: str, spec: KernelSpec, spec_name: str, cwd: Path,
-                              env: dict[str, str], ready_timeout: float, isolation: "SessionIsolation") -> RunningKernel:
+                              env: dict[str, str], ready_timeout: float, isolation: SessionIsolation) -> RunningKernel:
         assert self.isolation is not None
         runtime = self.isolation.runtime_root / kernel_id.replace("-", "")[:12]
         manager = self._manager(spec_name, **sandbox_provisioner.connection_settings(runtime))
@@ -321,12 +320,16 @@ class KernelLauncher:
         isolated_spec.metadata = {**spec.metadata, **sandbox_provisioner.spec_metadata()}
         isolated_spec.interrupt_mode = "message"
         manager._kernel_spec = isolated_spec
-        uid = self.isolation.uids.allocate(kernel_id)
+        uids = self.isolation.uids
+        uid = uids.allocate(kernel_id)
         kernel = RunningKernel(manager, self.context, label=kernel_id, isolation=isolation, owner=(uid, uid),
                                runtime_dir=runtime)
-        kernel.released.append(lambda: self.isolation.uids.release(kernel_id) if self.isolation else None)
+        kernel.released.append(lambda: uids.release(kernel_id))
         launch = sandbox.SandboxSpec(isolation.profile, kernel_id, cwd, runtime, uid=uid, gid=uid,
                                      limits=isolation.kernel_limits())
+        if isolation.profile == "process":
+            cwd.mkdir(parents=True, exist_ok=True)
+            open_for_traversal(cwd, self.isolation.data_dir)
         if cwd.exists():  # files the gateway put there (uploads, a fork's copy) become the kernel's
             await asyncio.to_thread(sandbox.hand_over_tree, cwd, uid, uid)
         await self._launch(kernel, ready_timeout, env=self.build_env(env), independent=True, sandbox=launch)

@@ -196,10 +196,10 @@ def _denied(path: str, ancestors: bool) -> str | None:
     need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0)
     if mode & need != need:
         return f"{real} is mode {stat.S_IMODE(mode):04o}: other users cannot read it"
-    return _untraversable(real) if ancestors else None
+    return untraversable(real) if ancestors else None
 
 
-def _untraversable(path: str) -> str | None:
+def untraversable(path: str) -> str | None:
     """Why other users cannot reach ``path`` through its parent directories, else None."""
     for parent in Path(os.path.realpath(path)).parents:
         mode = os.stat(parent).st_mode
@@ -368,8 +368,11 @@ def _prepare_dirs(spec: SandboxSpec) -> str:
     for path in (spec.workspace, spec.runtime_dir, home):
         os.chown(path, spec.uid or 0, _gid(spec))
     os.chmod(spec.runtime_dir, 0o700)
+    # bwrap enters the workspace (--chdir) as root without CAP_DAC_OVERRIDE, so it must be
+    # traversable; under process only the kernel's uid enters it (Popen's cwd, as full root).
+    os.chmod(spec.workspace, 0o711 if spec.profile == "sandbox" else 0o700)
     if spec.profile == "process":
-        why = _untraversable(str(spec.workspace)) or _untraversable(str(spec.runtime_dir))
+        why = untraversable(str(spec.workspace)) or untraversable(str(spec.runtime_dir))
         if why:
             raise IsolationUnavailable(f"the process profile shares the host's file system, so {why}")
         return str(home)

@@ -59,9 +59,12 @@ class Gateway:
     @classmethod
     def open(cls, settings: Settings) -> "Gateway":
         data = settings.data_path
+        os.umask(0o077)  # what the gateway writes is its own; isolated kernels get their files handed over
         data.mkdir(parents=True, exist_ok=True)
         data.chmod(0o700)
         store = Store(data / "gateway.db")
+        for path in data.glob("gateway.db*"):
+            path.chmod(0o600)
         metrics = Metrics()
         isolation = Isolation(settings, data)
         launcher = KernelLauncher(data / "runtime", isolation=isolation)

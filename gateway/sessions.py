@@ -31,7 +31,7 @@ from gateway.pool import KernelPool, bind
 from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view
 from gateway.settings import Settings
 from gateway.store import Store, decode_cursor, encode_cursor
-from gateway.isolation import SessionIsolation
+from gateway.isolation import SessionIsolation, human_bytes
 from gateway.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class LiveSession:
     last_message_at: str = ""
     hub: Any = None  # the Jupyter face's KernelHub, once a websocket client attached
     workspace_bytes: int = 0  # measured after each step when the session has a workspace limit
+    measuring: asyncio.Task[None] | None = None
 
     @property
     def id(self) -> str:
@@ -402,12 +403,10 @@ class SessionManager:
         status, error = step_outcome(raw, running.abort.result() if running.abort.done() else None,
                                      running.interrupt_requested, limit, kernel.exit_description())
         execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
-        if self.workspace_limit(live.row):
-            live.workspace_bytes = await asyncio.to_thread(live.workspace.size)
-            if live.workspace_bytes > (self.workspace_limit(live.row) or 0):
-                self.recorder.record_event(live.trajectory, "limit_exceeded", None, {
-                    "limit": "workspace", "value": self.workspace_limit(live.row), "size": live.workspace_bytes})
-                execution["warning"] = self.workspace_full(live.row, live.workspace_bytes).message
+        workspace_limit = self.workspace_limit(live.row)
+        if workspace_limit is not None and live.measuring is None:
+            # Measured off the response path; the next step or upload is refused if it is over.
+            live.measuring = asyncio.get_running_loop().create_task(self._measure_workspace(live, workspace_limit))
         if raw.ended == "died":
             await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")
         elif raw.ended == "stuck":
@@ -545,31 +544,39 @@ class SessionManager:
             return live.workspace, live.trajectory
         return Workspace(self.sessions_dir / session_id / "workspace"), self.trajectory_of(session_id)
 
-    def workspace_limit(self, row: dict[str, Any]) -> int | None:
-        isolation = self.isolation_of(row)
-        return isolation.workspace_bytes if isolation is not None else None
+    @staticmethod
+    def workspace_limit(row: dict[str, Any]) -> int | None:
+        limits = (row.get("isolation") or {}).get("limits") or {}
+        return limits.get("workspace")
 
-    def workspace_full(self, row: dict[str, Any], size: int) -> InsufficientStorage:
-        from gateway.isolation import human_bytes
-
-        limit = self.workspace_limit(row) or 0
-        return InsufficientStorage(
-            f"The session's workspace holds {size} bytes, over its {human_bytes(limit)} limit. Delete files "
-            "(DELETE /v1/sessions/{id}/files/{path}) to run steps or upload again.".replace("{id}", row["id"]),
-            details={"limit": "workspace", "limit_bytes": limit, "size_bytes": size})
+    async def _measure_workspace(self, live: LiveSession, limit: int) -> None:
+        """Measure the workspace after a step; past the limit, record it once."""
+        try:
+            was_over = live.workspace_bytes > limit
+            live.workspace_bytes = await asyncio.to_thread(live.workspace.size)
+            if live.workspace_bytes > limit and not was_over:
+                self.recorder.record_event(live.trajectory, "limit_exceeded", None, {
+                    "limit": "workspace", "value": limit, "size": live.workspace_bytes})
+        finally:
+            live.measuring = None
 
     def check_workspace_room(self, row: dict[str, Any], size: int, adding: int = 0) -> None:
         """Refuse (507 ``workspace_full``) when the workspace is, or would be, over its limit."""
         limit = self.workspace_limit(row)
-        if limit is not None and size + adding > limit:
-            raise self.workspace_full(row, size + adding)
+        if limit is None or size + adding <= limit:
+            return
+        raise InsufficientStorage(
+            f"The session's workspace holds {size + adding} bytes, over its {human_bytes(limit)} limit. Delete "
+            f"files (DELETE /v1/sessions/{row['id']}/files/{{path}}) to run steps or upload again.",
+            details={"limit": "workspace", "limit_bytes": limit, "size_bytes": size + adding})
 
     def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
                  sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
         workspace, trajectory = self._files_of(principal, session_id)
-        if self.workspace_limit(self.visible_row(principal, session_id)):
-            self.check_workspace_room(self.visible_row(principal, session_id), workspace.size(), size)
+        row = self.visible_row(principal, session_id)
+        if self.workspace_limit(row) is not None:
+            self.check_workspace_room(row, workspace.size(), size)
         target = workspace.install(path, received)
         relative = workspace.relative(target)
         self.recorder.record_event(trajectory, "file_upload", principal.name,
@@ -580,7 +587,7 @@ class SessionManager:
         workspace, trajectory = self._files_of(principal, session_id)
         kind = workspace.delete(path)
         live = self.live.get(session_id)
-        if live is not None and self.workspace_limit(live.row):
+        if live is not None and self.workspace_limit(live.row) is not None:
             live.workspace_bytes = workspace.size()
         self.recorder.record_event(trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
         return {"path": path, "deleted": kind}

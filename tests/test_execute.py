@@ -120,14 +120,14 @@ def test_steps_of_one_session_run_one_at_a_time_in_arrival_order(gateway, sessio
 
     def send(i: int) -> None:
         with gateway.client() as own:
-            results[i] = run(own, sid, f"import time; time.sleep(0.2); order = globals().get('order', []) + [{i}]; order")
+            results[i] = run(own, sid, f"import time; time.sleep(0.6); order = globals().get('order', []) + [{i}]; order")
 
     threads = []
     for i in range(4):
         thread = threading.Thread(target=send, args=(i,))
         thread.start()
         threads.append(thread)
-        time.sleep(0.05)  # arrival order 0, 1, 2, 3
+        time.sleep(0.15)  # arrival order 0, 1, 2, 3 (spaced for a loaded machine)
     for thread in threads:
         thread.join()
     assert results[3]["result"] == "[0, 1, 2, 3]"

@@ -80,7 +80,7 @@ from gateway.kernels import kernels_dir
 TOKEN = "bench-admin-token-" + os.urandom(8).hex()
 LISTENING = re.compile(r"listening on http://([^:\s]+):(\d+)")
 LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
-KERNEL_STARTED = re.compile(r"kernel \S+ started \(\S+, pid (\d+)\)")
+KERNEL_STARTED = re.compile(r"kernel \S+ started \((?:[^,()]+, )+pid (\d+)\)")
 KERNEL_NAME = "python3"
 BIG_CODE = 'print("x" * 1_000_000)'
 BIG_STDOUT_CHARS = 1_000_001  # the million x's and print's newline
@@ -183,7 +183,9 @@ class GatewayServer:
     """``python -m gateway serve`` on a free loopback port; logs go to files in ``workdir``.
 
     ``name`` names its data directory and log files (several gateways may run in one ``workdir``);
-    ``args`` are extra ``serve`` flags (``--pool-size``, ``--max-live-kernels``, ...)."""
+    ``args`` are extra ``serve`` flags (``--pool-size``, ``--max-live-kernels``, ...). Kernels run
+    unisolated (``--sandbox none``, like the raw baseline) unless ``args`` name a profile;
+    bench_isolation.py measures what isolation adds."""
 
     def __init__(self, workdir: Path, name: str = "gateway", args: tuple[str, ...] = ()):
         self.name = name
@@ -196,7 +198,7 @@ class GatewayServer:
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--port", "0", "--data-dir", str(self.data_dir),
-                 *self.args],
+                 *(() if "--sandbox" in self.args else ("--sandbox", "none")), *self.args],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         self.kernel_pids: set[int] = set()
         self.exit_code: int | None = None
