@@ -96,9 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
+        from gateway.isolation import IsolationRefused
         from gateway.server import run
 
-        asyncio.run(run(settings))
+        try:
+            asyncio.run(run(settings))
+        except IsolationRefused as exc:
+            print(f"agent-gateway: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "token":
         return token_command(args, settings)

@@ -137,6 +137,10 @@ def parse_limit(name: str, raw: Any) -> int | float | None:
                              code="invalid_field", details={"field": "limits", "name": name}) from None
 
 
+class IsolationRefused(RuntimeError):
+    """The configured profile cannot work here; the server does not start."""
+
+
 def choose_profile(requested: str, data_dir: Path) -> tuple[str, dict[str, str]]:
     """The profile to use and, for each one tried and not working, why."""
     reasons: dict[str, str] = {}
@@ -152,7 +156,7 @@ def choose_profile(requested: str, data_dir: Path) -> tuple[str, dict[str, str]]
             f"kernel uids must reach the data directory, but {blocked}")
         log.warning("sandbox profile %s does not work here: %s", profile, status.reason)
     if requested != "auto":
-        raise RuntimeError(f"The '{requested}' sandbox profile does not work here: {reasons[requested]} "
+        raise IsolationRefused(f"The '{requested}' sandbox profile does not work here: {reasons[requested]} "
                            "(run `agent-gateway doctor`, or choose another with --sandbox).")
     return "none", reasons
 

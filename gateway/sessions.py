@@ -512,6 +512,11 @@ class SessionManager:
         self.visible_row(principal, session_id)
         return [execution_view(row, with_code=True) for row in self.store.list_steps(session_id)]
 
+    def timeline(self, principal: Principal, session_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """Steps and the events that shape a rerun, in recorded order: ("step"|"event", row)."""
+        self.visible_row(principal, session_id)
+        return [(kind, dict(row)) for kind, row in self.store.timeline(session_id)]
+
     def events(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
         self.visible_row(principal, session_id)
         events = self.store.list_events(session_id)

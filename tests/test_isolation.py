@@ -1,14 +1,17 @@
 """Isolation through the gateway: hostile code in a session's kernel, run over the agent API
-and the kernel websocket, under the profile the server picked on this machine (``auto``).
+and the kernel websocket.
 
 Each check is made inside the kernel (the operation fails) and from outside (nothing changed,
 the limit is reported in the step, the trajectory and the audit log, no process is left).
-Skipped, with the reason, where the machine only offers the ``none`` profile."""
+Run under each isolating profile this machine supports, on a gateway of its own; a profile that
+does not work here is skipped with the reason."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -20,18 +23,31 @@ import psutil
 import pytest
 import websocket
 
+from gateway.sandbox import probe_profile
 from tests.conftest import GatewayProcess, run, start_gateway
 
 
-@pytest.fixture(scope="module")
-def isolated(gateway: GatewayProcess) -> dict[str, Any]:
-    with gateway.client() as admin:
-        probe = admin.post("/v1/sessions", json={}).json()
-        admin.delete(f"/v1/sessions/{probe['id']}")
-    profile = (probe.get("isolation") or {}).get("profile", "none")
-    if profile == "none":
-        pytest.skip("this machine offers no isolation profile (see `agent-gateway doctor`)")
-    return {"profile": profile}
+@pytest.fixture(scope="module", params=["sandbox", "process"])
+def isolated(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A gateway of its own under each isolating profile that works on this machine."""
+    profile = request.param
+    status = probe_profile(profile)
+    if not status.works:
+        pytest.skip(f"the {profile} profile does not work here: {status.reason}")
+    # Under `process` kernel uids reach their workspaces on the host: a traversable base.
+    base = Path(tempfile.mkdtemp(prefix="agw-isolation-", dir="/tmp"))
+    base.chmod(0o711)
+    gateway = start_gateway(base / "data", extra_args=("--sandbox", profile, "--pool-size", "1"))
+    try:
+        yield {"profile": profile, "gateway": gateway}
+    finally:
+        assert gateway.stop() == 0
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def gateway(isolated: dict[str, Any]) -> GatewayProcess:
+    return isolated["gateway"]
 
 
 @pytest.fixture
@@ -70,8 +86,8 @@ def test_a_session_cannot_reach_the_store_tokens_or_other_sessions(gateway: Gate
         for target in (secret, gateway.data_dir / "planted.txt", Path("/usr/planted.txt")):
             result = run(admin, attacker["id"], f"open({str(target)!r}, 'w').write('x')")
             assert result["status"] == "error", (target, result)
-        listing = run(admin, attacker["id"], f"import os; os.path.exists({str(gateway.data_dir / 'sessions')!r})")
-        assert listing["result"] == "False" or isolated["profile"] == "process"
+        listing = run(admin, attacker["id"], f"import os; os.listdir({str(gateway.data_dir / 'sessions')!r})")
+        assert listing["status"] == "error"  # sandbox: no such directory; process: not listable
         # From outside: nothing changed, nothing planted.
         assert secret.read_bytes() == before[1] == b"victim's secret"
         assert not (gateway.data_dir / "planted.txt").exists() and not Path("/usr/planted.txt").exists()
@@ -269,14 +285,27 @@ def test_the_websocket_face_runs_in_the_same_sandbox(gateway: GatewayProcess, ad
         admin.delete(f"/api/kernels/{kernel['id']}", params={"terminate": "true"})
 
 
-def test_an_unavailable_profile_is_refused_at_start(tmp_path: Path) -> None:
-    gateway = None
+def test_the_none_profile_is_announced_loudly(tmp_path: Path) -> None:
+    gateway = start_gateway(tmp_path / "data", extra_args=("--sandbox", "none", "--pool-size", "0"))
     try:
-        gateway = start_gateway(tmp_path / "data", extra_args=("--sandbox", "none", "--pool-size", "0"))
-        assert "UNISOLATED" in gateway.stderr_text()
+        assert "WARNING" in gateway.stderr_text() and "UNISOLATED" in gateway.stderr_text()
         with gateway.client() as client:
             session = new_session(client)
             assert session["isolation"]["profile"] == "none"
     finally:
-        if gateway is not None:
-            assert gateway.stop() == 0
+        assert gateway.stop() == 0
+
+
+def test_a_profile_that_cannot_work_stops_the_server_with_the_reason(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # pytest's temporary directories are mode 0700: a kernel's own uid could not reach a data
+    # directory inside one, so `process` cannot work there.
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0", "--sandbox", "process",
+                           "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "The 'process' sandbox profile does not work here" in done.stderr
+    assert "Traceback" not in done.stderr
+    if probe_profile("process").works:  # then the data directory is the one reason
+        assert "cannot traverse it" in done.stderr

@@ -16,6 +16,18 @@ from gateway.notebook import INLINE_UPLOAD_LIMIT
 CHUNK = 256 * 1024
 
 
+async def send_file(handler: BaseHandler, target: Path) -> None:
+    """Stream a file's bytes with its guessed type and length."""
+    kind, _ = mimetypes.guess_type(target.name)
+    handler.set_header("Content-Type", kind or "application/octet-stream")
+    handler.set_header("Content-Length", str(target.stat().st_size))
+    with open(target, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            handler.write(chunk)
+            await handler.flush()
+    handler.finish()
+
+
 class FileListHandler(BaseHandler):
     """GET /v1/sessions/{id}/files[?path=dir]"""
 
@@ -77,15 +89,7 @@ class FileHandler(BaseHandler):
 
     async def get(self, session_id: str, path: str) -> None:
         assert self.principal is not None
-        target = self.gateway.sessions.workspace(self.principal, session_id).existing_file(path)
-        kind, _ = mimetypes.guess_type(target.name)
-        self.set_header("Content-Type", kind or "application/octet-stream")
-        self.set_header("Content-Length", str(target.stat().st_size))
-        with open(target, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                self.write(chunk)
-                await self.flush()
-        self.finish()
+        await send_file(self, self.gateway.sessions.workspace(self.principal, session_id).existing_file(path))
 
     async def put(self, session_id: str, path: str) -> None:
         assert self.principal is not None

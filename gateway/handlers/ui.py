@@ -9,7 +9,6 @@ through the same session manager calls, with the same principal.
 
 from __future__ import annotations
 
-import mimetypes
 import time
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -20,7 +19,7 @@ import tornado.web
 from gateway.auth import Principal
 from gateway.errors import AuthenticationRequired, Forbidden, GatewayError, InvalidRequest
 from gateway.handlers.base import BaseHandler, audit_refusal, request_token
-from gateway.handlers.files import CHUNK
+from gateway.handlers.files import send_file
 from gateway.handlers.sessions import SESSION_STATES, SID
 from gateway.ui_render import render_outputs
 
@@ -182,7 +181,7 @@ class SessionPage(UiHandler):
         assert self.principal is not None
         sessions = self.gateway.sessions
         session = sessions.get(self.principal, session_id)
-        timeline = [(kind, dict(row)) for kind, row in sessions.store.timeline(session_id)]
+        timeline = sessions.timeline(self.principal, session_id)
         try:
             files = sessions.workspace(self.principal, session_id).list()
         except GatewayError:
@@ -208,16 +207,9 @@ class FileDownload(UiHandler):
     async def get(self, session_id: str, path: str) -> None:
         assert self.principal is not None
         target = self.gateway.sessions.workspace(self.principal, session_id).existing_file(path)
-        kind, _ = mimetypes.guess_type(target.name)
-        self.set_header("Content-Type", kind or "application/octet-stream")
         self.set_header("Content-Security-Policy", "sandbox")
         self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(target.name)}")
-        self.set_header("Content-Length", str(target.stat().st_size))
-        with open(target, "rb") as handle:
-            while chunk := handle.read(CHUNK):
-                self.write(chunk)
-                await self.flush()
-        self.finish()
+        await send_file(self, target)
 
 
 def safe_next(target: str | None) -> str:
