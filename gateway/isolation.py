@@ -115,6 +115,28 @@ def open_for_traversal(path: Path, root: Path) -> None:
                 directory.chmod(mode | 0o011)
 
 
+LIMIT_WORDS = {"file_size": "largest file", "pids": "process and thread"}
+
+
+def limit_behind(error: dict[str, Any] | None, isolation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The limit a step's Python error comes from (a file past RLIMIT_FSIZE, a fork or thread
+    past the pids limit), if it does: ``{"limit", "value"}``."""
+    if not error or not isolation or isolation.get("profile") == "none":
+        return None
+    limits = isolation.get("limits") or {}
+    text = f"{error.get('name')}: {error.get('value')}"
+    if "File too large" in text and limits.get("file_size"):
+        return {"limit": "file_size", "value": limits["file_size"]}
+    if error.get("name") == "BlockingIOError" and "Resource temporarily unavailable" in text and limits.get("pids"):
+        return {"limit": "pids", "value": limits["pids"]}
+    return None
+
+
+def describe_limit(hit: dict[str, Any]) -> str:
+    value = human_bytes(hit["value"]) if hit["limit"] == "file_size" else str(hit["value"])
+    return f"the session's {LIMIT_WORDS.get(hit['limit'], hit['limit'])} limit is {value}"
+
+
 def parse_limit(name: str, raw: Any) -> int | float | None:
     """A limit from a request: a number, a size string for byte limits, or 0/null for none."""
     try:

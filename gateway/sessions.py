@@ -31,7 +31,7 @@ from gateway.pool import KernelPool, bind
 from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view
 from gateway.settings import Settings
 from gateway.store import Store, decode_cursor, encode_cursor
-from gateway.isolation import SessionIsolation, human_bytes
+from gateway.isolation import SessionIsolation, describe_limit, human_bytes, limit_behind
 from gateway.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -402,6 +402,10 @@ class SessionManager:
                 live.row["state"] = "idle"
         status, error = step_outcome(raw, running.abort.result() if running.abort.done() else None,
                                      running.interrupt_requested, limit, kernel.exit_description())
+        hit = limit_behind(error, live.row.get("isolation"))
+        if hit is not None and error is not None:
+            error["value"] = f"{error['value']} ({describe_limit(hit)})"
+            self.recorder.record_event(live.trajectory, "limit_exceeded", principal.name, hit)
         execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
         workspace_limit = self.workspace_limit(live.row)
         if workspace_limit is not None and live.measuring is None:

@@ -90,12 +90,24 @@ class Workspace:
         # Re-check after creating parents: a component may be a symlink created meanwhile.
         self.resolve(relative)
         if self.owner is not None:
-            os.chown(source, *self.owner)
-            for parent in path.relative_to(self.root).parents:
-                if parent != Path("."):
-                    os.chown(self.root / parent, *self.owner)
+            os.chown(source, *self.owner)  # in the uploads directory, out of the kernel's reach
+            self._give_parents(path.relative_to(self.root).parts[:-1])
         os.replace(source, path)
         return path
+
+    def _give_parents(self, parts: tuple[str, ...]) -> None:
+        """Hand the directories leading to an upload to the kernel's uid, never following a
+        symbolic link (the running kernel may swap a directory for one at any moment)."""
+        assert self.owner is not None
+        descriptor = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=descriptor)
+                os.close(descriptor)
+                descriptor = inner
+                os.fchown(descriptor, *self.owner)
+        finally:
+            os.close(descriptor)
 
     def give_to_owner(self) -> None:
         """Hand everything in the workspace to the isolated kernel's uid (after the gateway wrote it)."""
