@@ -58,6 +58,14 @@ class GatewayProcess:
         return self.stderr_path.read_text()
 
 
+def running(pid: int) -> bool:
+    """Whether a process is alive and not a zombie (it may end while being looked at)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def start_gateway(data_dir: Path, *, token: str | None = TOKEN, extra_args: tuple[str, ...] = (),
                   env: dict[str, str] | None = None) -> GatewayProcess:
     """Start ``python -m gateway serve`` on a free port and wait until it answers."""
@@ -92,7 +100,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     yield proc
     children = proc.kernel_pids()
     assert proc.stop() == 0
-    assert not [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not [pid for pid in children if running(pid)]
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from gateway import cgroups, doctor, sandbox
 from gateway.cgroups import CgroupSet, Support
 from gateway.sandbox import Limits, SandboxSpec, UidPool
 from gateway.sandbox_provisioner import SandboxProvisioner, connection_settings, register, spec_metadata
+from tests.conftest import running
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="isolation needs the tests to run as root")
 PARENT = f"agw-test-{os.getpid()}"
@@ -468,7 +469,7 @@ def test_kernel_is_confined(profile: str, profiles: dict[str, sandbox.ProfileSta
     _interrupt_sleep(kernel)
     pids = kernel.cgroup.pids()
     kernel.stop()
-    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not [pid for pid in pids if running(pid)]
     assert not kernel.cgroup.exists() and not kernel.spec.runtime_dir.exists()
 
 
@@ -518,7 +519,7 @@ def test_fork_bomb_is_contained_and_kill_all_cleans_up(profile: str, profiles: d
     assert len(inside) >= int(forked)
     assert kernel.cgroup.kill_all(timeout=5)
     _wait_dead(kernel)
-    alive = [pid for pid in inside if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    alive = [pid for pid in inside if running(pid)]
     assert not alive, f"processes survived kill_all: {alive}"
     uid_left = [p.pid for p in psutil.process_iter(["uids", "status"])
                 if p.info["uids"].real == kernel.spec.uid and p.info["status"] != psutil.STATUS_ZOMBIE]

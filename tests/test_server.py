@@ -12,14 +12,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import kernel_host_pid, run, start_gateway
+from tests.conftest import kernel_host_pid, run, running, start_gateway
 
 
 def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:
     deadline = time.monotonic() + timeout
     alive = set(pids)
     while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"}
+        alive = {pid for pid in alive if running(pid)}
         time.sleep(0.1)
     return alive
 
@@ -119,7 +119,7 @@ def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path
             assert run(client, paused, "kept_in_snapshot")["result"] == "'yes'"
             # A kernel no session claims (the pool's) was stopped; nothing is orphaned.
             orphans = [pid for pid in kernels_before - family
-                       if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+                       if running(pid)]
             assert orphans == []
             # Interrupt and restart work on the reattached kernel.
             client.post(f"/v1/sessions/{sid}/restart")
@@ -127,7 +127,7 @@ def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path
             assert run(client, sid, "import os; os.getcwd().endswith('workspace')")["result"] == "True"
     finally:
         assert restarted.stop() == 0
-    assert not psutil.pid_exists(kernel_pid) or psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE
+    assert not running(kernel_pid)
 
 
 def test_a_crash_with_the_kernel_gone_too_fails_the_session_with_a_reason(tmp_path: Path) -> None:
