@@ -88,6 +88,10 @@ class KernelPool:
 
     async def close(self) -> None:
         self.closed = True
+        if self.tasks:
+            # A kernel being started is let finish, then stopped by its task: cancelling a launch
+            # half-way could leave its process running (an isolated kernel is not our child).
+            await asyncio.wait(list(self.tasks), timeout=self.start_timeout)
         for task in list(self.tasks):
             task.cancel()
         kernels = [kernel for queue in self.ready.values() for kernel in queue]

@@ -147,3 +147,12 @@ def test_a_crash_with_the_kernel_gone_too_fails_the_session_with_a_reason(tmp_pa
             assert client.post(f"/v1/sessions/{sid}/execute", json={"code": "1"}).status_code == 409
     finally:
         assert restarted.stop() == 0
+
+
+def test_a_stop_while_the_pool_is_still_starting_kernels_leaves_none_behind(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = start_gateway(data)  # the pool starts its kernels just after the server listens
+    assert proc.stop() == 0
+    time.sleep(1)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(data) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], "kernel processes outlived the gateway"
