@@ -8,7 +8,7 @@
              namespaces; only /usr, the interpreter, the workspace (at ``/workspace``) and the
              kernel's runtime directory (at its own path) are visible; no network but ``lo``.
 
-The launch order, measured to work (see FINDINGS.md): the gateway (root) forks; a ``preexec_fn``
+The launch order: the gateway (root) forks; a ``preexec_fn``
 joins the cgroups and sets rlimits; for ``sandbox`` it then execs ``bwrap`` (still root, so it
 can bind any path) which execs ``setpriv`` inside the namespaces to drop to the kernel's uid
 with no capabilities and ``no_new_privs``; for ``process`` it execs ``setpriv`` directly. The

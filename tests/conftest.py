@@ -58,10 +58,13 @@ class GatewayProcess:
         return self.stderr_path.read_text()
 
 
-def running(pid: int) -> bool:
-    """Whether a process is alive and not a zombie (it may end while being looked at)."""
+def running(process: int | psutil.Process) -> bool:
+    """Whether a process is alive and not a zombie (it may end while being looked at). Given a
+    ``psutil.Process`` taken earlier, a new process that reused its pid does not count."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        if isinstance(process, int):
+            process = psutil.Process(process)
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

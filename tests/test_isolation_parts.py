@@ -467,9 +467,9 @@ def test_kernel_is_confined(profile: str, profiles: dict[str, sandbox.ProfileSta
     assert kernel.run("1 + 1")[0]["status"] == "ok", "the kernel did not survive RLIMIT_FSIZE"
 
     _interrupt_sleep(kernel)
-    pids = kernel.cgroup.pids()
+    processes = [p for p in map(_process_or_none, kernel.cgroup.pids()) if p is not None]
     kernel.stop()
-    assert not [pid for pid in pids if running(pid)]
+    assert not [p.pid for p in processes if running(p)]
     assert not kernel.cgroup.exists() and not kernel.spec.runtime_dir.exists()
 
 
@@ -503,6 +503,14 @@ def test_memory_limit_kills_and_is_reported(profile: str, profiles: dict[str, sa
     assert kernel.provisioner.oom_killed(), "the OOM verdict must survive the cleanup"
 
 
+def _process_or_none(pid: int) -> psutil.Process | None:
+    """The process (remembered with its start time, so a reused pid is told apart), if it still exists."""
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
 @ROOT_ONLY
 @pytest.mark.parametrize("profile", ["process", "sandbox"])
 def test_fork_bomb_is_contained_and_kill_all_cleans_up(profile: str, profiles: dict[str, sandbox.ProfileStatus],
@@ -517,9 +525,10 @@ def test_fork_bomb_is_contained_and_kill_all_cleans_up(profile: str, profiles: d
     assert kernel.run("1 + 1")[0]["status"] == "ok"
     inside = kernel.cgroup.pids()
     assert len(inside) >= int(forked)
+    processes = [p for p in map(_process_or_none, inside) if p is not None]
     assert kernel.cgroup.kill_all(timeout=5)
     _wait_dead(kernel)
-    alive = [pid for pid in inside if running(pid)]
+    alive = [p.pid for p in processes if running(p)]
     assert not alive, f"processes survived kill_all: {alive}"
     uid_left = [p.pid for p in psutil.process_iter(["uids", "status"])
                 if p.info["uids"].real == kernel.spec.uid and p.info["status"] != psutil.STATUS_ZOMBIE]
