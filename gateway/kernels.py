@@ -321,7 +321,7 @@ class KernelLauncher:
         isolated_spec.interrupt_mode = "message"
         manager._kernel_spec = isolated_spec
         uids = self.isolation.uids
-        uid = uids.allocate(kernel_id)
+        uid = await asyncio.to_thread(uids.allocate, kernel_id)
         kernel = RunningKernel(manager, self.context, label=kernel_id, isolation=isolation, owner=(uid, uid),
                                runtime_dir=runtime)
         kernel.released.append(lambda: uids.release(kernel_id))
@@ -340,6 +340,8 @@ class KernelLauncher:
             await kernel.manager.start_kernel(**kwargs)
             kernel.connect()
             await kernel.wait_ready(ready_timeout)
+            if kernel.owner is not None:
+                await asyncio.to_thread(lambda: kernel.pid)  # found once, off the event loop
         except BaseException:
             await kernel.shutdown(now=True)
             raise

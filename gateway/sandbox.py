@@ -31,6 +31,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -313,15 +314,17 @@ class UidPool:
         self.first = first
         self.count = count
         self.owners: dict[str, int] = {}
+        self.lock = threading.Lock()  # allocate() scans the process table, so callers run it in threads
 
     def allocate(self, owner: str) -> int:
-        if owner in self.owners:
-            return self.owners[owner]
-        taken = set(self.owners.values()) | _process_uids()
-        for uid in range(self.first, self.first + self.count):
-            if uid not in taken and not _has_account(uid):
-                self.owners[owner] = uid
-                return uid
+        with self.lock:
+            if owner in self.owners:
+                return self.owners[owner]
+            taken = set(self.owners.values()) | _process_uids()
+            for uid in range(self.first, self.first + self.count):
+                if uid not in taken and not _has_account(uid):
+                    self.owners[owner] = uid
+                    return uid
         raise IsolationUnavailable(f"all {self.count} kernel uids from {self.first} are in use")
 
     def reserve(self, owner: str, uid: int) -> None:
@@ -329,7 +332,8 @@ class UidPool:
         self.owners[owner] = uid
 
     def release(self, owner: str) -> None:
-        self.owners.pop(owner, None)
+        with self.lock:
+            self.owners.pop(owner, None)
 
     def owner_of(self, uid: int) -> str | None:
         return next((owner for owner, held in self.owners.items() if held == uid), None)
