@@ -105,7 +105,7 @@ class RunningKernel:
         self.owner = owner  # (uid, gid) the kernel runs as, under the process and sandbox profiles
         self.runtime_dir = runtime_dir  # connection file and ipc sockets, same path inside and out
         self.released: list[Callable[[], None]] = []  # called once when the kernel is shut down
-        self._found_pid: tuple[int, int] | None = None  # (launcher pid, ipykernel pid) of an isolated kernel
+        self._found: tuple[int, psutil.Process] | None = None  # (launcher pid, ipykernel) of an isolated kernel
 
     @property
     def profile(self) -> str:
@@ -156,12 +156,15 @@ class RunningKernel:
         launched = getattr(process, "pid", None)
         if launched is None or self.owner is None:
             return launched
-        if self._found_pid is None or self._found_pid[0] != launched:
+        if self._found is None or self._found[0] != launched:
             found = kernel_process_under(launched, self.connection_file)
             if found is None:
                 return launched
-            self._found_pid = (launched, found)
-        return self._found_pid[1]
+            try:
+                self._found = (launched, psutil.Process(found))
+            except psutil.Error:
+                return launched
+        return int(self._found[1].pid)
 
     @property
     def connection_file(self) -> str:
@@ -179,7 +182,17 @@ class RunningKernel:
         self.kernel_info = await self.connection.wait_ready(timeout, self.is_alive)
 
     async def is_alive(self) -> bool:
-        return bool(await self.manager.is_alive())
+        """Whether the kernel runs. For an isolated kernel the ipykernel process itself is looked
+        at: its launcher (bwrap) notices the kernel's death only a moment later."""
+        if not await self.manager.is_alive():
+            return False
+        launcher = getattr(self.manager.provisioner, "process", None)
+        if self._found is None or self._found[0] != getattr(launcher, "pid", None):
+            return True
+        try:
+            return bool(self._found[1].status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
 
     def limit_hit(self) -> dict[str, Any] | None:
         """The limit that ended the kernel, if one did (the memory cgroup's OOM kill)."""

@@ -282,14 +282,22 @@ def _after_body(method: Any) -> Any:
 
 
 class NotFoundHandler(BaseHandler):
-    """Any path no route claims."""
+    """Any path no route claims. Answered once the body is read, like every error found in
+    ``prepare``: answering earlier would close a keep-alive connection under the client."""
 
     public = True
 
     def prepare(self) -> None:
         super().prepare()
-        raise NotFound(f"There is no route {self.request.path}. See docs/api.md for the routes.",
-                       code="route_not_found", details={"path": self.request.path})
+        if self.deferred_error is None:
+            self.deferred_error = NotFound(f"There is no route {self.request.path}. See docs/api.md for the routes.",
+                                           code="route_not_found", details={"path": self.request.path})
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        assert self.deferred_error is not None
+        raise self.deferred_error
+
+    post = put = delete = patch = head = options = get
 
 
 def _reject_constant(name: str) -> Any:
