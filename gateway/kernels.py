@@ -190,9 +190,17 @@ class RunningKernel:
         if self._found is None or self._found[0] != getattr(launcher, "pid", None):
             return True
         try:
-            return bool(self._found[1].status() != psutil.STATUS_ZOMBIE)
+            if self._found[1].status() != psutil.STATUS_ZOMBIE:
+                return True
         except psutil.Error:
-            return False
+            pass
+        # The kernel is gone: give its launcher a moment to exit, so how it ended is known.
+        provisioner = self.manager.provisioner
+        for _ in range(50):
+            if provisioner is None or await provisioner.poll() is not None:
+                break
+            await asyncio.sleep(0.02)
+        return False
 
     def limit_hit(self) -> dict[str, Any] | None:
         """The limit that ended the kernel, if one did (the memory cgroup's OOM kill)."""
