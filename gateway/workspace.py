@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.clock import iso
 from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.sandbox import hand_over_tree
 
 
 class Workspace:
@@ -112,8 +113,6 @@ class Workspace:
     def give_to_owner(self) -> None:
         """Hand everything in the workspace to the isolated kernel's uid (after the gateway wrote it)."""
         if self.owner is not None:
-            from gateway.sandbox import hand_over_tree
-
             hand_over_tree(self.root, *self.owner)
 
     def size(self) -> int:
