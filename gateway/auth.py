@@ -49,12 +49,15 @@ def new_token() -> str:
 class TokenAuthority:
     """Maps tokens to principals. Created once per server; consulted on every request."""
 
-    def __init__(self, store: Store, configured_admin_token: str | None = None, jwt: Any = None):
+    def __init__(self, store: Store, configured_admin_token: str | None = None, jwt: Any = None,
+                 configured_admin_hash: str | None = None):
         self.store = store
         self.jwt = jwt
         self._configured: list[tuple[str, Principal]] = []
         if configured_admin_token:
             self._configured.append((hash_token(configured_admin_token), Principal("admin", "admin")))
+        if configured_admin_hash:
+            self._configured.append((configured_admin_hash.lower(), Principal("admin", "admin")))
         self._by_hash: dict[str, Principal] = {}
         self._reloaded_at = 0.0
         self.reload()

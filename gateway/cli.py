@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -95,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.resolve(overrides)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve" and settings.token:
+        return serve_without_secrets(settings.token)
     if args.command == "serve":
         from gateway.isolation import IsolationRefused
         from gateway.server import run
@@ -110,6 +113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit":
         return audit_command(args, settings)
     return 2
+
+
+def serve_without_secrets(token: str) -> int:
+    """Start ``serve`` again with the admin token's hash in place of the token, so the token is
+    in no process environment or command line (``/proc/<pid>/environ``, ``cmdline``)."""
+    from gateway.auth import hash_token
+
+    env = {name: value for name, value in os.environ.items() if name != "AGENT_GATEWAY_TOKEN"}
+    env["AGENT_GATEWAY_TOKEN_SHA256"] = hash_token(token)
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--token":
+            skip = True
+        elif not arg.startswith("--token="):
+            argv.append(arg)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "gateway", *argv], env)
+    return 2  # not reached
 
 
 def token_command(args: argparse.Namespace, settings: Settings) -> int:

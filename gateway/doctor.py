@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-from gateway import cgroups, sandbox
+from gateway import cgroups, sandbox, volumes
 
 
 def _tool_version(name: str) -> str | None:
@@ -48,6 +48,9 @@ def diagnose(cgroup_parent: str = cgroups.DEFAULT_PARENT, refresh: bool = False)
         "interpreters": _interpreters(),
         "profiles": {name: status.to_dict() for name, status in profiles.items()},
         "recommended": _recommended(profiles),
+        "workspace_volumes": {"works": volumes.support() is None, "reason": volumes.support() or
+                              "root, the loop driver and mkfs.ext4 are there: each isolated workspace can "
+                              "be a file system of its limit's size"},
     }
 
 
@@ -96,6 +99,8 @@ def format_report(facts: dict[str, Any]) -> str:
     lines = [f"agent-gateway doctor: running as uid {facts['euid']}, Python {facts['python']}",
              f"bwrap: {tools['bwrap'] or 'not installed'}", f"setpriv: {tools['setpriv'] or 'not installed'}", ""]
     lines += _cgroup_lines(facts) + [""] + _interpreter_lines(facts) + [""] + _profile_lines(facts)
+    found = facts["workspace_volumes"]
+    lines += ["", f"Workspace volumes: {'work' if found['works'] else 'DO NOT WORK'}: {found['reason']}"]
     lines += ["", f"Recommended profile here: {facts['recommended']}"]
     return "\n".join(lines)
 

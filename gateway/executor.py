@@ -8,7 +8,7 @@ kernel's liveness checked while waiting so a dead kernel never hangs a step.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from gateway.channels import KernelConnection
@@ -26,23 +26,28 @@ class RawExecution:
     execution_count: int | None
     truncated: bool
     ended: str  # "reply"; "timeout" (stopped by the interrupt); "stuck" (ignored it); "died"; "aborted"
+    stdin: list[dict[str, Any]] = field(default_factory=list)  # input() prompts and replies, in order
 
 
 class ExecutionListener:
     """Gathers the messages answering one execute_request, whoever sent it.
 
-    ``on_start`` is called when the kernel starts running the request (its ``execute_input``),
-    which is where the step takes its place in the trajectory; ``done`` resolves at idle + reply.
+    ``on_start`` is called when the kernel starts running the request (its ``execute_input``);
+    ``done`` resolves at idle + reply. The kernel's input_requests are kept in ``stdin`` with
+    the replies given (``input_given``); ``answer``, when set, replies to them itself.
     """
 
     def __init__(self, collector: OutputCollector, done: asyncio.Future[None],
-                 on_start: Callable[[], None] | None = None):
+                 on_start: Callable[[], None] | None = None,
+                 answer: Callable[[dict[str, Any]], str] | None = None):
         self.collector = collector
         self.done = done
         self.on_start = on_start
+        self.answer = answer
         self.started = False
         self.reply: dict[str, Any] | None = None
         self.idle = False
+        self.stdin: list[dict[str, Any]] = []
 
     def on_message(self, channel: str, msg: dict[str, Any]) -> None:
         if channel == "iopub":
@@ -55,7 +60,12 @@ class ExecutionListener:
                 self.mark_started()
             else:
                 self.collector.handle(msg)
-        elif channel == "shell" and msg["header"]["msg_type"] == "execute_reply":
+        elif channel == "stdin" and msg["header"]["msg_type"] == "input_request":
+            content = msg["content"]
+            self.stdin.append({"prompt": str(content.get("prompt", "")), "password": bool(content.get("password"))})
+            if self.answer is not None:
+                self.input_given(self.answer(msg))
+        elif msg["header"]["msg_type"] == "execute_reply":  # on shell, or on control when sent there
             self.reply = msg
         if self.idle and self.reply is not None and not self.done.done():
             self.done.set_result(None)
@@ -66,37 +76,51 @@ class ExecutionListener:
             if self.on_start is not None:
                 self.on_start()
 
+    def input_given(self, value: str) -> None:
+        """The reply to the kernel's oldest unanswered input_request; a password is not kept."""
+        for exchange in self.stdin:
+            if "value" not in exchange:
+                exchange["value"] = None if exchange["password"] else value
+                return
+
     def result(self, ended: str) -> RawExecution:
         """What the kernel did, once the wait has ended."""
-        self.mark_started()
         execution_count = self.collector.execution_count
         reply = self.reply["content"] if self.reply else None
         if reply and reply.get("execution_count") is not None:
             execution_count = reply["execution_count"]
         return RawExecution(outputs=self.collector.finish(), reply=reply, execution_count=execution_count,
-                            truncated=self.collector.truncated, ended=ended)
+                            truncated=self.collector.truncated, ended=ended, stdin=self.stdin)
 
 
 async def execute(connection: KernelConnection, code: str, *, timeout: float, output_limit: int,
                   is_alive: Any, interrupt: Any, interrupt_grace: float,
                   sink: EventSink | None = None, silent: bool = False, store_history: bool = True,
                   abort: asyncio.Future[str] | None = None,
-                  on_start: Callable[[], None] | None = None) -> RawExecution:
+                  on_send: Callable[[], None] | None = None,
+                  on_start: Callable[[], None] | None = None,
+                  input_replies: list[str] | None = None) -> RawExecution:
     """Run ``code``; returns when the kernel is idle again, the deadline passed, or the kernel died.
 
     ``is_alive`` and ``interrupt`` are coroutine functions of the kernel that owns the connection.
     On timeout the kernel is interrupted and given ``interrupt_grace`` seconds to finish.
     When ``abort`` resolves first (restart, terminate), the wait ends with "aborted".
+    ``on_send`` is called just before the request goes out (if it raises, nothing is sent).
+    Without ``input_replies`` the kernel may not ask for input (``input()`` raises); with them,
+    its input_requests are answered with them in order (then with empty strings).
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     collector = OutputCollector(output_limit, sink)
-    listener = ExecutionListener(collector, done, on_start)
+    answer = None if input_replies is None else _replier(connection, input_replies)
+    listener = ExecutionListener(collector, done, on_start, answer)
     request = connection.session.msg("execute_request", {
         "code": code, "silent": silent, "store_history": store_history,
-        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True,
+        "user_expressions": {}, "allow_stdin": answer is not None, "stop_on_error": True,
     })
     msg_id = request["header"]["msg_id"]
+    if on_send is not None:
+        on_send()
     connection.send("shell", request, listener)
     try:
         ended = await _wait(done, loop.time() + timeout, is_alive, abort)
@@ -107,6 +131,19 @@ async def execute(connection: KernelConnection, code: str, *, timeout: float, ou
     finally:
         connection.forget(msg_id)
     return listener.result(ended)
+
+
+def _replier(connection: KernelConnection, replies: list[str]) -> Callable[[dict[str, Any]], str]:
+    """Answers each input_request with the next of ``replies`` (an empty string once they run out)."""
+    remaining = iter(replies)
+
+    def answer(input_request: dict[str, Any]) -> str:
+        value = next(remaining, "")
+        connection.send("stdin", connection.session.msg("input_reply", {"value": value},
+                                                        parent=input_request["header"]))
+        return value
+
+    return answer
 
 
 async def _wait(done: asyncio.Future[None], deadline: float, is_alive: Any,

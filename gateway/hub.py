@@ -4,8 +4,10 @@ The hub is an observer of the kernel's channels: every iopub message goes to eve
 client; replies go to the client that sent the request (by parent ``msg_id``). A client that
 disconnects is parked for a while: what it misses is kept (bounded) and replayed when it comes
 back with the same ``session_id``. Every execute_request a client sends is recorded as a step
-of the session (``source: "jupyter"``) when the kernel finishes it, in the order the kernel ran
-it; silent executions are recorded as audit events with their code.
+of the session (``source: "jupyter"``) before it is forwarded to the kernel (status ``running``,
+numbered in the order the kernel runs it) and completed when the kernel finishes it, with its
+user_expressions and what the client typed in answer to input(); silent executions are
+recorded as audit events with their code before they are forwarded.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class ClientRequest:
     and an execute_request is also gathered into a recorded step."""
 
     def __init__(self, hub: "KernelHub", client_id: str, principal: Principal, msg_id: str,
-                 execution: ExecutionListener | None, code: str, place: StepPlace | None):
+                 execution: ExecutionListener | None, code: str, place: StepPlace | None,
+                 user_expressions: dict[str, str] | None = None):
         self.hub = hub
         self.place = place
         self.client_id = client_id
@@ -93,10 +96,13 @@ class ClientRequest:
         self.msg_id = msg_id
         self.execution = execution
         self.code = code
+        self.user_expressions = user_expressions
 
     def on_message(self, channel: str, msg: dict[str, Any]) -> None:
         if channel != "iopub":
             self.hub.to_client(self.client_id, channel, msg, msg["frames"])
+            if channel == "stdin" and msg["header"].get("msg_type") == "input_request":
+                self.hub.awaiting_input[str(msg["header"].get("msg_id", ""))] = self
         if self.execution is not None:
             self.execution.on_message(channel, msg)
             if self.execution.done.done():
@@ -115,6 +121,7 @@ class KernelHub:
         self.clients: dict[str, WebsocketClient] = {}
         self.parked: dict[str, Parked] = {}
         self.requests: dict[str, ClientRequest] = {}
+        self.awaiting_input: dict[str, ClientRequest] = {}  # by the msg_id of the kernel's input_request
         self.pending_by_client: dict[str, int] = {}
         assert live.kernel is not None
         live.kernel.observers.append(self.observe)
@@ -152,7 +159,12 @@ class KernelHub:
             self.manager.recorder.record_event(self.live.trajectory, "jupyter_detached", client.principal.name,
                                                {"client": client.client_id})
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: str, ended_by: str) -> None:
+        """Disconnect every client; executions still running are recorded as ``interrupted``
+        ("The session was <ended_by> during this step.")."""
+        for request in list(self.requests.values()):
+            if request.execution is not None:
+                self.finish_step(request, "aborted", aborted_by=ended_by)
         for client in list(self.clients.values()):
             client.refuse(reason)
         self.clients.clear()
@@ -184,9 +196,10 @@ class KernelHub:
     # requests from clients --------------------------------------------------------------
 
     def from_client(self, client: WebsocketClient, channel: str, header: dict[str, Any], content: dict[str, Any] | None,
-                    send: Any) -> None:
+                    send: Any, parent: dict[str, Any] | None = None) -> None:
         """Forward one client message to the kernel. ``send(listener)`` puts it on the wire;
-        ``content`` is given for execute requests (the code is recorded)."""
+        ``content`` is given for execute requests (the code is recorded, before it is sent) and
+        input replies (with their ``parent``: the kernel's input_request)."""
         msg_type = str(header.get("msg_type", ""))
         msg_id = str(header.get("msg_id", ""))
         if not self.may_run(client.principal):
@@ -196,20 +209,35 @@ class KernelHub:
             # A debugger must not end a session through the kernel protocol; restarts go through REST.
             log.info("session %s: ignored a shutdown_request from %s", self.live.id, client.principal.name)
             return
+        if msg_type == "input_reply":
+            self.record_input(parent if isinstance(parent, dict) else {}, content if isinstance(content, dict) else {})
         if not msg_type.endswith("_request"):
             send(None)
             return
         if self.pending_by_client.get(client.client_id, 0) >= MAX_PENDING_REQUESTS:
             client.refuse(f"more than {MAX_PENDING_REQUESTS} requests waiting for replies")
             return
+        if msg_id in self.requests:
+            refused = {"status": "error", "ename": "DuplicateMessageId", "traceback": [],
+                       "evalue": f"A request with msg_id {msg_id!r} is still waiting for its reply; give each "
+                                 "request a msg_id of its own."}
+            self.to_client(client.client_id, channel, *gateway_message(msg_type[:-len("request")] + "reply",
+                                                                       refused, header))
+            return
         execution = None
         code = ""
-        if msg_type == "execute_request" and channel == "shell":
-            content = content or {}
+        expressions: dict[str, str] = {}
+        if msg_type == "execute_request":  # on shell; ipykernel also runs one sent on control
+            content = content if isinstance(content, dict) else {}
             code = str(content.get("code", ""))
+            given = content.get("user_expressions")
+            expressions = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
             if content.get("silent") or content.get("store_history") is False:
+                details: dict[str, Any] = {"code": code, "client": client.client_id}
+                if expressions:
+                    details["user_expressions"] = expressions
                 self.manager.recorder.record_event(self.live.trajectory, "silent_execution", client.principal.name,
-                                                   {"code": code, "client": client.client_id})
+                                                   details)
             else:
                 done = asyncio.get_running_loop().create_future()
                 collector = OutputCollector(self.manager.settings.max_output_bytes)
@@ -217,12 +245,24 @@ class KernelHub:
         place = None
         if execution is not None:
             place = StepPlace()
-            trajectory = self.live.trajectory
-            execution.on_start = lambda: place.take(trajectory)
-        request = ClientRequest(self, client.client_id, client.principal, msg_id, execution, code, place)
+            execution.on_start = place.begin
+            self.manager.open_step(self.live, place, code, source="jupyter", principal=client.principal.name,
+                                   user_expressions=expressions)
+        request = ClientRequest(self, client.client_id, client.principal, msg_id, execution, code, place, expressions)
         self.requests[msg_id] = request
         self.pending_by_client[client.client_id] = self.pending_by_client.get(client.client_id, 0) + 1
         send(request)
+
+    def record_input(self, parent: dict[str, Any], content: dict[str, Any]) -> None:
+        """A client's input_reply: recorded with the step that asked (before it reaches the kernel)."""
+        request = self.awaiting_input.pop(str(parent.get("msg_id", "")), None)
+        if request is None and self.awaiting_input:
+            # ipykernel takes the next reply whatever its parent says: so does the record.
+            request = self.awaiting_input.pop(next(iter(self.awaiting_input)))
+        if request is None or request.execution is None or request.place is None:
+            return
+        request.execution.input_given(str(content.get("value", "")))
+        self.manager.recorder.record_stdin(self.live.trajectory, request.place.step, request.execution.stdin)
 
     def may_run(self, principal: Principal) -> bool:
         return principal.may_write_anything or principal.name == self.live.row["owner"]
@@ -248,6 +288,8 @@ class KernelHub:
     def forget(self, msg_id: str) -> None:
         request = self.requests.pop(msg_id, None)
         if request is not None:
+            for key in [key for key, asking in self.awaiting_input.items() if asking is request]:
+                del self.awaiting_input[key]
             count = self.pending_by_client.get(request.client_id, 1) - 1
             if count > 0:
                 self.pending_by_client[request.client_id] = count
@@ -267,7 +309,8 @@ class KernelHub:
         # A client's KeyboardInterrupt is always an interrupt someone asked for.
         status, error = step_outcome(raw, aborted_by, True, 0.0, exit_description)
         self.manager.commit_step(self.live, request.place, request.code, raw, status, error,
-                                 source="jupyter", principal=request.principal.name)
+                                 source="jupyter", principal=request.principal.name,
+                                 user_expressions=request.user_expressions)
 
     def kernel_replaced(self, died: bool, exit_description: str) -> None:
         """The kernel died or is being restarted: unfinished client executions are recorded as

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import volumes
 from gateway.errors import Forbidden, InvalidRequest
 from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile, untraversable
 from gateway.settings import Settings, byte_size, uid_range
@@ -63,6 +65,7 @@ class Isolation:
             settings.file_size_limit or None, settings.workspace_limit or None)
         self.runtime_root = runtime_root(data_dir)
         self.data_dir = data_dir
+        self.volumes, self.volumes_reason = choose_volumes(settings.workspace_volumes, self.profile)
 
     def describe(self) -> str:
         """One line for the server's start-up message."""
@@ -72,7 +75,8 @@ class Isolation:
         limits = self.defaults
         parts = [f"memory {human_bytes(limits.memory_bytes)}", f"cpu {limits.cpu_cores or 'unlimited'}",
                  f"pids {limits.pids or 'unlimited'}", f"file size {human_bytes(limits.file_size_bytes)}",
-                 f"workspace {human_bytes(limits.workspace_bytes)}"]
+                 f"workspace {human_bytes(limits.workspace_bytes)}"
+                 f" ({'a volume each' if self.volumes else 'measured between steps: ' + self.volumes_reason})"]
         return f"kernels run under the '{self.profile}' sandbox profile ({', '.join(parts)})"
 
     def for_session(self, is_admin: bool, profile: str | None, limits: dict[str, Any] | None) -> SessionIsolation:
@@ -105,6 +109,16 @@ class Isolation:
         return SessionIsolation(chosen, **values)
 
 
+def choose_volumes(requested: str, profile: str) -> tuple[bool, str]:
+    """Whether isolated workspaces get a volume of their own (``gateway.volumes``), and why not."""
+    if requested == "off":
+        return False, "workspace_volumes is off"
+    why = "kernels are not isolated" if profile == "none" else volumes.support()
+    if why is not None and requested == "on":
+        raise ValueError(f"workspace_volumes is on, but {why}")
+    return why is None, why or ""
+
+
 def open_for_traversal(path: Path, root: Path) -> None:
     """Let other users pass through (not list) ``root`` and the directories from it down to
     ``path``: under the process profile a kernel's uid must reach its workspace on the host."""
@@ -115,7 +129,7 @@ def open_for_traversal(path: Path, root: Path) -> None:
                 directory.chmod(mode | 0o011)
 
 
-LIMIT_WORDS = {"file_size": "largest file", "pids": "process and thread"}
+LIMIT_WORDS = {"file_size": "largest file", "pids": "process and thread", "workspace": "workspace size"}
 
 
 def limit_behind(error: dict[str, Any] | None, isolation: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -127,13 +141,15 @@ def limit_behind(error: dict[str, Any] | None, isolation: dict[str, Any] | None)
     text = f"{error.get('name')}: {error.get('value')}"
     if "File too large" in text and limits.get("file_size"):
         return {"limit": "file_size", "value": limits["file_size"]}
+    if "No space left on device" in text and limits.get("workspace"):
+        return {"limit": "workspace", "value": limits["workspace"]}
     if error.get("name") == "BlockingIOError" and "Resource temporarily unavailable" in text and limits.get("pids"):
         return {"limit": "pids", "value": limits["pids"]}
     return None
 
 
 def describe_limit(hit: dict[str, Any]) -> str:
-    value = human_bytes(hit["value"]) if hit["limit"] == "file_size" else str(hit["value"])
+    value = human_bytes(hit["value"]) if hit["limit"] in ("file_size", "workspace") else str(hit["value"])
     return f"the session's {LIMIT_WORDS.get(hit['limit'], hit['limit'])} limit is {value}"
 
 
@@ -150,10 +166,10 @@ def parse_limit(name: str, raw: Any) -> int | float | None:
             value = int(raw) if isinstance(raw, int) else int(str(raw))
         else:
             value = byte_size(raw if isinstance(raw, (int, str)) else int(raw))
-        if value < 0:
+        if value < 0 or not math.isfinite(value):
             raise ValueError
         return value or None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidRequest(f"The {name} limit must be a non-negative number"
                              f"{' or a size like 512MiB' if name in ('memory', 'file_size', 'workspace') else ''}.",
                              code="invalid_field", details={"field": "limits", "name": name}) from None

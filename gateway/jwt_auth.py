@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import AuthenticationRequired
+from gateway.inputs import is_text
 
 ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"]
 ROLE_STRENGTH = {"reviewer": 1, "agent": 2, "admin": 3}
@@ -73,9 +74,9 @@ class JwtVerifier:
         except (jwt.PyJWTError, ValueError) as exc:
             raise AuthenticationRequired(f"The token is not valid: {exc}.", code="invalid_token") from None
         name = claims.get(self.principal_claim)
-        if not isinstance(name, str) or not name:
-            raise AuthenticationRequired(f"The token has no '{self.principal_claim}' claim to name its principal.",
-                                         code="invalid_token")
+        if not isinstance(name, str) or not name or not is_text(name):
+            raise AuthenticationRequired(f"The token has no '{self.principal_claim}' claim (Unicode text) to name "
+                                         "its principal.", code="invalid_token")
         return name, self._role(claims.get(self.role_claim))
 
     def _role(self, value: Any) -> str:

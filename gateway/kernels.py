@@ -24,10 +24,11 @@ import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
-from gateway import sandbox, sandbox_provisioner
+from gateway import sandbox, sandbox_provisioner, volumes
 from gateway.channels import KernelConnection, Observer
 from gateway.errors import InvalidRequest
 from gateway.isolation import Isolation, SessionIsolation, human_bytes, open_for_traversal
+from gateway.workspace import hand_over_tree
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL"
                  "SHELL", "TERM", "VIRTUAL_ENV")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV_PREFIXES = ("AGENT_GATEWAY_", "JPY_")
+ENV_VARIABLES_MAX = 128
+ENV_VALUE_MAX = 32 * 1024  # characters of one value
+ENV_TOTAL_MAX = 256 * 1024  # characters of all names and values: well within what exec() takes
+KERNEL_NAME_MAX = 128
+EXCHANGE = "exchange"  # in an isolated kernel's runtime directory: where snapshots pass through
 
 
 def kernels_dir() -> Path:
@@ -65,13 +71,22 @@ def validate_env(env: Any) -> dict[str, str]:
     if not isinstance(env, dict):
         raise InvalidRequest("'env' must be an object of string names to string values.", code="invalid_field",
                              details={"field": "env"})
+    if len(env) > ENV_VARIABLES_MAX:
+        raise InvalidRequest(f"A session takes at most {ENV_VARIABLES_MAX} environment variables; {len(env)} were "
+                             "sent.", code="invalid_field", details={"field": "env", "limit": ENV_VARIABLES_MAX})
     for name, value in env.items():
-        if not isinstance(name, str) or not ENV_NAME.match(name) or name.startswith(RESERVED_ENV_PREFIXES):
-            raise InvalidRequest(f"'{name}' is not an environment variable name a session may set.",
-                                 code="invalid_field", details={"field": "env", "name": name})
-        if not isinstance(value, str) or "\x00" in value:
-            raise InvalidRequest(f"The value of env '{name}' must be a string without NUL bytes.",
-                                 code="invalid_field", details={"field": "env", "name": name})
+        if not isinstance(name, str) or not ENV_NAME.fullmatch(name) or name.startswith(RESERVED_ENV_PREFIXES):
+            shown = name[:130] if isinstance(name, str) else name
+            raise InvalidRequest(f"'{shown}' is not an environment variable name a session may set (letters, "
+                                 "digits and _, up to 128).", code="invalid_field",
+                                 details={"field": "env", "name": shown})
+        if not isinstance(value, str) or "\x00" in value or len(value) > ENV_VALUE_MAX:
+            raise InvalidRequest(f"The value of env '{name}' must be a string without NUL bytes, of at most "
+                                 f"{ENV_VALUE_MAX} characters.", code="invalid_field",
+                                 details={"field": "env", "name": name, "limit": ENV_VALUE_MAX})
+    if sum(len(name) + len(value) for name, value in env.items()) > ENV_TOTAL_MAX:
+        raise InvalidRequest(f"The environment variables add up to more than {ENV_TOTAL_MAX} characters.",
+                             code="invalid_field", details={"field": "env", "limit": ENV_TOTAL_MAX})
     return dict(env)
 
 
@@ -113,14 +128,11 @@ class RunningKernel:
 
     @property
     def exchange_dir(self) -> Path | None:
-        """A directory both the gateway and an isolated kernel can use (snapshots go through it)."""
+        """The directory, writable by an isolated kernel, its snapshots pass through (the gateway
+        reaches it only through ``gateway.snapshots``, by descriptor); None when not isolated."""
         if self.runtime_dir is None or self.owner is None:
             return None
-        path = self.runtime_dir / "exchange"
-        if not path.is_dir():
-            path.mkdir(mode=0o700)
-            os.chown(path, *self.owner)
-        return path
+        return self.runtime_dir / EXCHANGE
 
     def workspace_path(self, host_path: Path) -> str:
         """The workspace as the kernel sees it."""
@@ -137,16 +149,20 @@ class RunningKernel:
         current = self.launch_workspace()
         if current is None or current == target:
             return
-        if target.exists():
+        if volumes.is_mounted(current):
+            volumes.move(current, target)
+        elif target.exists():
             for entry in target.iterdir():
                 os.replace(entry, current / entry.name)
             target.rmdir()
-        os.replace(current, target)
+            os.replace(current, target)
+        else:
+            os.replace(current, target)
         args: dict[str, Any] = self.manager._launch_args or {}
         spec: sandbox.SandboxSpec = args["sandbox"]
         args["sandbox"] = dataclasses.replace(spec, workspace=target)
         if self.owner is not None:
-            sandbox.hand_over_tree(target, *self.owner)
+            hand_over_tree(target, *self.owner)
 
     @property
     def pid(self) -> int | None:
@@ -286,6 +302,10 @@ class KernelLauncher:
 
     def get_spec(self, name: str) -> KernelSpec:
         """The spec called ``name``; an unknown name is a 400 listing the available ones."""
+        if len(name) > KERNEL_NAME_MAX:
+            raise InvalidRequest(f"Kernel names are at most {KERNEL_NAME_MAX} characters; see GET /api/kernelspecs "
+                                 "for the available ones.", code="invalid_field",
+                                 details={"field": "kernel", "limit": KERNEL_NAME_MAX})
         try:
             return self.specs.get_kernel_spec(name)
         except NoSuchKernel:
@@ -351,8 +371,10 @@ class KernelLauncher:
         if isolation.profile == "process":
             cwd.mkdir(parents=True, exist_ok=True)
             open_for_traversal(cwd, self.isolation.data_dir)
+        if self.isolation.volumes and isolation.workspace_bytes:
+            await asyncio.to_thread(volumes.ensure, cwd, isolation.workspace_bytes, (uid, uid))
         if cwd.exists():  # files the gateway put there (uploads, a fork's copy) become the kernel's
-            await asyncio.to_thread(sandbox.hand_over_tree, cwd, uid, uid)
+            await asyncio.to_thread(hand_over_tree, cwd, uid, uid)
         await self._launch(kernel, ready_timeout, env=self.build_env(env), independent=True, sandbox=launch)
         return kernel
 

@@ -17,11 +17,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import snapshots
+from gateway import executor, safefs, snapshots, volumes
 from gateway.reattach import adopt, stop_unclaimed
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Forbidden, Unavailable
+from gateway.outcomes import RERUN_STATUSES, lost_outcome
+from gateway.recorder import Trajectory, recorded_replies
+from gateway.offload import offload
+from gateway.workspace import Workspace
 
 if TYPE_CHECKING:
     from gateway.sessions import LiveSession, SessionManager
@@ -30,7 +34,6 @@ log = logging.getLogger(__name__)
 
 ENDED = ("terminated", "failed")
 LIVE = ("starting", "idle", "busy")
-REPLAYED_STATUSES = ("ok", "error")
 
 
 class Lifecycle:
@@ -91,7 +94,7 @@ class Lifecycle:
                 log.warning("session %s: state not saved at pause: %s", live.id, exc)
             info["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
             if live.hub is not None:
-                live.hub.close_all("the session was paused")
+                live.hub.close_all("the session was paused", "paused")
             if live.kernel is not None:
                 await live.kernel.shutdown(now=False)
                 live.kernel = None
@@ -183,14 +186,23 @@ class Lifecycle:
                 "not_restored": [{"name": e["name"], "type": e["type"]} for e in not_restored]}
 
     async def replay_steps(self, live: "LiveSession") -> int:
-        """Re-run the session's recorded steps (those that finished) silently in its new kernel."""
-        assert live.kernel is not None
+        """Re-run the session's recorded steps (those that ran to their end) silently in its new
+        kernel; a step's input() calls are answered with what was typed the first time."""
+        kernel = live.kernel
+        assert kernel is not None and kernel.connection is not None
         steps = self.manager.store.list_steps(live.id)
-        rerun = [step for step in steps if step["status"] in REPLAYED_STATUSES]
+        rerun = [step for step in steps if step["status"] in RERUN_STATUSES]
         for step in rerun:
-            await snapshots.run_silently(live.kernel, step["code"], self.settings.default_timeout)
+            replies = recorded_replies(step)
+            if replies is None:
+                await snapshots.run_silently(kernel, step["code"], self.settings.default_timeout)
+            else:
+                await executor.execute(kernel.connection, step["code"], timeout=self.settings.default_timeout,
+                                       output_limit=64 * 1024, is_alive=kernel.is_alive, interrupt=kernel.interrupt,
+                                       interrupt_grace=self.settings.interrupt_grace, silent=True,
+                                       store_history=False, input_replies=replies)
         last = max((step["execution_count"] or 0 for step in steps), default=0)
-        await snapshots.run_silently(live.kernel, f"get_ipython().execution_count = {last + 1}", 10)
+        await snapshots.run_silently(kernel, f"get_ipython().execution_count = {last + 1}", 10)
         return len(rerun)
 
     # fork -------------------------------------------------------------------------------
@@ -212,20 +224,25 @@ class Lifecycle:
             if live is not None:
                 async with live.lock:
                     assert live.kernel is not None
-                    result = await snapshots.save(live.kernel, staging / "snapshot", self.settings.snapshot_timeout)
+                    try:
+                        result = await snapshots.save(live.kernel, staging / "snapshot",
+                                                      self.settings.snapshot_timeout)
+                    except snapshots.SnapshotError as exc:
+                        raise Conflict(f"Session '{session_id}' could not be forked: {exc}. Nothing was created.",
+                                       code="state_not_saved", details={"session_id": session_id}) from None
                     saved = {"saved": result["saved"], "unsaved": result["unsaved"]}
                     parent_step = live.trajectory.next_step - 1
-                    shutil.copytree(live.workspace.root, staging / "workspace", symlinks=True)
+                    await Workspace(staging / "workspace").copy_from(live.workspace.root)
             else:
-                shutil.copytree(self.snapshot_dir(session_id), staging / "snapshot")
-                shutil.copytree(manager.sessions_dir / session_id / "workspace", staging / "workspace", symlinks=True)
+                if snapshots.exists(self.snapshot_dir(session_id)):
+                    shutil.copytree(self.snapshot_dir(session_id), staging / "snapshot")
+                await Workspace(staging / "workspace").copy_from(manager.sessions_dir / session_id / "workspace")
                 saved = row.get("snapshot") or {}
             child_view = await manager.create(principal, kernel=row["kernel"], labels=row.get("labels") or {},
                                               env=row.get("env") or {}, parent=(session_id, parent_step),
                                               isolation=manager.isolation_of(row))
             child = manager.live[child_view["id"]]
-            shutil.copytree(staging / "workspace", child.workspace.root, symlinks=True, dirs_exist_ok=True)
-            child.workspace.give_to_owner()
+            await child.workspace.copy_from(staging / "workspace")
             async with child.lock:
                 outcome = await self.restore(child, staging / "snapshot", saved)
             manager.recorder.record_event(child.trajectory, "state_restored", principal.name,
@@ -244,14 +261,19 @@ class Lifecycle:
     async def recover(self) -> None:
         """At start, after a crash: reattach the kernels of sessions that were live; a session
         whose kernel is gone goes back to its last snapshot (paused) or is failed, with the reason.
+        Steps left ``running`` are recorded as ``lost``, saying whether their kernel was reattached.
         Kernel processes that no session claims are stopped."""
         manager = self.manager
+        running: dict[str, list[dict[str, Any]]] = {}
+        for step in manager.store.running_steps():
+            running.setdefault(step["session_id"], []).append(step)
         for row in manager.store.sessions_in_states(LIVE):
             trajectory = manager.trajectory_of(row["id"])
             workspace = manager.sessions_dir / row["id"] / "workspace"
             kernel = await adopt(manager.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
                                  spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
                                  timeout=min(10.0, self.settings.kernel_start_timeout))
+            row["steps"] += self._record_lost(trajectory, running.pop(row["id"], []), kernel is not None)
             if kernel is not None:
                 live = manager.register(row, trajectory)
                 manager.attach_kernel(live, kernel)
@@ -271,6 +293,8 @@ class Lifecycle:
             manager.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
             manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
             log.warning("session %s: failed; its kernel did not survive the crash", row["id"])
+        for session_id, steps in running.items():  # sessions that were not live: no kernel to find
+            self._record_lost(manager.trajectory_of(session_id), steps, False)
         claimed = {live.kernel.connection_file for live in manager.live.values() if live.kernel is not None}
         stopped = stop_unclaimed(manager.launcher.runtime_dir, claimed)
         isolation = manager.launcher.isolation
@@ -279,6 +303,17 @@ class Lifecycle:
         if stopped:
             log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
         manager.recorder.flush()
+
+    def _record_lost(self, trajectory: Trajectory, steps: list[dict[str, Any]], kernel_reattached: bool) -> int:
+        """Give the steps a crash left ``running`` their final status; returns how many there were."""
+        status, error = lost_outcome(kernel_reattached)
+        for step in steps:
+            self.manager.recorder.record_lost(trajectory, step, status, error)
+            self.manager.metrics.observe_step(status, 0.0)
+        if steps:
+            log.warning("session %s: %d steps were running when the gateway stopped; recorded as %s",
+                        trajectory.session_id, len(steps), status)
+        return len(steps)
 
     # capacity, idle, retention ----------------------------------------------------------
 
@@ -316,7 +351,9 @@ class Lifecycle:
                 removed = [name for name in ("workspace", "snapshot", "uploads") if (directory / name).exists()]
                 if not removed:
                     continue
+                if "workspace" in removed:
+                    await asyncio.to_thread(volumes.release, directory / "workspace", remove=True)
                 for name in removed:
-                    shutil.rmtree(directory / name, ignore_errors=True)
+                    await offload(safefs.remove_tree, directory / name)
                 manager.recorder.record_event(manager.trajectory_of(row["id"]), "workspace_removed", None,
                                               {"removed": removed, "retention_days": self.settings.retention_days})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from gateway.outcomes import FINAL_STATUSES
+
 
 @dataclass
 class Metrics:
@@ -26,7 +28,7 @@ class Metrics:
             "# HELP agent_gateway_steps_total Steps executed, by status.",
             "# TYPE agent_gateway_steps_total counter",
         ]
-        for status in ("ok", "error", "timeout", "interrupted", "died"):
+        for status in FINAL_STATUSES:
             lines.append(f'agent_gateway_steps_total{{status="{status}"}} {self.steps_by_status[status]}')
         lines += [
             "# HELP agent_gateway_step_seconds_total Time spent executing steps.",

@@ -2,9 +2,10 @@
 
 The notebook is a view: SQLite is the source of truth. Cells are assembled as JSON text from
 the stored columns, so rendering does not parse every recorded output again. Steps that did
-not finish are tagged ``skip-execution`` and failed ones ``raises-exception``, so the notebook
-runs top to bottom with nbclient. File uploads small enough to inline become code cells that
-recreate the file; restarts and kernel deaths become markdown cells.
+not run to their end (or did not run) are tagged ``skip-execution`` and failed ones
+``raises-exception``, so the notebook runs top to bottom with nbclient. File uploads small
+enough to inline become code cells that recreate the file; restarts and kernel deaths become
+markdown cells.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from gateway.outcomes import NOT_RUN, RUNNING, UNFINISHED_STATUSES
+
 INLINE_UPLOAD_LIMIT = 256 * 1024
 NBFORMAT, NBFORMAT_MINOR = 4, 5
 NOTEBOOK_FILE = "trajectory.ipynb"
 
 
 def step_tags(status: str) -> list[str]:
-    if status in ("timeout", "interrupted", "died"):
+    if status in UNFINISHED_STATUSES or status == RUNNING:
         return ["skip-execution", "raises-exception"]
+    if status == NOT_RUN:
+        return ["skip-execution"]
     if status == "error":
         return ["raises-exception"]
     return []
@@ -38,6 +43,9 @@ def step_cell_json(row: Any) -> str:
     }
     if row["truncated"]:
         gateway["truncated"] = True
+    for name in ("user_expressions", "stdin"):
+        if row[name]:
+            gateway[name] = json.loads(row[name])
     metadata: dict[str, Any] = {"gateway": gateway}
     tags = step_tags(row["status"])
     if tags:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import uuid
 from collections import deque
 from pathlib import Path
 
+from gateway import volumes
 from gateway.kernels import KernelLauncher, RunningKernel
 from gateway.snapshots import run_silently
 
@@ -69,7 +71,7 @@ class KernelPool:
         finally:
             self.starting[spec] -= 1
         if self.closed:
-            await kernel.shutdown(now=True)
+            await discard(kernel)
         else:
             self.ready[spec].append(kernel)
 
@@ -82,7 +84,7 @@ class KernelPool:
             self.fill()
             if await kernel.is_alive():
                 return kernel
-            await kernel.shutdown(now=True)
+            await discard(kernel)
         self.fill()
         return None
 
@@ -97,7 +99,16 @@ class KernelPool:
         kernels = [kernel for queue in self.ready.values() for kernel in queue]
         for queue in self.ready.values():
             queue.clear()
-        await asyncio.gather(*(kernel.shutdown(now=True) for kernel in kernels), return_exceptions=True)
+        await asyncio.gather(*(discard(kernel) for kernel in kernels), return_exceptions=True)
+
+
+async def discard(kernel: RunningKernel) -> None:
+    """Stop a pooled kernel no session took, and remove its workspace (and volume)."""
+    await kernel.shutdown(now=True)
+    workspace = kernel.launch_workspace()
+    if workspace is not None:
+        await asyncio.to_thread(volumes.release, workspace, remove=True)
+        await asyncio.to_thread(shutil.rmtree, workspace, True)
 
 
 async def bind(kernel: RunningKernel, workspace: Path, env: dict[str, str], timeout: float) -> None:

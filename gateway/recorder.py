@@ -1,8 +1,9 @@
 """Records a session's trajectory: steps and events into the store, and the notebook file on disk.
 
-Called by the session manager. A step is committed before its response is sent; the notebook
-file, a view of the store, is rewritten shortly after (changes within ``notebook_write_delay``
-are gathered into one write) and on shutdown, atomically.
+Called by the session manager. A step is written ahead: committed as ``running`` before its
+request goes to the kernel, and completed (the same row) when it ends, before its response is
+sent. The notebook file, a view of the store, is rewritten shortly after a step ends (changes
+within ``notebook_write_delay`` are gathered into one write) and on shutdown, atomically.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from datetime import datetime
 from typing import Any, Callable
 
 from tornado.ioloop import IOLoop
 
 from gateway import notebook
-from gateway.clock import now_iso, utcnow
+from gateway.clock import iso, now_iso, utcnow
+from gateway.outcomes import RUNNING
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 RENDER_SPACING = 50
 STEP_VIEW_FIELDS = ("session_id", "step", "execution_count", "status", "stdout", "stderr", "result", "error",
                     "outputs", "started_at", "finished_at", "duration_ms", "truncated")
+STEP_JSON_EXTRAS = ("user_expressions", "stdin")  # in a step's view only when it had them
 
 
 @dataclass
@@ -53,15 +57,23 @@ class Trajectory:
 
 @dataclass
 class StepPlace:
-    """A step's number and sequence, taken when the kernel starts running it (kernel order)."""
+    """A step's number and sequence, taken just before its request is sent to the kernel. A
+    kernel runs the execute requests of its shell channel in the order they were sent, so this
+    is the order in which it runs them. ``started_at`` is when the kernel began running it."""
 
     step: int = -1
     seq: int = -1
-    started_at: Any = None
+    sent_at: datetime | None = None
+    started_at: datetime | None = None
 
     def take(self, trajectory: Trajectory) -> None:
         if self.step < 0:
             self.step, self.seq = trajectory.take_step(), trajectory.take_seq()
+            self.sent_at = utcnow()
+
+    def begin(self) -> None:
+        """The kernel reported ``execute_input``: the step began running."""
+        if self.started_at is None:
             self.started_at = utcnow()
 
 
@@ -73,7 +85,35 @@ def execution_view(row: dict[str, Any], *, with_code: bool = False) -> dict[str,
     view["error"] = json.loads(view["error"]) if view["error"] else None
     view["outputs"] = json.loads(view["outputs"])
     view["truncated"] = bool(view["truncated"])
+    for name in STEP_JSON_EXTRAS:
+        if row.get(name):
+            view[name] = json.loads(row[name])
     return view
+
+
+def expressions_record(expressions: dict[str, str], reply: dict[str, Any] | None,
+                       limit: int) -> dict[str, dict[str, Any]]:
+    """A step's ``user_expressions``: each expression with the kernel's result from its
+    execute_reply (null until then, or when the kernel gave none). A result whose JSON is over
+    ``limit`` bytes is replaced by a note of its size."""
+    results = (reply or {}).get("user_expressions") or {}
+    record: dict[str, dict[str, Any]] = {}
+    for name, expression in expressions.items():
+        result = results.get(name)
+        size = len(json.dumps(result)) if result is not None else 0
+        if size > limit:
+            result = {"status": "truncated", "bytes": size}
+        record[name] = {"expression": expression, "result": result}
+    return record
+
+
+def recorded_replies(row: dict[str, Any]) -> list[str] | None:
+    """What was typed in answer to a recorded step's input() calls, in order, to answer a rerun
+    with (a password, which is not recorded, is answered with an empty string); None if the
+    step asked for no input."""
+    if not row.get("stdin"):
+        return None
+    return [exchange.get("value") or "" for exchange in json.loads(row["stdin"])]
 
 
 class Recorder:
@@ -86,19 +126,44 @@ class Recorder:
         self._pending: dict[str, Trajectory] = {}
         self._render_seconds: dict[str, float] = {}
 
-    def record_step(self, trajectory: Trajectory, execution: dict[str, Any], *, seq: int, code: str,
-                    source: str, principal: str) -> None:
-        """Commit one step (``execution`` is its Execution view); then schedule the notebook write."""
-        row = {
-            "session_id": execution["session_id"], "step": execution["step"], "seq": seq,
-            "execution_count": execution["execution_count"], "code": code, "status": execution["status"],
+    def open_step(self, trajectory: Trajectory, place: StepPlace, *, code: str, source: str, principal: str,
+                  user_expressions: dict[str, str] | None = None) -> None:
+        """Commit a step as ``running`` just before its request goes to the kernel (one INSERT)."""
+        assert place.sent_at is not None
+        self.store.open_step({
+            "session_id": trajectory.session_id, "step": place.step, "seq": place.seq, "code": code,
+            "status": RUNNING, "stdout": "", "stderr": "", "outputs": "[]", "truncated": 0,
+            "started_at": iso(place.sent_at), "source": source, "principal": principal,
+            "user_expressions": json.dumps(expressions_record(user_expressions, None, 0))
+            if user_expressions else None,
+        })
+
+    def record_stdin(self, trajectory: Trajectory, step: int, stdin: list[dict[str, Any]]) -> None:
+        """Keep a running step's input exchanges so far (before the reply reaches the kernel)."""
+        self.store.update_step(trajectory.session_id, step, stdin=json.dumps(stdin))
+
+    def record_step(self, trajectory: Trajectory, execution: dict[str, Any], *, code: str, source: str,
+                    principal: str) -> None:
+        """Complete a running step (``execution`` is its Execution view: the row is updated, with
+        its audit event, in one transaction); then schedule the notebook write."""
+        fields = {
+            "execution_count": execution["execution_count"], "status": execution["status"],
             "stdout": execution["stdout"], "stderr": execution["stderr"], "result": execution["result"],
-            "error": json.dumps(execution["error"]) if execution["error"] else None,
+            "error": json.dumps(execution["error"]) if execution.get("error") else None,
             "outputs": json.dumps(execution["outputs"]), "started_at": execution["started_at"],
             "finished_at": execution["finished_at"], "duration_ms": execution["duration_ms"],
-            "truncated": int(execution["truncated"]), "source": source, "principal": principal,
+            "truncated": int(execution["truncated"]),
+            **{name: json.dumps(execution[name]) for name in STEP_JSON_EXTRAS if execution.get(name)},
         }
-        self.store.record_step(row, last_activity=execution["finished_at"])
+        self.store.finish_step(trajectory.session_id, execution["step"], fields, code=code, source=source,
+                               principal=principal, at=execution["finished_at"], last_activity=execution["finished_at"])
+        self.schedule(trajectory)
+
+    def record_lost(self, trajectory: Trajectory, row: dict[str, Any], status: str, error: dict[str, Any]) -> None:
+        """Complete a step a crash left ``running``: its end is unknown, so ``finished_at`` stays null."""
+        self.store.finish_step(trajectory.session_id, row["step"], {"status": status, "error": json.dumps(error)},
+                               code=row["code"], source=row["source"], principal=row["principal"], at=now_iso(),
+                               last_activity=None)
         self.schedule(trajectory)
 
     def record_event(self, trajectory: Trajectory | None, action: str, principal: str | None,

@@ -2,8 +2,10 @@
 
 The replay session is a fork-like child of the original (``parent`` names it) and is recorded
 like any session. Steps run again in their recorded order, with file uploads, deletions and
-restarts re-applied where they happened. Outputs are compared after normalising what is
+restarts re-applied where they happened, and the kernel's input() calls answered with what was
+typed the first time. Outputs (and input prompts) are compared after normalising what is
 expected to vary between runs (memory addresses, timestamps, durations; see ``NORMALISERS``).
+Steps that did not run to their end, or did not run at all, are not run again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gateway.auth import Principal
 from gateway.errors import Forbidden
+from gateway.outcomes import RERUN_STATUSES, STATUSES
+from gateway.recorder import recorded_replies
 
 if TYPE_CHECKING:
     from gateway.sessions import SessionManager
@@ -29,7 +33,7 @@ NORMALISERS: list[tuple[str, str]] = [
     (r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?", "<timestamp>"),
     (r"\b\d+(?:\.\d+)?\s?(?:ns|us|µs|ms|s|sec|seconds)\b", "<duration>"),
 ]
-SKIPPED_STATUSES = ("died", "timeout", "interrupted")
+SKIPPED_STATUSES = tuple(status for status in STATUSES if status not in RERUN_STATUSES)
 FILE_EVENTS = ("file_upload", "file_delete", "kernel_restarted")
 
 
@@ -57,6 +61,12 @@ def comparable(outputs: list[dict[str, Any]], normalisers: list[tuple[str, str]]
     return normalise("\n".join(parts), normalisers)
 
 
+def input_exchanges(stdin: list[dict[str, Any]]) -> str:
+    """A step's input() prompts and replies as comparable text (a password shows as such)."""
+    return "\n".join(f"[input] {e.get('prompt', '')}{'<password>' if e.get('password') else e.get('value')}"
+                     for e in stdin)
+
+
 def judge(original: dict[str, Any], replayed: dict[str, Any], normalisers: list[tuple[str, str]]) -> dict[str, Any]:
     """One step's verdict: reproduced, different (with a short diff) or error."""
     verdict: dict[str, Any] = {"step": original["step"], "replay_step": replayed["step"], "code": original["code"]}
@@ -66,6 +76,9 @@ def judge(original: dict[str, Any], replayed: dict[str, Any], normalisers: list[
         return verdict
     before = comparable(json.loads(original["outputs"]), normalisers)
     after = comparable(replayed["outputs"], normalisers)
+    if original.get("stdin") or replayed.get("stdin"):
+        before += "\n" + normalise(input_exchanges(json.loads(original.get("stdin") or "[]")), normalisers)
+        after += "\n" + normalise(input_exchanges(replayed.get("stdin") or []), normalisers)
     if before == after and replayed["status"] == original["status"]:
         verdict["status"] = "reproduced"
     else:
@@ -100,7 +113,7 @@ async def replay_session(manager: "SessionManager", principal: Principal, sessio
             verdict = {"step": item["step"], "code": item["code"], "status": "skipped",
                        "detail": f"the recorded step ended '{item['status']}'; it is not run again"}
         else:
-            replayed = await manager.execute(principal, child_id, item["code"])
+            replayed = await manager.execute(principal, child_id, item["code"], stdin=recorded_replies(item))
             verdict = judge(item, replayed, normalisers)
         verdicts.append(verdict)
         if progress is not None:
@@ -139,11 +152,11 @@ async def _apply_event(manager: "SessionManager", principal: Principal, session_
         directory = manager.upload_dir(principal, session_id)
         with tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=False) as handle:
             handle.write(content)
-        manager.put_file(principal, session_id, details["path"], Path(handle.name), size=len(content),
-                         sha256=details.get("sha256", ""), content=content)
+        await manager.put_file(principal, session_id, details["path"], Path(handle.name), size=len(content),
+                               sha256=details.get("sha256", ""), content=content)
     elif event["action"] == "file_delete":
         try:
-            manager.delete_file(principal, session_id, details["path"])
+            await manager.delete_file(principal, session_id, details["path"])
         except Exception:
             pass  # already gone in the replay: the deletion's effect holds
     elif event["action"] == "kernel_restarted":

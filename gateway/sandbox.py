@@ -511,18 +511,6 @@ def prepare(spec: SandboxSpec, support: Support | None = None) -> LaunchPlan:
                       rlimits=rlimits, enforced=enforced)
 
 
-def hand_over_tree(root: Path, uid: int, gid: int) -> int:
-    """Give every entry under ``root`` not yet owned by ``uid`` to it (files the gateway wrote)."""
-    changed = 0
-    for directory, dirnames, filenames in os.walk(root):
-        for name in [directory, *(os.path.join(directory, n) for n in dirnames + filenames)]:
-            info = os.lstat(name)
-            if info.st_uid != uid or info.st_gid != gid:
-                os.lchown(name, uid, gid)
-                changed += 1
-    return changed
-
-
 # --- probing what works here ----------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from gateway import __version__
+from gateway import offload, __version__
 from gateway.audit import RateLimit
 from gateway.auth import TokenAuthority
 from gateway.handlers import files, jupyter, kernel_ws, ops, sessions, ui
@@ -79,7 +79,7 @@ class Gateway:
             verifier = JwtVerifier(settings.jwt_jwks, audience=settings.jwt_audience, issuer=settings.jwt_issuer,
                                    principal_claim=settings.jwt_principal_claim, role_claim=settings.jwt_role_claim,
                                    role_map=settings.jwt_role_map)
-        return cls(settings, store, TokenAuthority(store, settings.token, verifier), manager, metrics, jupyter_face,
+        return cls(settings, store, TokenAuthority(store, settings.token, verifier, settings.token_sha256), manager, metrics, jupyter_face,
                    cookie_secret=load_cookie_secret(data / "cookie_secret"))
 
 
@@ -160,5 +160,6 @@ async def run(settings: Settings, announce: Callable[[str], None] = print) -> No
         server.stop()
         await gateway.sessions.shutdown()
         await server.close_all_connections()
+        offload.stop_workers()
         gateway.store.close()
         log.info("shut down cleanly")

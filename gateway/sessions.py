@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import executor
+from gateway import executor, volumes
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import (Conflict, Forbidden, GatewayError, InsufficientStorage, InvalidRequest, NotFound,
                             Unavailable)
+from gateway.inputs import check_text, is_text
 from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
@@ -28,7 +29,7 @@ from gateway.notebook import upload_details
 from gateway.outcomes import step_outcome
 from gateway.outputs import EventSink, summarise
 from gateway.pool import KernelPool, bind
-from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view
+from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view, expressions_record
 from gateway.settings import Settings
 from gateway.store import Store, decode_cursor, encode_cursor
 from gateway.isolation import SessionIsolation, describe_limit, human_bytes, limit_behind
@@ -120,6 +121,9 @@ class SessionManager:
         if self.pool is not None:
             await self.pool.close()
         self.recorder.flush()
+        released = await asyncio.to_thread(volumes.release_all, self.settings.data_path)
+        if released:
+            log.info("unmounted %d workspace volumes", released)
 
     # lookups ----------------------------------------------------------------------------
 
@@ -192,6 +196,10 @@ class SessionManager:
 
     def list_sessions(self, principal: Principal, *, state: str | None = None, label: tuple[str, str] | None = None,
              owner: str | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
+        if cursor and not all(is_text(part) for part in decode_cursor(cursor)):
+            # A forged cursor can decode to text that is not Unicode; the store cannot look it up.
+            raise InvalidRequest("The cursor is not one this server issued; use the 'next' value of a previous page.",
+                                 code="invalid_query", details={"parameter": "cursor"})
         if not principal.sees_everything:
             if owner is not None and owner != principal.name:
                 return {"sessions": [], "next": None}
@@ -231,6 +239,7 @@ class SessionManager:
             raise Forbidden("Reviewers read sessions; they cannot create them.")
         self.launcher.get_spec(kernel)
         env = validate_env(env)
+        check_text(setup or "", "setup")  # setup that could not even be sent is refused before anything exists
         if isolation is None and self.launcher.isolation is not None:
             isolation = self.launcher.isolation.for_session(principal.may_write_anything, sandbox, limits)
         await self.lifecycle.ensure_room()
@@ -253,7 +262,13 @@ class SessionManager:
         await self.start_kernel(live, principal.name)
         log.info("session %s: created by %s (kernel %s)", session_id, principal.name, row["kernel_id"])
         if setup:
-            await self.execute(principal, session_id, setup)
+            try:
+                await self.execute(principal, session_id, setup)
+            except Exception as exc:
+                # The setup could not run at all: no session is left half made, no kernel running.
+                if self.live.get(session_id) is live:
+                    await self.end(live, principal.name, "failed", f"The setup code could not be run: {exc}")
+                raise
         return self.view(row)
 
     def register(self, row: dict[str, Any], trajectory: Trajectory) -> LiveSession:
@@ -339,7 +354,7 @@ class SessionManager:
         live.row["state"] = state
         live.execution_state = "dead"
         if live.hub is not None:
-            live.hub.close_all(f"the session was {state}")
+            live.hub.close_all(f"the session was {state}", state)
         if live.kernel is not None:
             await live.kernel.shutdown(now=state == "failed")
         ended = now_iso()
@@ -364,9 +379,11 @@ class SessionManager:
         return min(float(timeout), self.settings.max_timeout)
 
     async def execute(self, principal: Principal, session_id: str, code: str, *, timeout: float | None = None,
-                      sink: EventSink | None = None, source: str = "agent") -> dict[str, Any]:
+                      sink: EventSink | None = None, source: str = "agent",
+                      stdin: list[str] | None = None) -> dict[str, Any]:
         """Run one step and record it; returns the Execution (committed before this returns).
-        A paused session is resumed first."""
+        A paused session is resumed first. ``stdin`` (replay) answers the step's input() calls;
+        without it input() raises in the kernel."""
         limit = self.check_timeout(timeout)
         while True:
             if session_id not in self.live and self.visible_row(principal, session_id)["state"] == "paused":
@@ -382,10 +399,10 @@ class SessionManager:
                 self.check_workspace_room(live.row, live.workspace_bytes)
                 if not await live.kernel.is_alive():
                     await self._replace_dead_kernel(live, "before this step")
-                return await self._run_step(live, principal, code, limit, sink, source)
+                return await self._run_step(live, principal, code, limit, sink, source, stdin)
 
     async def _run_step(self, live: LiveSession, principal: Principal, code: str, limit: float,
-                        sink: EventSink | None, source: str) -> dict[str, Any]:
+                        sink: EventSink | None, source: str, stdin: list[str] | None) -> dict[str, Any]:
         kernel = live.kernel
         assert kernel is not None and kernel.connection is not None
         place = StepPlace()
@@ -395,7 +412,8 @@ class SessionManager:
             raw = await executor.execute(
                 kernel.connection, code, timeout=limit, output_limit=self.settings.max_output_bytes,
                 is_alive=kernel.is_alive, interrupt=kernel.interrupt, interrupt_grace=self.settings.interrupt_grace,
-                sink=sink, abort=running.abort, on_start=lambda: place.take(live.trajectory))
+                sink=sink, abort=running.abort, input_replies=stdin, on_start=place.begin,
+                on_send=lambda: self.open_step(live, place, code, source=source, principal=principal.name))
         finally:
             live.current = None
             if live.row["state"] == "busy":
@@ -420,12 +438,22 @@ class SessionManager:
             await self._replace_kernel(live, "kernel_restarted", principal.name, "restart requested during a step")
         return execution
 
-    def commit_step(self, live: LiveSession, place: StepPlace, code: str, raw: executor.RawExecution, status: str,
-                    error: dict[str, Any] | None, *, source: str, principal: str) -> dict[str, Any]:
-        """Record one finished execution (from either face) and return its Execution view."""
+    def open_step(self, live: LiveSession, place: StepPlace, code: str, *, source: str, principal: str,
+                  user_expressions: dict[str, str] | None = None) -> None:
+        """Take the step's place and record it as ``running``; called by either face just before
+        the execute_request is sent, so nothing the kernel runs goes unrecorded."""
         place.take(live.trajectory)
+        self.recorder.open_step(live.trajectory, place, code=code, source=source, principal=principal,
+                                user_expressions=user_expressions)
+
+    def commit_step(self, live: LiveSession, place: StepPlace, code: str, raw: executor.RawExecution, status: str,
+                    error: dict[str, Any] | None, *, source: str, principal: str,
+                    user_expressions: dict[str, str] | None = None) -> dict[str, Any]:
+        """Complete the running step of one execution (from either face); returns its Execution view.
+        ``started_at`` is when the kernel began it (when it was sent, if the kernel never began it)."""
+        assert place.sent_at is not None, "a step is opened before its request is sent"
         finished = utcnow()
-        started = place.started_at or finished
+        started = place.started_at or place.sent_at
         execution = {
             "session_id": live.id, "step": place.step, "execution_count": raw.execution_count, "status": status,
             **summarise(raw.outputs), "outputs": raw.outputs,
@@ -434,8 +462,12 @@ class SessionManager:
         }
         if error is not None:
             execution["error"] = error
-        self.recorder.record_step(live.trajectory, execution, seq=place.seq, code=code, source=source,
-                                  principal=principal)
+        if user_expressions:
+            execution["user_expressions"] = expressions_record(user_expressions, raw.reply,
+                                                               self.settings.max_output_bytes)
+        if raw.stdin:
+            execution["stdin"] = raw.stdin
+        self.recorder.record_step(live.trajectory, execution, code=code, source=source, principal=principal)
         live.row["steps"] += 1
         live.row["last_activity"] = execution["finished_at"]
         self.metrics.observe_step(status, execution["duration_ms"])
@@ -536,7 +568,17 @@ class SessionManager:
         """The workspace of a session the principal may read (live or ended)."""
         self.visible_row(principal, session_id)
         live = self.live.get(session_id)
-        return live.workspace if live else Workspace(self.sessions_dir / session_id / "workspace")
+        return live.workspace if live else self._resting_workspace(session_id)
+
+    def _resting_workspace(self, session_id: str) -> Workspace:
+        """The workspace of a session without a kernel (paused or ended), its volume mounted."""
+        path = self.sessions_dir / session_id / "workspace"
+        try:
+            volumes.ensure_existing(path)
+        except volumes.VolumeError as exc:
+            raise Unavailable(f"The workspace of session '{session_id}' cannot be mounted: {exc}. See the server log.",
+                              code="workspace_unavailable", details={"session_id": session_id}) from None
+        return Workspace(path)
 
     def upload_dir(self, principal: Principal, session_id: str) -> Path:
         """Where an upload is received before it is moved into the workspace (outside of it)."""
@@ -551,7 +593,7 @@ class SessionManager:
         live = self.live.get(session_id)
         if live is not None:
             return live.workspace, live.trajectory
-        return Workspace(self.sessions_dir / session_id / "workspace"), self.trajectory_of(session_id)
+        return self._resting_workspace(session_id), self.trajectory_of(session_id)
 
     @staticmethod
     def workspace_limit(row: dict[str, Any]) -> int | None:
@@ -562,7 +604,7 @@ class SessionManager:
         """Measure the workspace after a step; past the limit, record it once."""
         try:
             was_over = live.workspace_bytes > limit
-            live.workspace_bytes = await asyncio.to_thread(live.workspace.size)
+            live.workspace_bytes = await live.workspace.size()
             if live.workspace_bytes > limit and not was_over:
                 self.recorder.record_event(live.trajectory, "limit_exceeded", None, {
                     "limit": "workspace", "value": limit, "size": live.workspace_bytes})
@@ -579,25 +621,24 @@ class SessionManager:
             f"files (DELETE /v1/sessions/{row['id']}/files/{{path}}) to run steps or upload again.",
             details={"limit": "workspace", "limit_bytes": limit, "size_bytes": size + adding})
 
-    def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
-                 sha256: str, content: bytes | None) -> dict[str, Any]:
+    async def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
+                       sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
         workspace, trajectory = self._files_of(principal, session_id)
         row = self.visible_row(principal, session_id)
         if self.workspace_limit(row) is not None:
-            self.check_workspace_room(row, workspace.size(), size)
-        target = workspace.install(path, received)
-        relative = workspace.relative(target)
+            self.check_workspace_room(row, await workspace.size(), size)
+        relative = workspace.install(path, received)
         self.recorder.record_event(trajectory, "file_upload", principal.name,
                                    upload_details(relative, content, size, sha256))
         return {"path": relative, "size": size, "sha256": sha256}
 
-    def delete_file(self, principal: Principal, session_id: str, path: str) -> dict[str, Any]:
+    async def delete_file(self, principal: Principal, session_id: str, path: str) -> dict[str, Any]:
         workspace, trajectory = self._files_of(principal, session_id)
-        kind = workspace.delete(path)
+        kind = await workspace.delete(path)
         live = self.live.get(session_id)
         if live is not None and self.workspace_limit(live.row) is not None:
-            live.workspace_bytes = workspace.size()
+            live.workspace_bytes = await workspace.size()
         self.recorder.record_event(trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
         return {"path": path, "deleted": kind}
 

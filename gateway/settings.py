@@ -76,7 +76,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", str, "Interface to listen on."),
     Setting("port", 8765, int, "TCP port to listen on."),
     Setting("data_dir", "./gateway-data", str, "Directory holding the database, workspaces and notebooks."),
-    Setting("token", None, str, "Admin token to accept (instead of one generated on first start). Never logged."),
+    Setting("token", None, str, "Admin token to accept (instead of one generated on first start). Never logged; serve keeps only its SHA-256, and restarts itself without the token in its environment or command line."),
+    Setting("token_sha256", None, str, "The SHA-256 (hex) of an admin token to accept: what serve passes itself in place of the token."),
     Setting("default_timeout", 60.0, float, "Seconds a step may run when the request names no timeout."),
     Setting("max_timeout", 3600.0, float, "Largest step timeout a request may ask for, in seconds."),
     Setting("max_output_bytes", 1 * MIB, int, "Output kept per step; the rest is cut and the step marked truncated."),
@@ -107,6 +108,7 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("pids_limit", 256, int, "Processes and threads a session's kernel may have at once (cgroup pids); 0: none."),
     Setting("file_size_limit", 1024 * MIB, byte_size, "Largest file a kernel may write (RLIMIT_FSIZE), e.g. 1GiB; 0: none."),
     Setting("workspace_limit", 5 * 1024 * MIB, byte_size, "Largest total size of a session's workspace, checked after each step and upload; 0: none."),
+    Setting("workspace_volumes", "auto", str, "A file system of the workspace limit's size per isolated workspace, so the limit holds during a step: on, off, or auto (on where it works: root, loop devices, mkfs.ext4)."),
     Setting("log_level", "INFO", str, "Logging level (DEBUG, INFO, WARNING, ERROR)."),
 )
 
@@ -119,6 +121,7 @@ class Settings:
     port: int = 8765
     data_dir: str = "./gateway-data"
     token: str | None = field(default=None, repr=False)
+    token_sha256: str | None = field(default=None, repr=False)
     default_timeout: float = 60.0
     max_timeout: float = 3600.0
     max_output_bytes: int = 1 * MIB
@@ -144,6 +147,7 @@ class Settings:
     websocket_replay_seconds: float = 60.0
     sandbox: str = "auto"
     sandbox_uids: str = "1000000-1009999"
+    workspace_volumes: str = "auto"
     memory_limit: int = 2048 * MIB
     cpu_limit: float = 1.0
     pids_limit: int = 256
@@ -175,6 +179,8 @@ class Settings:
             raise ValueError("resume_strategy must be 'snapshot' or 'replay'")
         if settings.sandbox not in ("auto", "none", "process", "sandbox"):
             raise ValueError("sandbox must be auto, none, process or sandbox")
+        if settings.workspace_volumes not in ("auto", "on", "off"):
+            raise ValueError("workspace_volumes must be auto, on or off")
         uid_range(settings.sandbox_uids)
         if settings.max_live_kernels <= 0:
             settings.max_live_kernels = default_max_live_kernels()

@@ -109,6 +109,16 @@ def m006_session_isolation(db: sqlite_utils.Database) -> None:
     db.table("sessions").add_column("isolation", str)
 
 
+@migrations()
+def m007_write_ahead_steps(db: sqlite_utils.Database) -> None:
+    """Steps are recorded before the kernel receives them (status ``running``, found again by a
+    small partial index after a crash), with the user_expressions and input() replies they had."""
+    steps = db.table("steps")
+    steps.add_column("user_expressions", str)
+    steps.add_column("stdin", str)
+    db.execute("CREATE INDEX idx_steps_running ON steps (session_id, seq) WHERE status = 'running'")
+
+
 SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot", "isolation")
 
 
@@ -224,20 +234,38 @@ class Store:
 
     # steps ------------------------------------------------------------------------------
 
-    def record_step(self, row: dict[str, Any], *, last_activity: str) -> None:
-        """Commit one executed step, its audit event and the session's counters, in one transaction."""
+    def open_step(self, row: dict[str, Any]) -> None:
+        """Commit a step that is about to run (status ``running``): one INSERT."""
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        audit = {"step": row["step"], "code": row["code"], "status": row["status"], "source": row["source"]}
         with self.conn:
             self.conn.execute(f"INSERT INTO steps ({columns}) VALUES ({marks})", list(row.values()))
-            self.conn.execute(
-                "UPDATE sessions SET steps = steps + 1, last_activity = ? WHERE id = ?",
-                [last_activity, row["session_id"]],
-            )
-            chain = self._insert_event(row["session_id"], row["seq"], row["finished_at"], row["principal"], "execute",
-                                       audit)
+
+    def update_step(self, session_id: str, step: int, **fields: Any) -> None:
+        """Change columns of a recorded step (a running step's input exchanges)."""
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self.conn:
+            self.conn.execute(f"UPDATE steps SET {assignments} WHERE session_id = ? AND step = ?",
+                              [*fields.values(), session_id, step])
+
+    def finish_step(self, session_id: str, step: int, fields: dict[str, Any], *, code: str, source: str,
+                    principal: str | None, at: str, last_activity: str | None) -> None:
+        """Complete a running step: its row updated with ``fields``, its audit event and the
+        session's counters, in one transaction (``last_activity`` None leaves it as it is)."""
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        audit = {"step": step, "code": code, "status": fields["status"], "source": source}
+        with self.conn:
+            seq = self.conn.execute(f"UPDATE steps SET {assignments} WHERE session_id = ? AND step = ? RETURNING seq",
+                                    [*fields.values(), session_id, step]).fetchone()[0]
+            self.conn.execute("UPDATE sessions SET steps = steps + 1, last_activity = COALESCE(?, last_activity) "
+                              "WHERE id = ?", [last_activity, session_id])
+            chain = self._insert_event(session_id, seq, at, principal, "execute", audit)
         self._chain = chain
+
+    def running_steps(self) -> list[dict[str, Any]]:
+        """Steps still ``running`` (after a crash: the ones whose end was never recorded), in order."""
+        rows = self.conn.execute("SELECT * FROM steps WHERE status = 'running' ORDER BY session_id, seq")
+        return [dict(r) for r in rows]
 
     def list_steps(self, session_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM steps WHERE session_id = ? ORDER BY seq", [session_id])
@@ -247,7 +275,8 @@ class Store:
         """Steps and events of a session in recorded order: ("step", row) or ("event", row)."""
         steps = self.conn.execute(
             "SELECT seq, step, execution_count, code, status, outputs, started_at, finished_at, "
-            "duration_ms, truncated, source, principal FROM steps WHERE session_id = ? ORDER BY seq",
+            "duration_ms, truncated, source, principal, user_expressions, stdin FROM steps "
+            "WHERE session_id = ? ORDER BY seq",
             [session_id]).fetchall()
         events = self.conn.execute(
             "SELECT seq, at, principal, action, details FROM events WHERE session_id = ? AND action IN "

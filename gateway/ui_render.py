@@ -3,6 +3,9 @@
 Outputs come from code an agent ran, so nothing in them may run in the reviewer's page: text is
 escaped, images become ``data:`` URIs (SVG too, which an ``<img>`` never runs), and HTML
 outputs (pandas tables, rich reprs) are shown in an ``<iframe sandbox>`` without scripts.
+Whatever a session stored, a page renders: characters that cannot be encoded (lone
+surrogates) or that hide or reorder text (control characters, bidirectional overrides) are
+shown as visible ``\\uXXXX`` escapes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,26 @@ from typing import Any
 from gateway.outputs import strip_ansi
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif")
+# C0 and C1 controls but tab, newline and carriage return; bidirectional embeddings, overrides
+# and isolates (the "Trojan Source" characters); lone surrogates.
+UNSHOWABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 HTML_FRAME_MIN, HTML_FRAME_MAX, HTML_ROW_HEIGHT = 80, 600, 26
+
+
+def shown(text: str) -> str:
+    """``text`` with every ``UNSHOWABLE`` character written as a visible ``\\uXXXX`` escape."""
+    return UNSHOWABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def shown_values(value: Any) -> Any:
+    """``shown`` applied to every string (keys too) in nested dicts, lists and tuples."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {shown_values(key): shown_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(shown_values(item) for item in value)
+    return value
 
 
 def text_of(value: Any) -> str:
@@ -81,4 +103,4 @@ def render_outputs(outputs_json: str | None) -> str:
         outputs = json.loads(outputs_json or "[]")
     except ValueError:
         return '<p class="note">The outputs of this step could not be read.</p>'
-    return "\n".join(render_output(output) for output in outputs if isinstance(output, dict))
+    return shown("\n".join(render_output(output) for output in outputs if isinstance(output, dict)))

@@ -1,20 +1,52 @@
 """A session's workspace directory: the kernel's working directory and the files API's root.
 
 Every path a client names is relative to the workspace and must stay inside it: absolute
-paths, ``..`` components and symlinks that lead out are refused with ``invalid_path``.
+paths, ``..`` components, symbolic links anywhere on the way, names longer than the file
+system allows and paths deeper than ``MAX_PATH_DEPTH`` are refused with ``invalid_path``. The
+kernel can change the tree at any moment, so every operation goes through ``gateway.safefs``
+(descriptors, no link followed). Walks of the whole tree (listing, size, removing a directory)
+run in a worker process, so a workspace of any size never holds up the server's event loop.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import errno
+import json
 import os
-import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from gateway import safefs
 from gateway.clock import iso
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.sandbox import hand_over_tree
+from gateway.offload import offload
+
+MAX_PATH_BYTES = 1024
+MAX_PATH_DEPTH = 32
+MAX_NAME_BYTES = 255
+DEFAULT_PAGE = 1000
+MAX_PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class FilePage:
+    """One page of a workspace listing: ``files_json`` is the JSON array of ``{"path", "size",
+    "modified"}`` objects, ``next`` the cursor of the following page (None on the last)."""
+
+    files_json: bytes
+    next: str | None
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.files_json))
+
+    def to_json(self) -> bytes:
+        """The API's listing object, ``{"files": [...], "next": cursor or null}``."""
+        return b'{"files": ' + self.files_json + b', "next": ' + json.dumps(self.next).encode() + b"}"
 
 
 class Workspace:
@@ -25,133 +57,164 @@ class Workspace:
         self.root = root.resolve()
         self.owner: tuple[int, int] | None = None  # the isolated kernel's (uid, gid), given what the gateway writes
 
-    def resolve(self, relative: str) -> Path:
-        """The absolute path of ``relative`` inside the workspace, or ``InvalidRequest``."""
-        if not isinstance(relative, str) or not relative.strip("/") or "\x00" in relative:
-            raise _bad_path(relative, "a file path inside the workspace is required")
-        pure = PurePosixPath(relative)
-        if pure.is_absolute():
-            raise _bad_path(relative, "absolute paths are not allowed; name a path relative to the workspace")
-        if any(part == ".." for part in pure.parts):
-            raise _bad_path(relative, "'..' is not allowed in workspace paths")
-        candidate = self.root.joinpath(*pure.parts)
-        resolved = candidate.resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise _bad_path(relative, "the path leads outside the workspace (through a symbolic link)")
-        return candidate
+    # single entries (quick: on the event loop) ---------------------------------------------
 
-    def relative(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
-
-    def list(self, directory: str | None = None) -> list[dict[str, Any]]:
-        """Every regular file under ``directory`` (default: the whole workspace), sorted by path."""
-        base = self.resolve(directory) if directory else self.root
-        if not base.exists():
-            raise NotFound(f"There is no directory '{directory}' in the workspace.", code="file_not_found",
-                           details={"path": directory})
-        if not base.is_dir():
-            raise InvalidRequest(f"'{directory}' is a file, not a directory; download it instead.",
-                                 code="invalid_path", details={"path": directory})
-        files = []
-        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                try:
-                    if path.is_symlink() and self.root not in path.resolve().parents:
-                        continue
-                    stat = path.stat()
-                except OSError:
-                    continue
-                files.append({
-                    "path": self.relative(path),
-                    "size": stat.st_size,
-                    "modified": iso(datetime.fromtimestamp(stat.st_mtime, timezone.utc)),
-                })
-        return sorted(files, key=lambda entry: entry["path"])
-
-    def existing_file(self, relative: str) -> Path:
-        """The path of an existing regular file, for download."""
-        path = self.resolve(relative)
-        if path.is_dir():
-            raise Conflict(f"'{relative}' is a directory; list it with GET .../files?path={relative}.",
-                           code="is_a_directory", details={"path": relative})
-        if not path.is_file():
-            raise NotFound(f"There is no file '{relative}' in the workspace.", code="file_not_found",
-                           details={"path": relative})
-        return path
-
-    def install(self, relative: str, source: Path) -> Path:
-        """Move a fully received upload into place atomically, creating parent directories."""
-        path = self.resolve(relative)
-        if path.is_dir():
-            raise Conflict(f"'{relative}' is a directory; choose a file path.", code="is_a_directory",
-                           details={"path": relative})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Re-check after creating parents: a component may be a symlink created meanwhile.
-        self.resolve(relative)
-        if self.owner is not None:
-            os.chown(source, *self.owner)  # in the uploads directory, out of the kernel's reach
-            self._give_parents(path.relative_to(self.root).parts[:-1])
-        os.replace(source, path)
-        return path
-
-    def _give_parents(self, parts: tuple[str, ...]) -> None:
-        """Hand the directories leading to an upload to the kernel's uid, never following a
-        symbolic link (the running kernel may swap a directory for one at any moment)."""
-        assert self.owner is not None
-        descriptor = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+    def open_file(self, relative: str) -> tuple[int, os.stat_result]:
+        """A read descriptor of an existing regular file and its ``fstat``, for a download."""
+        parts = workspace_parts(relative)
         try:
-            for part in parts:
-                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=descriptor)
-                os.close(descriptor)
-                descriptor = inner
-                os.fchown(descriptor, *self.owner)
-        finally:
-            os.close(descriptor)
+            with safefs.opened(safefs.open_root(self.root)) as root:
+                return safefs.open_file(root, parts)
+        except IsADirectoryError:
+            raise Conflict(f"'{relative}' is a directory; list it with GET .../files?path={relative}.",
+                           code="is_a_directory", details={"path": relative}) from None
+        except OSError as exc:
+            raise _file_error(exc, relative) from None
 
-    def give_to_owner(self) -> None:
-        """Hand everything in the workspace to the isolated kernel's uid (after the gateway wrote it)."""
-        if self.owner is not None:
-            hand_over_tree(self.root, *self.owner)
+    def check_target(self, relative: str) -> None:
+        """Refuse early an upload path that is invalid (before its body is received)."""
+        workspace_parts(relative)
 
-    def size(self) -> int:
-        """Bytes held by the workspace's files (symbolic links not followed)."""
-        total = 0
-        for dirpath, _dirnames, filenames in os.walk(self.root, followlinks=False):
-            for name in filenames:
-                try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_size
-                except OSError:
-                    continue
-        return total
+    def install(self, relative: str, source: Path) -> str:
+        """Move a fully received upload (outside the workspace) into place atomically, creating
+        parent directories; returns the normalised relative path."""
+        parts = workspace_parts(relative)
+        try:
+            with safefs.opened(safefs.open_root(self.root)) as root, \
+                    safefs.opened(os.open(source.parent, safefs.DIR_FLAGS)) as uploads:
+                safefs.install(root, parts, uploads, source.name, self.owner)
+        except IsADirectoryError:
+            raise Conflict(f"'{relative}' is a directory; choose a file path.", code="is_a_directory",
+                           details={"path": relative}) from None
+        except OSError as exc:
+            raise _file_error(exc, relative) from None
+        return "/".join(parts)
 
-    def delete(self, relative: str) -> str:
-        """Delete a file, a symbolic link (not its target) or a whole directory; returns what it was."""
-        pure = PurePosixPath(relative) if isinstance(relative, str) else None
-        if pure is not None and len(pure.parts) >= 1 and self._is_link_inside(pure):
-            self.root.joinpath(*pure.parts).unlink()
-            return "file"
-        path = self.resolve(relative)
-        if path.is_file():
-            path.unlink()
-            return "file"
-        if path.is_dir():
-            shutil.rmtree(path)
-            return "directory"
-        raise NotFound(f"There is no file '{relative}' in the workspace.", code="file_not_found",
-                       details={"path": relative})
+    async def copy_from(self, source: Path) -> int:
+        """Copy another tree (a parent's workspace, a fork's staging copy) into this workspace,
+        giving what is made to its kernel's uid; links are copied as links. Bytes copied."""
+        return await offload(_copy_tree, str(source), str(self.root), self.owner)
+
+    # whole-tree walks (in a worker process) ------------------------------------------------
+
+    async def list(self, directory: str | None = None, *, cursor: str | None = None,
+                   limit: int = DEFAULT_PAGE) -> FilePage:
+        """One page of the regular files under ``directory`` (default: all), in path order. The
+        page is built and serialised in a worker process: the event loop only passes it on."""
+        parts = workspace_parts(directory) if directory else ()
+        after = decode_file_cursor(cursor) if cursor else None
+        try:
+            return await offload(_list_page, str(self.root), parts, after, limit)
+        except NotADirectoryError:
+            raise InvalidRequest(f"'{directory}' is a file, not a directory; download it instead.",
+                                 code="invalid_path", details={"path": directory}) from None
+        except FileNotFoundError:
+            raise NotFound(f"There is no directory '{directory}' in the workspace.", code="file_not_found",
+                           details={"path": directory}) from None
+        except OSError as exc:
+            raise _file_error(exc, directory or "") from None
+
+    async def size(self) -> int:
+        """Bytes held by the workspace's regular files (links not followed)."""
+        return await offload(_tree_size, str(self.root))
+
+    async def delete(self, relative: str) -> str:
+        """Delete a file, a symbolic link (not its target) or a whole directory; returns which."""
+        parts = workspace_parts(relative)
+        try:
+            return await offload(_remove, str(self.root), parts)
+        except OSError as exc:
+            raise _file_error(exc, relative) from None
 
 
-    def _is_link_inside(self, pure: PurePosixPath) -> bool:
-        """Whether ``pure`` names a symbolic link whose own location is inside the workspace."""
-        if pure.is_absolute() or any(part == ".." for part in pure.parts):
-            return False
-        parent = self.root.joinpath(*pure.parts[:-1]).resolve()
-        if parent != self.root and self.root not in parent.parents:
-            return False
-        return (parent / pure.parts[-1]).is_symlink()
+def hand_over_tree(root: Path, uid: int, gid: int) -> int:
+    """Give what the gateway wrote under ``root`` (uploads, a fork's copy) to a kernel's uid."""
+    with safefs.opened(safefs.open_root(root)) as fd:
+        return safefs.chown_tree(fd, uid, gid)
+
+
+def workspace_parts(relative: Any) -> safefs.Parts:
+    """The components of a path inside the workspace, or ``InvalidRequest`` (``invalid_path``)."""
+    if not isinstance(relative, str) or not relative.strip("/"):
+        raise _bad_path(relative, "a file path inside the workspace is required")
+    if "\x00" in relative:
+        raise _bad_path(relative, "paths cannot contain NUL characters")
+    try:
+        size = len(relative.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise _bad_path(relative, "the path is not valid Unicode (it holds a lone surrogate)") from None
+    if size > MAX_PATH_BYTES:
+        raise _bad_path(relative, f"paths are at most {MAX_PATH_BYTES} bytes long")
+    pure = PurePosixPath(relative)
+    if pure.is_absolute():
+        raise _bad_path(relative, "absolute paths are not allowed; name a path relative to the workspace")
+    if any(part == ".." for part in pure.parts):
+        raise _bad_path(relative, "'..' is not allowed in workspace paths")
+    parts = tuple(part for part in pure.parts if part != ".")
+    if not parts:
+        raise _bad_path(relative, "a file path inside the workspace is required")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise _bad_path(relative, f"paths are at most {MAX_PATH_DEPTH} directories deep")
+    if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in parts):
+        raise _bad_path(relative, f"each name in a path is at most {MAX_NAME_BYTES} bytes long")
+    return parts
+
+
+def encode_file_cursor(parts: safefs.Parts) -> str:
+    """An opaque paging cursor: the last path of a page."""
+    return base64.urlsafe_b64encode("/".join(parts).encode("utf-8")).decode().rstrip("=")
+
+
+def decode_file_cursor(cursor: str) -> safefs.Parts:
+    """Inverse of ``encode_file_cursor``; anything else is ``invalid_query``."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+        return workspace_parts(text)
+    except (binascii.Error, ValueError, InvalidRequest):
+        raise InvalidRequest("The cursor is not one this server issued; use the 'next' value of a previous page.",
+                             code="invalid_query", details={"parameter": "cursor"}) from None
+
+
+def _file_error(exc: OSError, relative: str) -> Exception:
+    if isinstance(exc, safefs.UnsafeEntry):
+        if exc.errno == errno.ENOTDIR:
+            return _bad_path(relative, "a component of the path is a file, not a directory")
+        return _bad_path(relative, "a symbolic link, a special file or a foreign hard link stands on the "
+                                   "path; the gateway never follows those")
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"There is no file '{relative}' in the workspace.", code="file_not_found",
+                        details={"path": relative})
+    if isinstance(exc, NotADirectoryError):
+        return _bad_path(relative, "a component of the path is a file, not a directory")
+    return exc
 
 
 def _bad_path(path: Any, why: str) -> InvalidRequest:
-    return InvalidRequest(f"Invalid path {path!r}: {why}.", code="invalid_path", details={"path": path})
+    shown = path if not isinstance(path, str) or len(path) <= 200 else path[:200] + "…"
+    return InvalidRequest(f"Invalid path {shown!r}: {why}.", code="invalid_path", details={"path": shown})
+
+
+# run in the worker processes (``gateway.offload``) -----------------------------------------
+
+def _list_page(root: str, parts: safefs.Parts, after: safefs.Parts | None, limit: int) -> FilePage:
+    with safefs.opened(safefs.open_root(Path(root))) as fd:
+        entries, more = safefs.list_files(fd, parts, after=after, limit=limit)
+    files = [{"path": "/".join(entry.parts), "size": entry.size,
+              "modified": iso(datetime.fromtimestamp(entry.mtime, timezone.utc))} for entry in entries]
+    return FilePage(json.dumps(files).encode(), encode_file_cursor(entries[-1].parts) if more and entries else None)
+
+
+def _tree_size(root: str) -> int:
+    with safefs.opened(safefs.open_root(Path(root))) as fd:
+        return safefs.tree_size(fd)
+
+
+def _remove(root: str, parts: safefs.Parts) -> str:
+    with safefs.opened(safefs.open_root(Path(root))) as fd:
+        return safefs.remove(fd, parts)
+
+
+def _copy_tree(source: str, target: str, owner: tuple[int, int] | None) -> int:
+    Path(target).mkdir(parents=True, exist_ok=True)
+    with safefs.opened(safefs.open_root(Path(source))) as src, safefs.opened(safefs.open_root(Path(target))) as dst:
+        return safefs.copy_tree(src, dst, owner)

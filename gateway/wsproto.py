@@ -18,12 +18,23 @@ from typing import Any
 
 from jupyter_client.jsonutil import json_default
 
+from gateway.errors import InvalidRequest
+from gateway.inputs import parse_json
+
 V1_PROTOCOL = "v1.kernel.websocket.jupyter.org"
 CHANNELS = ("shell", "iopub", "stdin", "control")
 
 
 class ProtocolError(ValueError):
     """A frame that is not a kernel message in the negotiated protocol."""
+
+
+def frame_json(raw: str | bytes) -> Any:
+    """One JSON part of an incoming frame, checked like a request body (depth, numbers, text)."""
+    try:
+        return parse_json(raw.encode("utf-8") if isinstance(raw, str) else raw)
+    except InvalidRequest as exc:
+        raise ProtocolError(exc.message) from None
 
 
 # JSON protocol ------------------------------------------------------------------------------
@@ -61,10 +72,7 @@ def from_json_frame(frame: str | bytes) -> tuple[str, dict[str, Any], list[bytes
         buffers = parts[1:]
     else:
         text = frame
-    try:
-        msg = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"not JSON: {exc}") from None
+    msg = frame_json(text)
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a JSON object")
     # Some clients (Jupyter Server's gateway kernel client) leave the channel out of shell

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +97,40 @@ def start_gateway(data_dir: Path, *, token: str | None = TOKEN, extra_args: tupl
         time.sleep(0.05)
     process.kill()
     raise RuntimeError("the gateway did not announce its URL within 60 s")
+
+
+@contextmanager
+def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
+                     prefix: str = "agw-isolated-") -> Iterator[dict[str, Any]]:
+    """A gateway of its own under ``profile`` (the test is skipped, with the reason, where the
+    profile does not work here), in a base directory other users may traverse (under `process`
+    kernel uids reach their workspaces on the host). Yields ``{"profile", "gateway", "base",
+    "args"}``; whichever gateway is in ``"gateway"`` at the end is stopped and must exit 0."""
+    from gateway.sandbox import probe_profile
+
+    status = probe_profile(profile)
+    if not status.works:
+        pytest.skip(f"the {profile} profile does not work here: {status.reason}")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o711)
+    extra = ("--sandbox", profile, *args)
+    state: dict[str, Any] = {"profile": profile, "base": base, "args": extra,
+                             "gateway": start_gateway(base / "data", token=token, extra_args=extra)}
+    try:
+        yield state
+    finally:
+        assert state["gateway"].stop() == 0
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_volume_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Workspace volumes of gateways a test killed (and never restarted) are unmounted at the end."""
+    yield
+    from gateway import volumes
+
+    for root in (tmp_path_factory.getbasetemp(), *Path(tempfile.gettempdir()).glob("agw-*")):
+        volumes.release_all(Path(root))
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,7 @@ does not work here is skipped with the reason."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -23,26 +21,20 @@ import psutil
 import pytest
 import websocket
 
+from gateway import volumes
 from gateway.sandbox import probe_profile
-from tests.conftest import GatewayProcess, run, start_gateway
+from tests.conftest import GatewayProcess, isolated_gateway, run, start_gateway
 
 
 @pytest.fixture(scope="module", params=["sandbox", "process"])
 def isolated(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    """A gateway of its own under each isolating profile that works on this machine."""
-    profile = request.param
-    status = probe_profile(profile)
-    if not status.works:
-        pytest.skip(f"the {profile} profile does not work here: {status.reason}")
-    # Under `process` kernel uids reach their workspaces on the host: a traversable base.
-    base = Path(tempfile.mkdtemp(prefix="agw-isolation-", dir="/tmp"))
-    base.chmod(0o711)
-    gateway = start_gateway(base / "data", extra_args=("--sandbox", profile, "--pool-size", "1"))
-    try:
-        yield {"profile": profile, "gateway": gateway}
-    finally:
-        assert gateway.stop() == 0
-        shutil.rmtree(base, ignore_errors=True)
+    """A gateway of its own under each isolating profile that works on this machine: with
+    workspace volumes where they work under sandbox, and under process with the limit checked
+    between steps only (so both ways of holding the workspace limit are tested)."""
+    volumes_flag = "auto" if request.param == "sandbox" else "off"
+    with isolated_gateway(request.param, "--pool-size", "1", "--workspace-volumes", volumes_flag,
+                          prefix="agw-isolation-") as state:
+        yield state
 
 
 @pytest.fixture
@@ -211,16 +203,24 @@ def test_a_full_workspace_refuses_steps_and_uploads_until_files_go(gateway: Gate
     sid = session["id"]
     try:
         filled = run(admin, sid, "open('fill.bin', 'wb').write(b'x' * (2 << 20))")
-        assert filled["status"] == "ok"
-        deadline = time.monotonic() + 10  # the workspace is measured just after the step's response
-        while (refused := admin.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})).status_code == 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert refused.status_code == 507 and refused.json()["error"]["code"] == "workspace_full"
-        assert "over its 1 MiB limit" in refused.json()["error"]["message"]
-        assert refused.json()["error"]["details"]["limit_bytes"] == 1 << 20
-        upload = admin.put(f"/v1/sessions/{sid}/files/more.txt", content=b"more")
-        assert upload.status_code == 507
+        if volumes.is_mounted(gateway.data_dir / "sessions" / sid / "workspace"):
+            # A volume of the limit's size: the write fails during the step, naming the limit.
+            assert filled["status"] == "error", filled
+            assert "No space left on device" in filled["error"]["value"]
+            assert "(the session's workspace size limit is 1 MiB)" in filled["error"]["value"]
+            upload = admin.put(f"/v1/sessions/{sid}/files/more.bin", content=b"m" * (2 << 20))
+            assert upload.status_code == 507 and upload.json()["error"]["code"] == "workspace_full"
+        else:
+            assert filled["status"] == "ok"
+            deadline = time.monotonic() + 10  # the workspace is measured just after the step's response
+            while (refused := admin.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})).status_code == 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert refused.status_code == 507 and refused.json()["error"]["code"] == "workspace_full"
+            assert "over its 1 MiB limit" in refused.json()["error"]["message"]
+            assert refused.json()["error"]["details"]["limit_bytes"] == 1 << 20
+            upload = admin.put(f"/v1/sessions/{sid}/files/more.txt", content=b"more")
+            assert upload.status_code == 507
         assert admin.delete(f"/v1/sessions/{sid}/files/fill.bin").status_code == 200
         assert run(admin, sid, "open('small.txt', 'w').write('ok')")["status"] == "ok"
         actions = [e["action"] for e in admin.get(f"/v1/sessions/{sid}/events").json()["events"]]

@@ -5,14 +5,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import tornado.web
 from tornado.iostream import StreamClosedError
 
 from gateway.auth import Principal
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.inputs import check_arguments, decoded, parse_json
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -20,15 +21,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
-TOKEN_IN_URL = re.compile(r"([?&]token=)[^&]*", re.IGNORECASE)
+TOKEN_PARAMETER = "token"
 DRAIN_LIMIT = 1024 * 1024
 STATUS_CODES = {400: "bad_request", 401: "invalid_token", 403: "forbidden", 404: "route_not_found",
                 405: "method_not_allowed", 413: "body_too_large", 500: "internal_error"}
 
 
+def query_parameters(query: str) -> list[tuple[str, str, str]]:
+    """Each ``&``-separated part of a query string, with its name and value percent-decoded
+    (``tok%65n`` is ``token``). The one reading of a query shared by the token lookup and the
+    log scrubber, so that whatever is taken as a token is also redacted."""
+    parts = []
+    for part in query.split("&"):
+        pairs = parse_qsl(part, keep_blank_values=True)
+        name, value = pairs[0] if pairs else ("", "")
+        parts.append((part, name, value))
+    return parts
+
+
 def scrub(uri: str) -> str:
-    """A request URI with any token removed, fit for logs."""
-    return TOKEN_IN_URL.sub(r"\1[redacted]", uri)
+    """A request URI with the value of any parameter named ``token`` (once decoded, in any case)
+    replaced by ``[redacted]``, fit for logs."""
+    path, mark, query = uri.partition("?")
+    if not mark:
+        return uri
+    return path + mark + "&".join(
+        f"{part.partition('=')[0]}=[redacted]" if name.strip().lower() == TOKEN_PARAMETER else part
+        for part, name, _ in query_parameters(query))
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -92,10 +111,11 @@ class BaseHandler(tornado.web.RequestHandler):
         self.gateway.metrics.requests += 1
         self.deferred_error: GatewayError | None = None
         length_header = self.request.headers.get("Content-Length", "0")
-        length = int(length_header) if length_header.isdigit() else 0
+        length = int(length_header) if length_header.isascii() and length_header.isdigit() else 0
         try:
             if not self.public:
                 self.principal = self.gateway.auth.authenticate(self.request_token())
+            self.check_url_arguments()
             limit = self.body_limit()
             if length > limit:
                 raise self.too_large(limit)
@@ -135,6 +155,18 @@ class BaseHandler(tornado.web.RequestHandler):
     def request_token(self) -> str | None:
         return request_token(self)
 
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """Path arguments and query or form values as text; bytes that are not UTF-8 are kept
+        as lone surrogates, which ``check_url_arguments`` and the pages' forms refuse with the
+        JSON envelope (tornado's own decoding answers a bare 400)."""
+        return decoded(value)
+
+    def check_url_arguments(self) -> None:
+        """Every path argument and query parameter must be UTF-8 text once percent-decoded."""
+        raw_path = {name: [value.encode("utf-8", "surrogateescape")] for name, value in self.path_kwargs.items()}
+        check_arguments(raw_path, code="invalid_field", noun="part of the URL")
+        check_query(self)
+
     def require_body_within_limit(self) -> None:
         if self.body_sink is not None and self.body_sink.too_large:
             raise self.too_large(self.body_limit())
@@ -143,16 +175,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self.require_body_within_limit()
         return b"".join(self.body_sink.chunks) if self.body_sink is not None else b""
 
+    def json_value(self) -> Any:
+        """The body as JSON (``{}`` when empty), checked: not too deep, numbers that fit a float,
+        every string Unicode text (``gateway.inputs``)."""
+        raw = self.body_bytes()
+        return parse_json(raw) if raw.strip() else {}
+
     def json_body(self, fields: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()) -> dict[str, Any]:
         """The body as a JSON object whose fields are all known and of the right types."""
-        raw = self.body_bytes()
-        if not raw.strip():
-            data: Any = {}
-        else:
-            try:
-                data = json.loads(raw, parse_constant=_reject_constant)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+        data = self.json_value()
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
         unknown = sorted(set(data) - set(fields))
@@ -181,7 +212,7 @@ class BaseHandler(tornado.web.RequestHandler):
         raw = self.get_query_argument(name, None)
         if raw is None:
             return default
-        if not raw.isdigit() or not low <= int(raw) <= high:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or not low <= int(raw) <= high:
             raise InvalidRequest(f"The query parameter '{name}' must be a whole number from {low} to {high}.",
                                  code="invalid_query", details={"parameter": name})
         return int(raw)
@@ -205,12 +236,20 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 def request_token(handler: tornado.web.RequestHandler) -> str | None:
-    """The token of a request: ``Authorization: Bearer|token <t>``, else ``?token=``."""
+    """The token of a request: ``Authorization: Bearer|token <t>``, else ``?token=`` (its name
+    percent-decoded, as ``scrub`` reads it; the last one wins, as in tornado)."""
     header = handler.request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() in ("bearer", "token") and value.strip():
         return value.strip()
-    return handler.get_query_argument("token", None) or None
+    values = [value for _, name, value in query_parameters(handler.request.query) if name == TOKEN_PARAMETER]
+    token = values[-1].strip() if values else ""
+    return token or None
+
+
+def check_query(handler: tornado.web.RequestHandler) -> None:
+    """Refuse a request whose query parameters are not UTF-8 text (``invalid_query``)."""
+    check_arguments(handler.request.query_arguments, code="invalid_query", noun="query parameter")
 
 
 def write_error_envelope(handler: tornado.web.RequestHandler, status_code: int, exc: BaseException | None) -> None:
@@ -298,10 +337,6 @@ class NotFoundHandler(BaseHandler):
         raise self.deferred_error
 
     post = put = delete = patch = head = options = get
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _json_type(names: str) -> str:

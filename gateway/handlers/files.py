@@ -6,35 +6,51 @@ import hashlib
 import mimetypes
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
 from gateway.handlers.base import BaseHandler
 from gateway.handlers.sessions import SID
 from gateway.notebook import INLINE_UPLOAD_LIMIT
+from gateway.workspace import DEFAULT_PAGE, MAX_PAGE, Workspace
 
 CHUNK = 256 * 1024
 
 
-async def send_file(handler: BaseHandler, target: Path) -> None:
-    """Stream a file's bytes with its guessed type and length."""
-    kind, _ = mimetypes.guess_type(target.name)
-    handler.set_header("Content-Type", kind or "application/octet-stream")
-    handler.set_header("Content-Length", str(target.stat().st_size))
-    with open(target, "rb") as handle:
-        while chunk := handle.read(CHUNK):
+async def send_file(handler: BaseHandler, workspace: Workspace, relative: str) -> None:
+    """Stream a workspace file's bytes as an attachment that no browser renders in the gateway's
+    origin (``Content-Security-Policy: sandbox``, ``nosniff``). The file is opened once, without
+    following links, and read from that descriptor; since the kernel may be writing it meanwhile,
+    a small file is sent whole with its length, a larger one chunked, up to its size at opening."""
+    fd, info = workspace.open_file(relative)
+    with os.fdopen(fd, "rb") as handle:
+        name = PurePosixPath(relative).name
+        kind, _ = mimetypes.guess_type(name)
+        handler.set_header("Content-Type", kind or "application/octet-stream")
+        handler.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name)}")
+        handler.set_header("Content-Security-Policy", "sandbox")
+        handler.set_header("X-Content-Type-Options", "nosniff")
+        remaining = info.st_size
+        while remaining > 0 and (chunk := handle.read(min(CHUNK, remaining))):
+            remaining -= len(chunk)
             handler.write(chunk)
-            await handler.flush()
+            if remaining > 0:
+                await handler.flush()
     handler.finish()
 
 
 class FileListHandler(BaseHandler):
-    """GET /v1/sessions/{id}/files[?path=dir]"""
+    """GET /v1/sessions/{id}/files[?path=dir&limit=N&cursor=C]: one page of the files."""
 
     async def get(self, session_id: str) -> None:
         assert self.principal is not None
         workspace = self.gateway.sessions.workspace(self.principal, session_id)
-        self.write_json({"files": workspace.list(self.get_query_argument("path", None))})
+        limit = self.int_query("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        page = await workspace.list(self.get_query_argument("path", None),
+                                    cursor=self.get_query_argument("cursor", None), limit=limit)
+        self.set_header("Content-Type", "application/json")
+        self.finish(page.to_json())
 
 
 class UploadSink:
@@ -84,12 +100,12 @@ class FileHandler(BaseHandler):
         session_id = self.path_kwargs["session_id"]
         sessions = self.gateway.sessions
         directory = sessions.upload_dir(self.principal, session_id)
-        sessions.workspace(self.principal, session_id).resolve(self.path_kwargs["path"])
+        sessions.workspace(self.principal, session_id).check_target(self.path_kwargs["path"])
         return UploadSink(directory, limit)
 
     async def get(self, session_id: str, path: str) -> None:
         assert self.principal is not None
-        await send_file(self, self.gateway.sessions.workspace(self.principal, session_id).existing_file(path))
+        await send_file(self, self.gateway.sessions.workspace(self.principal, session_id), path)
 
     async def put(self, session_id: str, path: str) -> None:
         assert self.principal is not None
@@ -97,13 +113,13 @@ class FileHandler(BaseHandler):
         sink: UploadSink = self.body_sink
         sink.finish()
         content = bytes(sink.head) if sink.size <= INLINE_UPLOAD_LIMIT else None
-        result = self.gateway.sessions.put_file(self.principal, session_id, path, sink.path, size=sink.size,
+        result = await self.gateway.sessions.put_file(self.principal, session_id, path, sink.path, size=sink.size,
                                                 sha256=sink.digest.hexdigest(), content=content)
         self.write_json(result, status=201)
 
     async def delete(self, session_id: str, path: str) -> None:
         assert self.principal is not None
-        self.write_json(self.gateway.sessions.delete_file(self.principal, session_id, path))
+        self.write_json(await self.gateway.sessions.delete_file(self.principal, session_id, path))
 
 
 routes = [

@@ -63,6 +63,7 @@ class KernelHandler(BaseHandler):
 
 class KernelInterruptHandler(BaseHandler):
     async def post(self, kernel_id: str) -> None:
+        self.json_value()  # Jupyter clients send {} (or nothing); whatever comes must be well-formed JSON
         assert self.principal is not None
         await self.gateway.jupyter.interrupt(self.principal, kernel_id)
         self.set_status(204)
@@ -71,6 +72,7 @@ class KernelInterruptHandler(BaseHandler):
 
 class KernelRestartHandler(BaseHandler):
     async def post(self, kernel_id: str) -> None:
+        self.json_value()  # as for interrupt: the body is not used, but must be well-formed JSON
         assert self.principal is not None
         self.write_json(await self.gateway.jupyter.restart(self.principal, kernel_id))
 

@@ -7,7 +7,6 @@ reconnects with the same id gets what it missed.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -16,10 +15,11 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from gateway.auth import Principal
-from gateway.handlers.base import log_handler_exception, request_token, write_error_envelope
+from gateway.handlers.base import check_query, log_handler_exception, request_token, write_error_envelope
 from gateway.handlers.jupyter import KID
 from gateway.hub import KernelHub
-from gateway.wsproto import V1_PROTOCOL, ProtocolError, from_json_frame, from_v1_frame, to_json_frame, to_v1_frame
+from gateway.wsproto import (V1_PROTOCOL, ProtocolError, frame_json, from_json_frame, from_v1_frame, to_json_frame,
+                              to_v1_frame)
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLIENT_WRITE_BUFFER = 64 * 1024 * 1024
+RECORDED_CONTENT = ("execute_request", "input_reply")  # messages whose content the hub records
 
 
 class KernelChannelsHandler(WebSocketHandler):
@@ -42,6 +43,7 @@ class KernelChannelsHandler(WebSocketHandler):
 
     async def prepare(self) -> None:
         self.principal = self.gateway.auth.authenticate(request_token(self))
+        check_query(self)
         self.hub = self.gateway.jupyter.hub(self.principal, self.path_kwargs["kernel_id"])
         self.client_id = self.get_query_argument("session_id", "") or uuid.uuid4().hex
 
@@ -79,14 +81,18 @@ class KernelChannelsHandler(WebSocketHandler):
                 if not isinstance(message, bytes):
                     raise ProtocolError("v1 frames are binary")
                 channel, parts = from_v1_frame(message)
-                header = json.loads(parts[0])
-                content = json.loads(parts[3]) if header.get("msg_type") == "execute_request" else None
+                header = frame_json(parts[0])
+                msg_type = header.get("msg_type") if isinstance(header, dict) else None
+                content = frame_json(parts[3]) if msg_type in RECORDED_CONTENT else None
+                parent = frame_json(parts[1]) if msg_type == "input_reply" else None
+                if not all(isinstance(part, dict) for part in (header, content, parent) if part is not None):
+                    raise ProtocolError("the header, parent header and content must be objects")
 
                 def send(listener: Any) -> None:
                     connection.send_raw(channel, parts, str(header.get("msg_id", "")), listener)
             else:
                 channel, msg, buffers = from_json_frame(message)
-                header, content = msg["header"], msg["content"]
+                header, content, parent = msg["header"], msg["content"], msg.get("parent_header")
 
                 def send(listener: Any) -> None:
                     connection.send(channel, msg, listener, buffers)
@@ -94,7 +100,7 @@ class KernelChannelsHandler(WebSocketHandler):
             log.info("session %s: dropped a malformed websocket message from %s: %s",
                      self.hub.live.id, self.client_id, exc)
             return
-        self.hub.from_client(self, channel, header, content, send)
+        self.hub.from_client(self, channel, header, content, send, parent)
 
     def on_close(self) -> None:
         if self.hub is not None:

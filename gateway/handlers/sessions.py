@@ -9,6 +9,7 @@ from typing import Any
 from tornado.ioloop import PeriodicCallback
 
 from gateway.errors import InvalidRequest
+from gateway.inputs import validate_labels
 from gateway.replay import replay_session
 from gateway.handlers.base import BaseHandler
 
@@ -39,11 +40,7 @@ class SessionsHandler(BaseHandler):
 
     async def post(self) -> None:
         body = self.json_body({"kernel": str, "labels": dict, "env": dict, "setup": str, "sandbox": str, "limits": dict})
-        labels = body.get("labels") or {}
-        if not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 1024
-                   for k, v in labels.items()):
-            raise InvalidRequest("'labels' must map strings (up to 128 characters) to strings (up to 1024).",
-                                 code="invalid_field", details={"field": "labels"})
+        labels = validate_labels(body.get("labels"))
         assert self.principal is not None
         session = await self.gateway.sessions.create(
             self.principal, kernel=body.get("kernel") or "python3", labels=labels, env=body.get("env"),

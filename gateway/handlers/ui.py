@@ -21,11 +21,13 @@ from gateway.errors import AuthenticationRequired, Forbidden, GatewayError, Inva
 from gateway.handlers.base import BaseHandler, audit_refusal, request_token
 from gateway.handlers.files import send_file
 from gateway.handlers.sessions import SESSION_STATES, SID
-from gateway.ui_render import render_outputs
+from gateway.inputs import check_arguments
+from gateway.ui_render import render_outputs, shown_values
 
 LOGIN_COOKIE = "agent_gateway_login"
 LOGIN_MAX_AGE_DAYS = 0.5
 PAGE_SIZE = 50
+PAGE_FILES = 200  # the session page shows the first files; the API pages through the rest
 FORM_BODY_LIMIT = 64 * 1024
 CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                            "frame-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -85,10 +87,13 @@ class UiHandler(BaseHandler):
         except tornado.web.HTTPError:
             raise Forbidden("The form is missing its XSRF token or the token does not match; reload the page "
                             "and submit it again.") from None
+        check_arguments(self.request.body_arguments, code="invalid_field", noun="form field")
 
     def page(self, template: str, status: int = 200, **values: Any) -> None:
+        """Render ``template``; every string in ``values`` is made fit to show first (``shown``)."""
         self.set_status(status)
-        html = self.render_string(template, principal=self.principal, short=short, status=status, **values)
+        html = self.render_string(template, principal=self.principal, short=short, status=status,
+                                  **shown_values(values))
         self.set_header("Server-Timing", f"render;dur={1000 * (time.perf_counter() - self.started):.1f}")
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(html)
@@ -177,18 +182,20 @@ class SessionsPage(UiHandler):
 class SessionPage(UiHandler):
     """One session: its trajectory rendered as a notebook, files, audit events, how to attach."""
 
-    def get(self, session_id: str) -> None:
+    async def get(self, session_id: str) -> None:
         assert self.principal is not None
         sessions = self.gateway.sessions
         session = sessions.get(self.principal, session_id)
         timeline = sessions.timeline(self.principal, session_id)
         try:
-            files = sessions.workspace(self.principal, session_id).list()
+            listing = await sessions.workspace(self.principal, session_id).list(limit=PAGE_FILES)
+            files, more_files = listing.files, listing.next is not None
         except GatewayError:
-            files = []
+            files, more_files = [], False
         events = sessions.events(self.principal, session_id)
         base_url = f"{self.request.protocol}://{self.request.host}"
-        self.page("ui/session.html", session=session, timeline=timeline, files=files, events=events,
+        self.page("ui/session.html", session=session, timeline=timeline, files=files,
+                  more_files=more_files, events=events,
                   render_outputs=render_outputs, base_url=base_url, quote=quote)
 
 
@@ -206,10 +213,7 @@ class FileDownload(UiHandler):
 
     async def get(self, session_id: str, path: str) -> None:
         assert self.principal is not None
-        target = self.gateway.sessions.workspace(self.principal, session_id).existing_file(path)
-        self.set_header("Content-Security-Policy", "sandbox")
-        self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(target.name)}")
-        await send_file(self, target)
+        await send_file(self, self.gateway.sessions.workspace(self.principal, session_id), path)
 
 
 def safe_next(target: str | None) -> str:

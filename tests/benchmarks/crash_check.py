@@ -1,0 +1,141 @@
+"""kill -9 the gateway at random moments of a concurrent workload, restart it, and compare what
+each kernel ran (its own ``In`` history) with the session's recorded trajectory.
+
+    python tests/benchmarks/crash_check.py [--rounds 20] [--sessions 8] [--seed N]
+
+Each round starts a gateway on a fresh data directory, runs steps in every session from one
+thread each (HTTP execute; a step sets a variable and sleeps a random few milliseconds), kills
+the gateway with SIGKILL after a random 0.5-3 s, starts it again on the same directory and,
+per session: every cell in the kernel's ``In`` must be a recorded step, in the same order; every
+step recorded as run (``ok``/``error``) must be in ``In``; no step may still be ``running``; a
+step recorded ``lost`` may or may not have run. Prints one line per round and a summary; exits 1
+on any mismatch. Stops every gateway it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.conftest import start_gateway  # noqa: E402
+
+
+def workload(url: str, token: str, sid: str, stop: threading.Event, rng: random.Random) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+        step = 0
+        while not stop.is_set():
+            step += 1
+            code = f"v_{step} = {step}\nimport time; time.sleep({rng.randint(0, 30) / 1000})"
+            try:
+                client.post(f"/v1/sessions/{sid}/execute", json={"code": code})
+            except httpx.HTTPError:
+                return
+
+
+def check_session(client: httpx.Client, sid: str) -> tuple[list[str], dict[str, int]]:
+    steps = client.get(f"/v1/sessions/{sid}/steps").json()["steps"]
+    history = client.post(f"/v1/sessions/{sid}/execute", json={"code": "In[1:-1]"}).json()
+    if history.get("status") != "ok":
+        return [f"{sid}: its kernel's history could not be read: {history}"], {}
+    ran_in_kernel = [cell.strip() for cell in ast.literal_eval(history["result"])]
+    problems = []
+    recorded = [s for s in steps if s["code"] != "In[1:-1]"]
+    counts: dict[str, int] = {}
+    for step in recorded:
+        counts[step["status"]] = counts.get(step["status"], 0) + 1
+    codes = [s["code"].strip() for s in recorded]
+    position = 0
+    for cell in ran_in_kernel:
+        try:
+            position = codes.index(cell, position) + 1
+        except ValueError:
+            problems.append(f"{sid}: ran but not recorded (or out of order): {cell[:40]!r}")
+    for step in recorded:
+        if step["status"] in ("ok", "error") and step["code"].strip() not in ran_in_kernel:
+            problems.append(f"{sid}: recorded {step['status']} but not in the kernel's history: step {step['step']}")
+        if step["status"] == "running":
+            problems.append(f"{sid}: step {step['step']} still running after the restart")
+    return problems, counts
+
+
+def one_round(base: Path, sessions: int, rng: random.Random) -> tuple[list[str], dict[str, int], float]:
+    data = base / "data"
+    token = f"crash-{rng.getrandbits(64):x}"
+    gateway = start_gateway(data, token=token, extra_args=("--pool-size", "2"))
+    stop = threading.Event()
+    try:
+        with gateway.client() as client:
+            ids = [client.post("/v1/sessions", json={}).json()["id"] for _ in range(sessions)]
+        threads = [threading.Thread(target=workload, args=(gateway.url, token, sid, stop, random.Random(rng.random())))
+                   for sid in ids]
+        for thread in threads:
+            thread.start()
+        delay = rng.uniform(0.5, 3.0)
+        time.sleep(delay)
+        gateway.stop(signal.SIGKILL)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    except BaseException:
+        gateway.stop(signal.SIGKILL)
+        raise
+    restarted = start_gateway(data, token=token, extra_args=("--pool-size", "0"))
+    problems: list[str] = []
+    totals: dict[str, int] = {}
+    try:
+        with restarted.client() as client:
+            for sid in ids:
+                found, counts = check_session(client, sid)
+                problems += found
+                for status, count in counts.items():
+                    totals[status] = totals.get(status, 0) + count
+    finally:
+        if restarted.stop() != 0:
+            problems.append("the restarted gateway did not stop cleanly")
+    return problems, totals, delay
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"crash check: {args.rounds} rounds of {args.sessions} sessions, seed {seed}")
+    failures = 0
+    all_totals: dict[str, int] = {}
+    for number in range(1, args.rounds + 1):
+        base = Path(tempfile.mkdtemp(prefix="agw-crash-", dir="/tmp"))
+        base.chmod(0o711)
+        try:
+            problems, totals, delay = one_round(base, args.sessions, rng)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        for status, count in totals.items():
+            all_totals[status] = all_totals.get(status, 0) + count
+        failures += bool(problems)
+        summary = ", ".join(f"{status} {count}" for status, count in sorted(totals.items()))
+        print(f"round {number:2}: killed after {delay:.2f} s; steps {summary}; "
+              f"{'OK' if not problems else 'MISMATCH'}")
+        for problem in problems:
+            print(f"    {problem}")
+    summary = ", ".join(f"{status} {count}" for status, count in sorted(all_totals.items()))
+    print(f"{args.rounds - failures} of {args.rounds} rounds matched; steps {summary}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
