@@ -353,7 +353,11 @@ class Lifecycle:
                     continue
                 if "workspace" in removed:
                     await asyncio.to_thread(volumes.release, directory / "workspace", remove=True)
-                for name in removed:
-                    await offload(safefs.remove_tree, directory / name)
+                try:
+                    for name in removed:
+                        await offload(safefs.remove_tree, directory / name)
+                except OSError as exc:
+                    log.warning("session %s: its files could not be removed by retention: %s", row["id"], exc)
+                    continue
                 manager.recorder.record_event(manager.trajectory_of(row["id"]), "workspace_removed", None,
                                               {"removed": removed, "retention_days": self.settings.retention_days})

@@ -35,6 +35,11 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 COPY_CHUNK = 1 << 20
+WALK_DEPTH_MAX = 256  # walks go no deeper: a kernel can nest directories without end
+
+
+class TooDeep(OSError):
+    """A tree nests deeper than a walk goes (``WALK_DEPTH_MAX``)."""
 
 
 class UnsafeEntry(OSError):
@@ -189,11 +194,12 @@ def _install_by_copy(source_dir_fd: int, source_name: str, parent: int, name: st
 
 
 def remove(root_fd: int, parts: Parts) -> str:
-    """Remove the file, link (not its target) or whole directory ``parts``; returns which it was."""
+    """Remove the file, link (not its target) or whole directory ``parts``; returns which it was.
+    A directory nested too deep for ``shutil.rmtree`` raises ``TooDeep``."""
     with opened(open_dir(root_fd, parts[:-1])) as parent:
         info = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
         if stat.S_ISDIR(info.st_mode):
-            shutil.rmtree(parts[-1], dir_fd=parent)
+            _rmtree(parts[-1], parent)
             return "directory"
         os.unlink(parts[-1], dir_fd=parent)
         return "file"
@@ -204,7 +210,7 @@ def remove_entry(dir_fd: int, name: str, *, missing_ok: bool = False) -> None:
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISDIR(info.st_mode):
-            shutil.rmtree(name, dir_fd=dir_fd)
+            _rmtree(name, dir_fd)
         else:
             os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -221,14 +227,34 @@ def remove_tree(root: Path) -> None:
         pass
 
 
+def _rmtree(name: str, dir_fd: int) -> None:
+    try:
+        shutil.rmtree(name, dir_fd=dir_fd)
+    except RecursionError:
+        raise TooDeep(errno.ELOOP, "nested too deep to remove from outside", name) from None
+    except OSError as exc:
+        if exc.errno == errno.EMFILE:
+            raise TooDeep(errno.ELOOP, "nested too deep to remove from outside", name) from None
+        raise
+
+
+def _bounded_walk(root_fd: int) -> Iterator[tuple[list[str], list[str], int]]:
+    """``os.fwalk`` of a tree (no link followed), going at most ``WALK_DEPTH_MAX`` levels down."""
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False):
+        if dirpath.count(os.sep) >= WALK_DEPTH_MAX:
+            dirnames.clear()
+        yield dirnames, filenames, dir_fd
+
+
 def _ordered_names(dir_fd: int) -> list[str]:
     return sorted(os.listdir(dir_fd))
 
 
-def list_files(root_fd: int, parts: Parts, *, after: Parts | None, limit: int) -> tuple[list[FileEntry], bool]:
+def list_files(root_fd: int, parts: Parts, *, after: Parts | None, limit: int,
+               max_depth: int = WALK_DEPTH_MAX) -> tuple[list[FileEntry], bool]:
     """Up to ``limit`` regular files under directory ``parts``, in path order (component by
-    component), starting after ``after``; and whether more follow. Links, special files and
-    foreign hard links are not listed."""
+    component), starting after ``after``; and whether more follow. Links, special files,
+    foreign hard links and what lies deeper than ``max_depth`` names are not listed."""
     found: list[FileEntry] = []
 
     def visit(fd: int, prefix: Parts) -> bool:
@@ -245,7 +271,7 @@ def list_files(root_fd: int, parts: Parts, *, after: Parts | None, limit: int) -
                 if len(found) == limit:
                     return True
                 found.append(FileEntry(path, info.st_size, info.st_mtime))
-            elif stat.S_ISDIR(info.st_mode):
+            elif stat.S_ISDIR(info.st_mode) and len(path) < max_depth:
                 try:
                     inner = os.open(name, DIR_FLAGS, dir_fd=fd)
                 except OSError:
@@ -265,9 +291,10 @@ def _is_ancestor(path: Parts, of: Parts) -> bool:
 
 
 def tree_size(root_fd: int) -> int:
-    """Bytes held by the regular files of a tree (links not followed, nothing outside it)."""
+    """Bytes held by the regular files of a tree (links not followed, nothing outside it, nothing
+    deeper than ``WALK_DEPTH_MAX``: a volume holds the workspace limit whatever the depth)."""
     total = 0
-    for _dirpath, _dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False):
+    for _dirnames, filenames, dir_fd in _bounded_walk(root_fd):
         for name in filenames:
             try:
                 info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -284,7 +311,7 @@ def chown_tree(root_fd: int, uid: int, gid: int) -> int:
     their targets; a file with several hard links is left alone (another of its names may lie
     outside the tree). Returns the count changed."""
     changed = 0
-    for _dirpath, _dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root_fd, follow_symlinks=False):
+    for _dirnames, filenames, dir_fd in _bounded_walk(root_fd):
         info = os.fstat(dir_fd)
         if (info.st_uid, info.st_gid) != (uid, gid):
             os.fchown(dir_fd, uid, gid)
@@ -300,9 +327,10 @@ def chown_tree(root_fd: int, uid: int, gid: int) -> int:
     return changed
 
 
-def copy_tree(source_fd: int, target_fd: int, owner: tuple[int, int] | None) -> int:
+def copy_tree(source_fd: int, target_fd: int, owner: tuple[int, int] | None, depth: int = 0) -> int:
     """Copy a kernel's tree into another one (a fork): directories, regular files and links
-    (as links, never followed); FIFOs, sockets and foreign hard links are skipped. Everything
+    (as links, never followed), ``WALK_DEPTH_MAX`` levels down; FIFOs, sockets and foreign hard
+    links are skipped. Everything
     made is given to ``owner``. Returns the bytes copied."""
     copied = 0
     for name in _ordered_names(source_fd):
@@ -311,13 +339,15 @@ def copy_tree(source_fd: int, target_fd: int, owner: tuple[int, int] | None) -> 
         except FileNotFoundError:
             continue
         if stat.S_ISDIR(info.st_mode):
+            if depth >= WALK_DEPTH_MAX:
+                continue
             try:
                 inner = os.open(name, DIR_FLAGS, dir_fd=source_fd)
             except OSError:
                 continue
             with opened(inner):
                 with opened(open_dir(target_fd, (name,), create=True, owner=owner, mode=0o755)) as made:
-                    copied += copy_tree(inner, made, owner)
+                    copied += copy_tree(inner, made, owner, depth + 1)
         elif stat.S_ISLNK(info.st_mode):
             remove_entry(target_fd, name, missing_ok=True)
             os.symlink(os.readlink(name, dir_fd=source_fd), name, dir_fd=target_fd)

@@ -419,15 +419,17 @@ class SessionManager:
             if live.row["state"] == "busy":
                 live.row["state"] = "idle"
         status, error = step_outcome(raw, running.abort.result() if running.abort.done() else None,
-                                     running.interrupt_requested, limit, kernel.exit_description())
+                                     running.interrupt_requested, limit,
+                                     kernel.exit_description() if raw.ended == "died" else "")
         hit = limit_behind(error, live.row.get("isolation"))
         if hit is not None and error is not None:
             error["value"] = f"{error['value']} ({describe_limit(hit)})"
             self.recorder.record_event(live.trajectory, "limit_exceeded", principal.name, hit)
         execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
         workspace_limit = self.workspace_limit(live.row)
-        if workspace_limit is not None and live.measuring is None:
+        if workspace_limit is not None and live.measuring is None and not live.workspace.is_volume:
             # Measured off the response path; the next step or upload is refused if it is over.
+            # (A volume needs no measuring: its file system holds the limit during the step.)
             live.measuring = asyncio.get_running_loop().create_task(self._measure_workspace(live, workspace_limit))
         if raw.ended == "died":
             await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")

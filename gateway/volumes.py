@@ -56,6 +56,12 @@ def is_mounted(mount_point: Path) -> bool:
     return os.path.ismount(mount_point)
 
 
+def used_bytes(mount_point: Path) -> int:
+    """Bytes in use on the volume mounted at ``mount_point`` (files and their metadata)."""
+    info = os.statvfs(mount_point)
+    return (info.f_blocks - info.f_bfree) * info.f_frsize
+
+
 def ensure(mount_point: Path, size: int, owner: tuple[int, int]) -> None:
     """Mount the workspace's volume at ``mount_point``, making it first if there is none; files
     already in a plain directory there (a workspace from before volumes) are moved into it."""

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from gateway import safefs
+from gateway import safefs, volumes
 from gateway.clock import iso
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.offload import offload
@@ -56,6 +56,7 @@ class Workspace:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         self.owner: tuple[int, int] | None = None  # the isolated kernel's (uid, gid), given what the gateway writes
+        self._volume = False
 
     # single entries (quick: on the event loop) ---------------------------------------------
 
@@ -114,8 +115,20 @@ class Workspace:
         except OSError as exc:
             raise _file_error(exc, directory or "") from None
 
+    @property
+    def is_volume(self) -> bool:
+        """Whether the workspace is a volume of its own (``gateway.volumes``): its file system
+        then holds the workspace limit by itself. Once seen mounted, it stays so for the life of
+        this object (a session's volume is unmounted only after its kernel is gone)."""
+        if not self._volume:
+            self._volume = volumes.is_mounted(self.root)
+        return self._volume
+
     async def size(self) -> int:
-        """Bytes held by the workspace's regular files (links not followed)."""
+        """Bytes the workspace holds: a volume's used blocks (at once), otherwise the sum of its
+        regular files' sizes (links not followed), walked in a worker process."""
+        if self.is_volume:
+            return volumes.used_bytes(self.root)
         return await offload(_tree_size, str(self.root))
 
     async def delete(self, relative: str) -> str:
@@ -176,6 +189,9 @@ def decode_file_cursor(cursor: str) -> safefs.Parts:
 
 
 def _file_error(exc: OSError, relative: str) -> Exception:
+    if isinstance(exc, safefs.TooDeep):
+        return _bad_path(relative, f"the directory nests deeper than {safefs.WALK_DEPTH_MAX} levels; remove it "
+                                   "from the session's code (for example with shutil.rmtree)")
     if isinstance(exc, safefs.UnsafeEntry):
         if exc.errno == errno.ENOTDIR:
             return _bad_path(relative, "a component of the path is a file, not a directory")
@@ -198,7 +214,7 @@ def _bad_path(path: Any, why: str) -> InvalidRequest:
 
 def _list_page(root: str, parts: safefs.Parts, after: safefs.Parts | None, limit: int) -> FilePage:
     with safefs.opened(safefs.open_root(Path(root))) as fd:
-        entries, more = safefs.list_files(fd, parts, after=after, limit=limit)
+        entries, more = safefs.list_files(fd, parts, after=after, limit=limit, max_depth=MAX_PATH_DEPTH)
     files = [{"path": "/".join(entry.parts), "size": entry.size,
               "modified": iso(datetime.fromtimestamp(entry.mtime, timezone.utc))} for entry in entries]
     return FilePage(json.dumps(files).encode(), encode_file_cursor(entries[-1].parts) if more and entries else None)

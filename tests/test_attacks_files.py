@@ -422,3 +422,31 @@ def test_a_token_on_the_command_line_is_not_kept_there(tmp_path: Path) -> None:
             assert client.get("/v1/sessions").status_code == 200
     finally:
         assert started.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_tree_nested_without_end_breaks_nothing(client: httpx.Client) -> None:
+    """A kernel nests directories 3,000 deep (deeper than any walk goes): listing, measuring,
+    deleting, forking, pausing and resuming the session answer without a 500, and its files
+    near the top stay usable."""
+    sid = new_session(client)
+    code = ("import os\nos.makedirs('top', exist_ok=True)\nopen('top/near.txt', 'w').write('near')\n"
+            "fd = os.open('.', os.O_RDONLY)\nos.chdir('top')\nfor _ in range(3000):\n"
+            "    os.mkdir('d'); os.chdir('d')\nopen('deep.txt', 'w').write('deep')\nos.fchdir(fd)\nos.close(fd)")
+    assert run(client, sid, code)["status"] == "ok"
+    listing = client.get(f"/v1/sessions/{sid}/files")
+    assert listing.status_code == 200 and [f["path"] for f in listing.json()["files"]] == ["top/near.txt"]
+    assert client.get(f"/v1/sessions/{sid}/files/top/near.txt").content == b"near"
+    forked = client.post(f"/v1/sessions/{sid}/fork")
+    assert forked.status_code == 201, forked.text
+    assert run(client, forked.json()["id"], "open('top/near.txt').read()")["result"] == "'near'"
+    client.delete(f"/v1/sessions/{forked.json()['id']}")
+    assert client.post(f"/v1/sessions/{sid}/pause").status_code == 200
+    assert client.post(f"/v1/sessions/{sid}/resume").status_code == 200
+    assert run(client, sid, "open('top/near.txt').read()")["result"] == "'near'"
+    refused = client.delete(f"/v1/sessions/{sid}/files/top")
+    assert refused.status_code in (200, 400), refused.text
+    if refused.status_code == 400:
+        assert error_code(refused) == "invalid_path" and "nests deeper" in refused.json()["error"]["message"]
+    assert run(client, sid, "1+1")["result"] == "2"
+    client.delete(f"/v1/sessions/{sid}")
