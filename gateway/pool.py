@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import uuid
 from collections import deque
 from pathlib import Path
 
-from gateway import volumes
+from gateway import safefs, volumes
 from gateway.kernels import KernelLauncher, RunningKernel
 from gateway.snapshots import run_silently
 
@@ -108,7 +107,7 @@ async def discard(kernel: RunningKernel) -> None:
     workspace = kernel.launch_workspace()
     if workspace is not None:
         await asyncio.to_thread(volumes.release, workspace, remove=True)
-        await asyncio.to_thread(shutil.rmtree, workspace, True)
+        await asyncio.to_thread(safefs.remove_tree, workspace)
 
 
 async def bind(kernel: RunningKernel, workspace: Path, env: dict[str, str], timeout: float) -> None:
