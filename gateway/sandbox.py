@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import psutil
 
-from gateway import cgroups
+from gateway import cgroups, safefs
 from gateway.cgroups import CgroupSet, Support
 
 PROFILES = ("none", "process", "sandbox")
@@ -367,14 +367,25 @@ def _prepare_dirs(spec: SandboxSpec) -> str:
     spec.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if spec.profile == "none":
         return os.environ.get("HOME", str(spec.workspace))
+    owner = (spec.uid or 0, _gid(spec))
+    # The runtime dir and the workspace are the kernel's: an earlier kernel of the session (this
+    # is run again at every restart) may have left links there, so they are changed only
+    # through descriptors (``gateway.safefs``), and a ``home`` that is not a directory is replaced.
     home = spec.runtime_dir / "home"
-    home.mkdir(exist_ok=True, mode=0o700)
-    for path in (spec.workspace, spec.runtime_dir, home):
-        os.chown(path, spec.uid or 0, _gid(spec))
-    os.chmod(spec.runtime_dir, 0o700)
-    # bwrap enters the workspace (--chdir) as root without CAP_DAC_OVERRIDE, so it must be
-    # traversable; under process only the kernel's uid enters it (Popen's cwd, as full root).
-    os.chmod(spec.workspace, 0o711 if spec.profile == "sandbox" else 0o700)
+    with safefs.opened(safefs.open_root(spec.runtime_dir)) as runtime:
+        try:
+            os.close(safefs.open_dir(runtime, ("home",)))
+        except (safefs.UnsafeEntry, FileNotFoundError):
+            safefs.remove_entry(runtime, "home", missing_ok=True)
+        with safefs.opened(safefs.open_dir(runtime, ("home",), create=True, owner=owner, mode=0o700)) as fd:
+            os.fchown(fd, *owner)
+        os.fchown(runtime, *owner)
+        os.fchmod(runtime, 0o700)
+    with safefs.opened(safefs.open_root(spec.workspace)) as workspace:
+        os.fchown(workspace, *owner)
+        # bwrap enters the workspace (--chdir) as root without CAP_DAC_OVERRIDE, so it must be
+        # traversable; under process only the kernel's uid enters it (Popen's cwd, as full root).
+        os.fchmod(workspace, 0o711 if spec.profile == "sandbox" else 0o700)
     if spec.profile == "process":
         why = untraversable(str(spec.workspace)) or untraversable(str(spec.runtime_dir))
         if why:

@@ -279,8 +279,18 @@ def test_restart_terminate_and_retention_leave_host_files_alone(isolated: dict[s
              f"os.symlink({str(canaries['base'])!r}, 'sub/deeper/to-base')")
     sid = new_session(client)
     assert run(client, sid, plant)["status"] == "ok"
+    # The kernel's home in its runtime directory, made again at every restart, becomes a link to
+    # a host directory: the restart must neither chown nor chmod it.
+    home_link = ("import os, shutil\nfrom ipykernel import get_connection_file\n"
+                 "home = os.path.join(os.path.dirname(get_connection_file()), 'home')\n"
+                 f"shutil.rmtree(home, ignore_errors=True)\nos.symlink({str(canaries['dir'])!r}, home)")
+    assert run(client, sid, home_link)["status"] == "ok"
     start_swapper(client, sid, canaries, 20)
     assert client.post(f"/v1/sessions/{sid}/restart").status_code == 200
+    assert_canaries_intact(canaries)
+    assert run(client, sid, "import os; from ipykernel import get_connection_file; "
+                            "os.path.isdir(os.path.join(os.path.dirname(get_connection_file()), 'home'))"
+               )["result"] == "True"
     start_swapper(client, sid, canaries, 20)
     assert client.post(f"/v1/sessions/{sid}/pause").status_code == 200
     assert client.post(f"/v1/sessions/{sid}/resume").status_code == 200

@@ -4,7 +4,8 @@ each kernel ran (its own ``In`` history) with the session's recorded trajectory.
     python tests/benchmarks/crash_check.py [--rounds 20] [--sessions 8] [--seed N]
 
 Each round starts a gateway on a fresh data directory, runs steps in every session from one
-thread each (HTTP execute; a step sets a variable and sleeps a random few milliseconds), kills
+thread each (half of the sessions over HTTP execute, half as execute_requests over the kernel
+websocket; a step sets a variable and sleeps a random few milliseconds), kills
 the gateway with SIGKILL after a random 0.5-3 s, starts it again on the same directory and,
 per session: every cell in the kernel's ``In`` must be a recorded step, in the same order; every
 step recorded as run (``ok``/``error``) must be in ``In``; no step may still be ``running``; a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import random
 import shutil
 import signal
@@ -23,9 +25,11 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import websocket
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.conftest import start_gateway  # noqa: E402
@@ -41,6 +45,34 @@ def workload(url: str, token: str, sid: str, stop: threading.Event, rng: random.
                 client.post(f"/v1/sessions/{sid}/execute", json={"code": code})
             except httpx.HTTPError:
                 return
+
+
+def websocket_workload(url: str, token: str, kernel_id: str, stop: threading.Event, rng: random.Random) -> None:
+    """Steps sent as execute_requests over the kernel websocket (the Jupyter face), one at a time."""
+    ws_url = url.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels"
+    try:
+        ws = websocket.create_connection(ws_url, timeout=30, header=[f"Authorization: token {token}"])
+    except (OSError, websocket.WebSocketException):
+        return
+    step = 0
+    try:
+        while not stop.is_set():
+            step += 1
+            msg_id = uuid.uuid4().hex
+            code = f"w_{step} = {step}\nimport time; time.sleep({rng.randint(0, 30) / 1000})"
+            ws.send(json.dumps({"channel": "shell", "parent_header": {}, "metadata": {}, "buffers": [],
+                                "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "crash",
+                                           "session": "crash", "version": "5.3"},
+                                "content": {"code": code, "silent": False, "store_history": True,
+                                            "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}}))
+            while True:
+                msg = json.loads(ws.recv())
+                if msg.get("parent_header", {}).get("msg_id") == msg_id and msg.get("channel") == "shell":
+                    break
+    except (OSError, ValueError, websocket.WebSocketException):
+        return
+    finally:
+        ws.close()
 
 
 def check_session(client: httpx.Client, sid: str) -> tuple[list[str], dict[str, int]]:
@@ -76,9 +108,13 @@ def one_round(base: Path, sessions: int, rng: random.Random) -> tuple[list[str],
     stop = threading.Event()
     try:
         with gateway.client() as client:
-            ids = [client.post("/v1/sessions", json={}).json()["id"] for _ in range(sessions)]
-        threads = [threading.Thread(target=workload, args=(gateway.url, token, sid, stop, random.Random(rng.random())))
-                   for sid in ids]
+            created = [client.post("/v1/sessions", json={}).json() for _ in range(sessions)]
+        ids = [session["id"] for session in created]
+        # Every other session is driven over the kernel websocket, the others over HTTP.
+        threads = [threading.Thread(target=websocket_workload if index % 2 else workload,
+                                    args=(gateway.url, token, session["kernel_id"] if index % 2 else session["id"],
+                                          stop, random.Random(rng.random())))
+                   for index, session in enumerate(created)]
         for thread in threads:
             thread.start()
         delay = rng.uniform(0.5, 3.0)
