@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 import zmq
 from jupyter_client.session import Session
+from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,27 @@ class KernelConnection:
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self.session.bsession)
         sock.linger = 0
+        if channel == "stdin":
+            # The kernel's stdin socket drops an input_request for a peer whose handshake it has
+            # not seen yet: watch for ours (before connecting, so the event cannot be missed).
+            self.stdin_events = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self.stdin_connected = False
         sock.connect(url)
         return sock
+
+    async def stdin_ready(self, timeout: float = 10.0) -> bool:
+        """Wait (up to ``timeout``) until the stdin channel is connected to the kernel; whether it
+        is. Called before a step whose input() calls the gateway answers (replay)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.stdin_connected and not self.stdin_events.closed:
+            while self.stdin_events.poll(0):
+                if recv_monitor_message(self.stdin_events, zmq.NOBLOCK)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.stdin_connected = True
+            if self.stdin_connected or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        return self.stdin_connected
 
     def _receiver(self, channel: str) -> Callable[[list[bytes]], None]:
         def receive(frames: list[bytes]) -> None:
@@ -222,6 +242,7 @@ class KernelConnection:
     def close(self) -> None:
         """Close every channel; pending listeners are dropped (observers belong to the kernel)."""
         self.listeners.clear()
+        self.stdin_events.close(linger=0)
         for stream in self.streams.values():
             try:
                 stream.close()

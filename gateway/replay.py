@@ -14,15 +14,17 @@ import base64
 import difflib
 import hashlib
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gateway.auth import Principal
-from gateway.errors import Forbidden
+from gateway.errors import Forbidden, GatewayError
 from gateway.outcomes import RERUN_STATUSES, STATUSES
 from gateway.recorder import recorded_replies
+from gateway.workspace import Workspace
 
 if TYPE_CHECKING:
     from gateway.sessions import SessionManager
@@ -132,12 +134,17 @@ def _uploaded_bytes(manager: "SessionManager", source_id: str, details: dict[str
     """An upload's bytes: kept in the event when small; else the original file if unchanged."""
     if "content_b64" in details:
         return base64.b64decode(details["content_b64"])
-    original = manager.sessions_dir / source_id / "workspace" / details["path"]
-    if original.is_file():
-        content = original.read_bytes()
-        if hashlib.sha256(content).hexdigest() == details.get("sha256"):
-            return content
-    return None
+    # The source session's file, read without following links and only if it still has the
+    # recorded size and hash (its kernel may have replaced it with anything).
+    try:
+        fd, info = Workspace(manager.sessions_dir / source_id / "workspace").open_file(details["path"])
+    except GatewayError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if info.st_size != details.get("size"):
+            return None
+        content = handle.read(info.st_size)
+    return content if hashlib.sha256(content).hexdigest() == details.get("sha256") else None
 
 
 async def _apply_event(manager: "SessionManager", principal: Principal, session_id: str, source_id: str,

@@ -172,9 +172,11 @@ class LaunchPlan:
                 "start_new_session": True}
 
     def hand_over(self, path: Path | str) -> None:
-        """Give a file the gateway wrote (the connection file) to the kernel's uid."""
+        """Give a file the gateway wrote (the connection file, in the kernel's runtime directory)
+        to the kernel's uid, by descriptor: a link there is not followed."""
         if self.spec.uid is not None:
-            os.chown(path, self.spec.uid, _gid(self.spec))
+            with safefs.opened(os.open(path, safefs.READ_FLAGS)) as fd:
+                os.fchown(fd, self.spec.uid, _gid(self.spec))
 
     def oom_killed(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_killed()

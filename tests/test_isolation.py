@@ -259,6 +259,8 @@ def test_the_websocket_face_runs_in_the_same_sandbox(gateway: GatewayProcess, ad
     url = gateway.url.replace("http://", "ws://") + f"/api/kernels/{kernel['id']}/channels"
     client = websocket.create_connection(url, timeout=30, header=[f"Authorization: token {gateway.token}"])
     try:
+        started_running = threading.Event()
+
         def execute(code: str, stop_on_error: bool = True) -> tuple[dict[str, Any], str]:
             msg_id = uuid.uuid4().hex
             client.send(json.dumps({"channel": "shell", "header": {
@@ -272,6 +274,8 @@ def test_the_websocket_face_runs_in_the_same_sandbox(gateway: GatewayProcess, ad
                     continue
                 if msg["msg_type"] in ("stream", "error"):
                     text += msg["content"].get("text", "") + msg["content"].get("ename", "")
+                    if "started" in text:
+                        started_running.set()
                 if msg["msg_type"] == "execute_reply":
                     return msg["content"], text
 
@@ -281,9 +285,10 @@ def test_the_websocket_face_runs_in_the_same_sandbox(gateway: GatewayProcess, ad
         assert reply["status"] == "ok" and int(text.strip()) != 0
         # An interrupt reaches the sandboxed kernel (as a control message).
         result: dict[str, Any] = {}
-        worker = threading.Thread(target=lambda: result.update(zip(("reply", "text"), execute("import time; time.sleep(60)"))))
+        code = "import time; print('started', flush=True); time.sleep(60)"
+        worker = threading.Thread(target=lambda: result.update(zip(("reply", "text"), execute(code))))
         worker.start()
-        time.sleep(1.5)
+        assert started_running.wait(30), "the step did not start"
         started = time.monotonic()
         assert admin.post(f"/api/kernels/{kernel['id']}/interrupt").status_code == 204
         worker.join(20)
