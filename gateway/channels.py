@@ -142,9 +142,9 @@ class KernelConnection:
         sock.connect(url)
         return sock
 
-    async def stdin_ready(self, timeout: float = 10.0) -> bool:
+    async def stdin_ready(self, timeout: float) -> bool:
         """Wait (up to ``timeout``) until the stdin channel is connected to the kernel; whether it
-        is. Called before a step whose input() calls the gateway answers (replay)."""
+        is (part of ``wait_ready``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not self.stdin_connected and not self.stdin_events.closed:
@@ -199,7 +199,8 @@ class KernelConnection:
         self.listeners.pop(msg_id, None)
 
     async def wait_ready(self, timeout: float, alive: Callable[[], Any]) -> dict[str, Any]:
-        """Nudge the kernel with kernel_info requests until both shell and iopub answer.
+        """Nudge the kernel with kernel_info requests until both shell and iopub answer, then
+        wait for the stdin channel's handshake (an input() right after the start would be lost).
 
         Returns the kernel_info reply content. Raises ``TimeoutError`` or ``RuntimeError``
         (the kernel process ended).
@@ -234,6 +235,8 @@ class KernelConnection:
                     await asyncio.wait_for(asyncio.shield(ready), interval)
                 except asyncio.TimeoutError:
                     interval = min(interval * 2, 0.5)
+            if not await self.stdin_ready(max(0.0, deadline - loop.time())):
+                raise TimeoutError(f"the kernel's stdin channel did not connect within {timeout:g}s")
             return ready.result()
         finally:
             for msg_id in sent:

@@ -119,8 +119,6 @@ async def execute(connection: KernelConnection, code: str, *, timeout: float, ou
         "user_expressions": {}, "allow_stdin": answer is not None, "stop_on_error": True,
     })
     msg_id = request["header"]["msg_id"]
-    if answer is not None:
-        await connection.stdin_ready()
     if on_send is not None:
         on_send()
     connection.send("shell", request, listener)

@@ -111,8 +111,10 @@ class SessionManager:
         self.closing = True
         sessions = list(self.live.values())
         for live in sessions:
-            if live.current is not None and live.kernel is not None:
-                live.current.interrupt_requested = True
+            websocket_steps = live.hub is not None and bool(live.hub.requests)
+            if live.kernel is not None and (live.current is not None or websocket_steps):
+                if live.current is not None:
+                    live.current.interrupt_requested = True
                 try:
                     await live.kernel.interrupt()
                 except Exception:
