@@ -137,14 +137,15 @@ async def run(settings: Settings, announce: Callable[[str], None] = print) -> No
     isolation = gateway.sessions.launcher.isolation
     if isolation is not None:
         (log.warning if isolation.profile == "none" else log.info)("%s", isolation.describe())
-    announce(f"Agent Kernel Gateway {__version__} listening on http://{host}:{port} "
-             f"(data: {settings.data_path})")
-    sys.stdout.flush()
-
+    # The signals are handled before the address is announced: whoever starts the gateway may
+    # stop it as soon as it reads that line.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    announce(f"Agent Kernel Gateway {__version__} listening on http://{host}:{port} "
+             f"(data: {settings.data_path})")
+    sys.stdout.flush()
     watcher = PeriodicCallback(gateway.sessions.watch_kernels, KERNEL_WATCH_MS)
     watcher.start()
     sweeper = PeriodicCallback(gateway.sessions.lifecycle.sweep, sweep_interval_ms(settings))
