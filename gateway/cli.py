@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -100,11 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_without_secrets(settings.token)
     if args.command == "serve":
         from gateway.isolation import IsolationRefused
-        from gateway.server import run
+        from gateway.privileges import PrivilegeError
+        from gateway.server import serve
 
         try:
-            asyncio.run(run(settings))
-        except IsolationRefused as exc:
+            serve(settings)
+        except (IsolationRefused, PrivilegeError) as exc:
             print(f"agent-gateway: {exc}", file=sys.stderr)
             return 2
         return 0

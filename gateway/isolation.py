@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import volumes
 from gateway.errors import Forbidden, InvalidRequest
 from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile, untraversable
 from gateway.settings import Settings, byte_size, uid_range
@@ -55,9 +54,13 @@ class SessionIsolation:
 class Isolation:
     """The server's profile, kernel uids and default limits."""
 
-    def __init__(self, settings: Settings, data_dir: Path):
+    def __init__(self, settings: Settings, data_dir: Path, greeting: dict[str, Any]):
+        """``greeting``: what the privileged helper found when it started (``gateway.helper``):
+        the profile it chose (or why the one asked for cannot work), and whether volumes work."""
         self.requested = settings.sandbox
-        self.profile, self.reasons = choose_profile(settings.sandbox, data_dir)
+        if greeting.get("refused"):
+            raise IsolationRefused(greeting["refused"])
+        self.profile, self.reasons = greeting["profile"], dict(greeting.get("reasons") or {})
         first, count = uid_range(settings.sandbox_uids)
         self.uids = UidPool(first, count)
         self.defaults = SessionIsolation(
@@ -65,7 +68,8 @@ class Isolation:
             settings.file_size_limit or None, settings.workspace_limit or None)
         self.runtime_root = runtime_root(data_dir)
         self.data_dir = data_dir
-        self.volumes, self.volumes_reason = choose_volumes(settings.workspace_volumes, self.profile)
+        self.volumes, self.volumes_reason = choose_volumes(settings.workspace_volumes, self.profile,
+                                                           greeting.get("volumes"))
 
     def describe(self) -> str:
         """One line for the server's start-up message."""
@@ -109,11 +113,12 @@ class Isolation:
         return SessionIsolation(chosen, **values)
 
 
-def choose_volumes(requested: str, profile: str) -> tuple[bool, str]:
-    """Whether isolated workspaces get a volume of their own (``gateway.volumes``), and why not."""
+def choose_volumes(requested: str, profile: str, unsupported: str | None) -> tuple[bool, str]:
+    """Whether isolated workspaces get a volume of their own (``gateway.volumes``), and why not
+    (``unsupported``: why the helper cannot make them, or None)."""
     if requested == "off":
         return False, "workspace_volumes is off"
-    why = "kernels are not isolated" if profile == "none" else volumes.support()
+    why = "kernels are not isolated" if profile == "none" else unsupported
     if why is not None and requested == "on":
         raise ValueError(f"workspace_volumes is on, but {why}")
     return why is None, why or ""

@@ -24,17 +24,16 @@ import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 
-from gateway import sandbox, sandbox_provisioner, volumes
+from gateway import host, sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
 from gateway.errors import InvalidRequest
 from gateway.isolation import Isolation, SessionIsolation, human_bytes, open_for_traversal
-from gateway.workspace import hand_over_tree
 
 log = logging.getLogger(__name__)
 
 # Variables of the gateway's own environment that a kernel inherits; nothing else does.
-INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
-                 "SHELL", "TERM", "VIRTUAL_ENV")
+INHERITED_ENV = ("PATH", "PYTHONPATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ",
+                 "TMPDIR", "SHELL", "TERM", "VIRTUAL_ENV")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_ENV_PREFIXES = ("AGENT_GATEWAY_", "JPY_")
 ENV_VARIABLES_MAX = 128
@@ -143,26 +142,17 @@ class RunningKernel:
         spec = (self.manager._launch_args or {}).get("sandbox") if self.owner is not None else None
         return spec.workspace if isinstance(spec, sandbox.SandboxSpec) else None
 
-    def move_workspace(self, target: Path) -> None:
+    async def move_workspace(self, target: Path) -> None:
         """An isolated kernel's workspace is mounted when it starts: move that directory (with
         whatever ``target`` already holds) to ``target``, and restart there from now on."""
         current = self.launch_workspace()
-        if current is None or current == target:
+        if current is None or current == target or self.owner is None:
             return
-        if volumes.is_mounted(current):
-            volumes.move(current, target)
-        elif target.exists():
-            for entry in target.iterdir():
-                os.replace(entry, current / entry.name)
-            target.rmdir()
-            os.replace(current, target)
-        else:
-            os.replace(current, target)
+        await host.current().call("workspace.move", current=str(current), target=str(target),
+                                  owner=list(self.owner))
         args: dict[str, Any] = self.manager._launch_args or {}
         spec: sandbox.SandboxSpec = args["sandbox"]
         args["sandbox"] = dataclasses.replace(spec, workspace=target)
-        if self.owner is not None:
-            hand_over_tree(target, *self.owner)
 
     @property
     def pid(self) -> int | None:
@@ -370,11 +360,12 @@ class KernelLauncher:
                                      limits=isolation.kernel_limits())
         if isolation.profile == "process":
             cwd.mkdir(parents=True, exist_ok=True)
-            open_for_traversal(cwd, self.isolation.data_dir)
+            open_for_traversal(cwd.parent, self.isolation.data_dir)  # the workspace itself: the helper
+        helper = host.current()
         if self.isolation.volumes and isolation.workspace_bytes:
-            await asyncio.to_thread(volumes.ensure, cwd, isolation.workspace_bytes, (uid, uid))
+            await helper.call("volume.ensure", path=str(cwd), size=isolation.workspace_bytes, owner=[uid, uid])
         if cwd.exists():  # files the gateway put there (uploads, a fork's copy) become the kernel's
-            await asyncio.to_thread(hand_over_tree, cwd, uid, uid)
+            await helper.call("tree.hand_over", root=str(cwd), owner=[uid, uid])
         await self._launch(kernel, ready_timeout, env=self.build_env(env), independent=True, sandbox=launch)
         return kernel
 

@@ -17,14 +17,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import executor, safefs, snapshots, volumes
+from gateway import executor, host, snapshots
 from gateway.reattach import adopt, stop_unclaimed
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Forbidden, Unavailable
 from gateway.outcomes import RERUN_STATUSES, lost_outcome
 from gateway.recorder import Trajectory, recorded_replies
-from gateway.offload import offload
 from gateway.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -296,10 +295,10 @@ class Lifecycle:
         for session_id, steps in running.items():  # sessions that were not live: no kernel to find
             self._record_lost(manager.trajectory_of(session_id), steps, False)
         claimed = {live.kernel.connection_file for live in manager.live.values() if live.kernel is not None}
-        stopped = stop_unclaimed(manager.launcher.runtime_dir, claimed)
+        stopped = await stop_unclaimed(manager.launcher.runtime_dir, claimed)
         isolation = manager.launcher.isolation
         if isolation is not None and isolation.runtime_root != manager.launcher.runtime_dir:
-            stopped += stop_unclaimed(isolation.runtime_root, claimed)
+            stopped += await stop_unclaimed(isolation.runtime_root, claimed)
         if stopped:
             log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
         manager.recorder.flush()
@@ -351,11 +350,12 @@ class Lifecycle:
                 removed = [name for name in ("workspace", "snapshot", "uploads") if (directory / name).exists()]
                 if not removed:
                     continue
-                if "workspace" in removed:
-                    await asyncio.to_thread(volumes.release, directory / "workspace", remove=True)
+                helper = host.current()
                 try:
+                    if "workspace" in removed:
+                        await helper.call("volume.release", path=str(directory / "workspace"), remove=True)
                     for name in removed:
-                        await offload(safefs.remove_tree, directory / name)
+                        await helper.call("tree.remove", path=str(directory / name))
                 except OSError as exc:
                     log.warning("session %s: its files could not be removed by retention: %s", row["id"], exc)
                     continue

@@ -12,7 +12,7 @@ import uuid
 from collections import deque
 from pathlib import Path
 
-from gateway import safefs, volumes
+from gateway import host
 from gateway.kernels import KernelLauncher, RunningKernel
 from gateway.snapshots import run_silently
 
@@ -106,13 +106,14 @@ async def discard(kernel: RunningKernel) -> None:
     await kernel.shutdown(now=True)
     workspace = kernel.launch_workspace()
     if workspace is not None:
-        await asyncio.to_thread(volumes.release, workspace, remove=True)
-        await asyncio.to_thread(safefs.remove_tree, workspace)
+        helper = host.current()
+        await helper.call("volume.release", path=str(workspace), remove=True)
+        await helper.call("tree.remove", path=str(workspace))
 
 
 async def bind(kernel: RunningKernel, workspace: Path, env: dict[str, str], timeout: float) -> None:
     """Give a pooled kernel its session's working directory and environment (not recorded)."""
-    kernel.move_workspace(workspace)
+    await kernel.move_workspace(workspace)
     inner = f"import os\nos.chdir({kernel.workspace_path(workspace)!r})\nos.environ.update({env!r})"
     code = f"exec({inner!r}, {{'__name__': '_gateway_bind'}})"
     raw = await run_silently(kernel, code, timeout)

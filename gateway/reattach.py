@@ -12,17 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import uuid
 from pathlib import Path
-from typing import Any
 
 import psutil
 from jupyter_client.manager import AsyncKernelManager
 
-from gateway import cgroups
-from gateway.cgroups import CgroupSet
+from gateway import host
 from gateway.kernels import KernelLauncher, RunningKernel
 
 log = logging.getLogger(__name__)
@@ -91,11 +88,11 @@ class AdoptedKernel(RunningKernel):
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _kill(self) -> None:
+    async def _kill(self) -> None:
         if self.process is None:
             return
         if self.isolated:
-            kill_isolated(Path(self.manager.connection_file))
+            await kill_isolated(Path(self.manager.connection_file))
             self.process = None
             return
         try:
@@ -111,7 +108,7 @@ class AdoptedKernel(RunningKernel):
         if self.connection is not None:
             self.connection.close()
             self.connection = None
-        self._kill()
+        await self._kill()
         spec_name, cwd, env = self.launch
         fresh = await self.launcher.start(kernel_id=str(uuid.uuid4()), spec_name=spec_name, cwd=cwd, env=env,
                                           ready_timeout=timeout)
@@ -133,13 +130,14 @@ class AdoptedKernel(RunningKernel):
         process = self.process
         try:
             if self.isolated:
-                process.send_signal(signal.SIGTERM if not now else signal.SIGKILL)
+                await host.current().call("kernel.signal", name=self.label,
+                                          signum=int(signal.SIGTERM if not now else signal.SIGKILL))
             else:
                 os.killpg(os.getpgid(process.pid), signal.SIGTERM if not now else signal.SIGKILL)
             await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs([process], timeout=2))
         except (ProcessLookupError, PermissionError, psutil.Error):
             pass
-        self._kill()
+        await self._kill()
         self.manager.cleanup_connection_file()
 
 
@@ -152,6 +150,13 @@ async def adopt(launcher: KernelLauncher, *, pid: int | None, connection_file: s
     manager = AsyncKernelManager(kernel_name=spec_name, kernel_spec_manager=launcher.specs,
                                  context=launcher.async_context, connection_file=connection_file)
     manager.load_connection_file()
+    runtime = Path(connection_file).parent
+    if runtime != launcher.runtime_dir and (manager.transport != "ipc" or manager.ip != str(runtime / "ipc")):
+        # An isolated kernel owns its connection file: its sockets must be where it was started.
+        log.warning("kernel pid %s: its connection file names sockets outside its runtime directory; "
+                    "stopping it", pid)
+        await kill_isolated(Path(connection_file))
+        return None
     kernel = AdoptedKernel(manager, launcher, Path(connection_file).stem.removeprefix("kernel-"), process,
                            spec_name, cwd, env)
     try:
@@ -164,33 +169,22 @@ async def adopt(launcher: KernelLauncher, *, pid: int | None, connection_file: s
     return kernel
 
 
-def kill_isolated(connection_file: Path) -> None:
+async def kill_isolated(connection_file: Path) -> None:
     """Stop everything in an isolated kernel's cgroups and remove them and its runtime directory."""
     kernel_id = connection_file.stem.removeprefix("kernel-")
-    group = CgroupSet(cgroups.detect_cached(cgroups.DEFAULT_PARENT), kernel_id)
-    if group.exists():
-        group.remove()
-    shutil.rmtree(connection_file.parent, ignore_errors=True)
+    await host.current().call("kernel.release", name=kernel_id, runtime_dir=str(connection_file.parent))
 
 
-def stop_unclaimed(runtime_dir: Path, claimed: set[str]) -> list[int]:
+async def stop_unclaimed(runtime_dir: Path, claimed: set[str]) -> list[int]:
     """Stop kernels whose connection files are in ``runtime_dir`` (isolated ones: in a directory
     of their own there) but that no session claims."""
-    stopped: list[int] = []
     found = [*runtime_dir.glob("kernel-*.json"), *runtime_dir.glob("*/kernel-*.json")]
     unclaimed = {str(path) for path in found} - claimed
     if not unclaimed:
-        return stopped
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmdline: Any = process.info["cmdline"] or []
-            if any(arg in unclaimed for arg in cmdline):
-                process.kill()
-                stopped.append(process.pid)
-        except psutil.Error:
-            continue
+        return []
+    stopped: list[int] = await host.current().call("kernel.kill_unclaimed", connection_files=sorted(unclaimed))
     for path in unclaimed:
         if Path(path).parent != runtime_dir:
-            kill_isolated(Path(path))
+            await kill_isolated(Path(path))
         Path(path).unlink(missing_ok=True)
     return stopped

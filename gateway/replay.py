@@ -130,14 +130,14 @@ async def replay_session(manager: "SessionManager", principal: Principal, sessio
     return report
 
 
-def _uploaded_bytes(manager: "SessionManager", source_id: str, details: dict[str, Any]) -> bytes | None:
+async def _uploaded_bytes(manager: "SessionManager", source_id: str, details: dict[str, Any]) -> bytes | None:
     """An upload's bytes: kept in the event when small; else the original file if unchanged."""
     if "content_b64" in details:
         return base64.b64decode(details["content_b64"])
     # The source session's file, read without following links and only if it still has the
     # recorded size and hash (its kernel may have replaced it with anything).
     try:
-        fd, info = Workspace(manager.sessions_dir / source_id / "workspace").open_file(details["path"])
+        fd, info = await Workspace(manager.sessions_dir / source_id / "workspace").open_file(details["path"])
     except GatewayError:
         return None
     with os.fdopen(fd, "rb") as handle:
@@ -151,7 +151,7 @@ async def _apply_event(manager: "SessionManager", principal: Principal, session_
                        event: dict[str, Any], notes: list[str]) -> None:
     details = event["details"]
     if event["action"] == "file_upload":
-        content = _uploaded_bytes(manager, source_id, details)
+        content = await _uploaded_bytes(manager, source_id, details)
         if content is None:
             notes.append(f"the upload of {details['path']!r} ({details.get('size')} bytes) was not kept and "
                          "the original file has changed or is gone; it was not re-applied")

@@ -64,8 +64,41 @@ def opened(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
-def open_root(root: Path) -> int:
-    """The descriptor of a tree's root (whose parent only the gateway writes)."""
+_anchors: list[tuple[Path, int]] = []
+
+
+def set_anchors(directories: list[Path]) -> None:
+    """Reach every tree from now on beneath one of ``directories`` (opened here, once), one
+    component at a time without following links: set by the privileged helper, for which even
+    the server's own directories (the data directory) are paths another user can change. A root
+    outside every anchor is refused."""
+    for _path, fd in _anchors:
+        os.close(fd)
+    _anchors[:] = [(Path(d), os.open(d, DIR_FLAGS)) for d in sorted(directories, key=lambda d: -len(str(d)))]
+
+
+def anchored(path: Path) -> tuple[int, Parts] | None:
+    """The anchor descriptor ``path`` lies beneath and the components from it, or None when no
+    anchors are set. Raises ``UnsafeEntry`` for a path outside every anchor or not normalised."""
+    if not _anchors:
+        return None
+    text = str(path)
+    if not path.is_absolute() or os.path.normpath(text) != text:
+        raise UnsafeEntry(errno.EPERM, "not an absolute, normalised path", text)
+    for directory, fd in _anchors:
+        if path == directory or directory in path.parents:
+            return fd, path.relative_to(directory).parts
+    raise UnsafeEntry(errno.EPERM, "outside the directories the gateway manages", text)
+
+
+def open_root(root: Path, *, create: bool = False, owner: tuple[int, int] | None = None) -> int:
+    """The descriptor of a tree's root: beneath an anchor without following links when anchors
+    are set (see ``set_anchors``), otherwise by path (its parents are the caller's own)."""
+    where = anchored(Path(root))
+    if where is not None:
+        return open_dir(where[0], where[1], create=create, owner=owner, mode=0o700)
+    if create:
+        Path(root).mkdir(parents=True, exist_ok=True)
     try:
         return os.open(root, DIR_FLAGS)
     except OSError as exc:
@@ -138,61 +171,6 @@ def read_bytes(dir_fd: int, name: str, limit: int) -> bytes:
     return data
 
 
-def copy_out(dir_fd: int, name: str, destination: Path) -> int:
-    """Copy a regular file of a kernel's tree to ``destination`` (in the gateway's own tree)."""
-    fd, _info = open_entry(dir_fd, name)
-    with opened(fd):
-        temporary = destination.with_name(f".{destination.name}.partial")
-        temporary.unlink(missing_ok=True)
-        with opened(os.open(temporary, CREATE_FLAGS, 0o600)) as out:
-            copied = _copy(fd, out)
-        os.replace(temporary, destination)
-        return copied
-
-
-def write_new(dir_fd: int, name: str, source: Path, owner: tuple[int, int] | None) -> None:
-    """Put a copy of the gateway's file ``source`` at ``name`` in an open directory of a kernel's
-    tree, replacing whatever entry was there (a link is replaced, not followed)."""
-    remove_entry(dir_fd, name, missing_ok=True)
-    with opened(os.open(source, os.O_RDONLY | os.O_CLOEXEC)) as src:
-        with opened(os.open(name, CREATE_FLAGS, 0o600, dir_fd=dir_fd)) as out:
-            _copy(src, out)
-            if owner is not None:
-                os.fchown(out, *owner)
-
-
-def install(root_fd: int, parts: Parts, source_dir_fd: int, source_name: str,
-            owner: tuple[int, int] | None) -> None:
-    """Move the gateway's file ``source_name`` (in ``source_dir_fd``) to ``parts`` in a kernel's
-    tree, creating parent directories; an existing file or link there is replaced atomically."""
-    if owner is not None:
-        os.chown(source_name, *owner, dir_fd=source_dir_fd, follow_symlinks=False)
-    with opened(open_dir(root_fd, parts[:-1], create=True, owner=owner)) as parent:
-        try:
-            os.rename(source_name, parts[-1], src_dir_fd=source_dir_fd, dst_dir_fd=parent)
-        except OSError as exc:
-            if exc.errno == errno.EXDEV:
-                _install_by_copy(source_dir_fd, source_name, parent, parts[-1], owner)
-            elif exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-                raise IsADirectoryError(errno.EISDIR, "is a directory", parts[-1]) from None
-            else:
-                raise
-
-
-def _install_by_copy(source_dir_fd: int, source_name: str, parent: int, name: str,
-                     owner: tuple[int, int] | None) -> None:
-    """``install`` across file systems: copy beside the target, then rename within its directory."""
-    partial = f".{name}.upload-partial"
-    remove_entry(parent, partial, missing_ok=True)
-    with opened(os.open(source_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=source_dir_fd)) as src:
-        with opened(os.open(partial, CREATE_FLAGS, 0o644, dir_fd=parent)) as out:
-            _copy(src, out)
-            if owner is not None:
-                os.fchown(out, *owner)
-    os.rename(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
-    os.unlink(source_name, dir_fd=source_dir_fd)
-
-
 def remove(root_fd: int, parts: Parts) -> str:
     """Remove the file, link (not its target) or whole directory ``parts``; returns which it was.
     A directory nested too deep for ``shutil.rmtree`` raises ``TooDeep``."""
@@ -221,10 +199,35 @@ def remove_entry(dir_fd: int, name: str, *, missing_ok: bool = False) -> None:
 def remove_tree(root: Path) -> None:
     """Remove a whole tree whose root lies in a gateway-only directory (retention, staging)."""
     try:
-        with opened(os.open(root.parent, DIR_FLAGS)) as parent:
+        with opened(open_root(root.parent)) as parent:
             remove_entry(parent, root.name, missing_ok=True)
     except FileNotFoundError:
         pass
+
+
+def install_from(root_fd: int, parts: Parts, source_fd: int, owner: tuple[int, int] | None) -> None:
+    """Copy the content of ``source_fd`` (an upload, a snapshot file: the gateway's own) to
+    ``parts`` in a kernel's tree, creating parent directories; an existing file or link there is
+    replaced atomically, a directory is not (``IsADirectoryError``)."""
+    with opened(open_dir(root_fd, parts[:-1], create=True, owner=owner)) as parent:
+        name = parts[-1]
+        partial = f".{name[:200]}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+        with opened(os.open(partial, CREATE_FLAGS, 0o644, dir_fd=parent)) as out:
+            try:
+                os.lseek(source_fd, 0, os.SEEK_SET)
+                _copy(source_fd, out)
+                if owner is not None:
+                    os.fchown(out, *owner)
+            except BaseException:
+                os.unlink(partial, dir_fd=parent)
+                raise
+        try:
+            os.rename(partial, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except OSError as exc:
+            os.unlink(partial, dir_fd=parent)
+            if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", name) from None
+            raise
 
 
 def _rmtree(name: str, dir_fd: int) -> None:

@@ -8,16 +8,19 @@
              namespaces; only /usr, the interpreter, the workspace (at ``/workspace``) and the
              kernel's runtime directory (at its own path) are visible; no network but ``lo``.
 
-The launch order: the gateway (root) forks; a ``preexec_fn``
-joins the cgroups and sets rlimits; for ``sandbox`` it then execs ``bwrap`` (still root, so it
-can bind any path) which execs ``setpriv`` inside the namespaces to drop to the kernel's uid
-with no capabilities and ``no_new_privs``; for ``process`` it execs ``setpriv`` directly. The
-kernel is never a child of the gateway in ``sandbox`` (bwrap sits between them and calls
-``setsid``): signal it through its cgroup, interrupt it with ``interrupt_request``.
+The launch order, all in the privileged helper (``gateway.helper``): it forks; a ``preexec_fn``
+joins the cgroups, sets rlimits and the umask, and (``process``) enters the workspace by
+descriptor; for ``sandbox`` it then execs ``bwrap`` (still root, with an environment of its own:
+nothing a session chose reaches a root process) which binds the workspace and the runtime
+directory by descriptor and execs ``setpriv`` inside the namespaces to drop to the kernel's uid
+with no capabilities and ``no_new_privs``; for ``process`` it execs ``setpriv`` directly. Only
+then does ``env -i`` give the kernel its environment. The kernel is never a child of the server
+(bwrap sits between them and calls ``setsid``): signal it through its cgroup, interrupt it with
+``interrupt_request``.
 
-``prepare(spec)`` turns a ``SandboxSpec`` into a ``LaunchPlan`` (argv prefix, environment,
-``preexec_fn``, the kernel's ``CgroupSet``); ``probe_profiles()`` checks which profiles really
-start a Python with ipykernel here.
+``prepare(spec)`` turns a ``SandboxSpec`` into a ``LaunchPlan`` (environment, the kernel's
+``CgroupSet``, rlimits) whose ``start()`` runs the kernel; ``probe_profiles()`` checks which
+profiles really start a Python with ipykernel here.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ GATEWAY_ONLY_ENV = ("HOME", "USER", "LOGNAME", "PATH", "TMPDIR", "SHELL", "MAIL"
                     "XDG_DATA_HOME", "XDG_CACHE_HOME", "JPY_PARENT_PID")
 PYTHON_NAMES = ("python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}")
 PROBE_SOURCE = "import os, ipykernel.kernelapp, zmq, cloudpickle; print('probe-ok', os.getuid())"
+# What the root processes of a launch (bwrap, setpriv) run with: nothing of the session's.
+LAUNCHER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+ENV_PROGRAM = "/usr/bin/env"
+# The kernel's umask: its files are its own; its ipc sockets are also open to the server's group,
+# which owns its runtime directory (set-group-id), so the unprivileged server can connect.
+KERNEL_UMASK = 0o007
 
 
 class IsolationUnavailable(RuntimeError):
@@ -107,6 +116,7 @@ class SandboxSpec:
     read_only_paths: tuple[str, ...] = ()
     interpreter: Interpreter | None = None
     hostname: str = "sandbox"
+    server_gid: int | None = None  # the unprivileged server's group: its runtime dir is shared with it
 
 
 @dataclass
@@ -115,7 +125,6 @@ class LaunchPlan:
 
     spec: SandboxSpec
     interpreter: Interpreter
-    prefix: list[str]
     cwd: str
     home: str
     cgroup: CgroupSet | None = None
@@ -126,14 +135,22 @@ class LaunchPlan:
     def profile(self) -> str:
         return self.spec.profile
 
-    def command(self, argv: list[str]) -> list[str]:
-        """The kernel's argv, with its Python replaced by the plan's interpreter, behind the prefix."""
+    def command(self, argv: list[str], env: dict[str, str], workspace_fd: int, runtime_fd: int) -> list[str]:
+        """The full argv: the launcher (bwrap and setpriv, or setpriv), then ``env -i`` with the
+        kernel's environment, then the kernel's argv with its Python replaced by the plan's."""
         if not argv:
             raise ValueError("empty kernel command")
         program = argv[0]
-        if program == sys.executable or program in PYTHON_NAMES:
-            program = self.interpreter.executable
-        return [*self.prefix, program, *argv[1:]]
+        if program == sys.executable or os.path.basename(program) in PYTHON_NAMES:
+            program = self.interpreter.executable  # whichever Python the server runs, the plan's runs kernels
+        if self.profile == "none":
+            return [program, *argv[1:]]
+        if self.profile == "process":
+            prefix = setpriv_args(self.spec.uid or 0, _gid(self.spec))
+        else:
+            prefix = bwrap_args(self.spec, self.interpreter, workspace_fd, runtime_fd)
+        variables = [f"{name}={value}" for name, value in self.environment(env).items()]
+        return [*prefix, ENV_PROGRAM, "-i", *variables, program, *argv[1:]]
 
     def environment(self, base: dict[str, str]) -> dict[str, str]:
         """The kernel's environment: ``base`` minus the gateway's identity, plus the plan's own."""
@@ -151,32 +168,48 @@ class LaunchPlan:
             env["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
         return env
 
-    def preexec_fn(self) -> Callable[[], None] | None:
-        """Run in the forked child as root: join the cgroups, then set the rlimits."""
+    def preexec_fn(self, workspace_fd: int | None = None) -> Callable[[], None]:
+        """Run in the forked child as root: join the cgroups, set the rlimits and the umask, and
+        enter the workspace by descriptor (``process``; bwrap enters it inside the sandbox)."""
         join = self.cgroup.joiner() if self.cgroup is not None else None
         rlimits = list(self.rlimits)
-        if join is None and not rlimits:
-            return None
 
         def before_exec() -> None:
             if join is not None:
                 join()
             for which, value in rlimits:
                 resource.setrlimit(which, (value, value))
+            os.umask(KERNEL_UMASK)
+            if workspace_fd is not None:
+                os.fchdir(workspace_fd)
 
         return before_exec
 
-    def popen_kwargs(self, env: dict[str, str]) -> dict[str, Any]:
-        """Keyword arguments for ``subprocess.Popen`` (jupyter_client's launcher adds the session)."""
-        return {"cwd": self.cwd, "env": self.environment(env), "preexec_fn": self.preexec_fn(),
-                "start_new_session": True}
+    def start(self, argv: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
+        """Start the kernel. The workspace and the runtime directory are opened once, without
+        following links, and handed to the launch as descriptors (never resolved again by path)."""
+        if self.profile == "none":
+            return subprocess.Popen(self.command(argv, env, -1, -1), env=self.environment(env), cwd=self.cwd,
+                                    start_new_session=True, **popen)
+        with safefs.opened(safefs.open_root(self.spec.workspace)) as workspace, \
+                safefs.opened(safefs.open_root(self.spec.runtime_dir)) as runtime:
+            sandboxed = self.profile == "sandbox"
+            return subprocess.Popen(self.command(argv, env, workspace, runtime), env=dict(LAUNCHER_ENV), cwd="/",
+                                    preexec_fn=self.preexec_fn(None if sandboxed else workspace),
+                                    pass_fds=(workspace, runtime) if sandboxed else (), start_new_session=True,
+                                    **popen)
 
-    def hand_over(self, path: Path | str) -> None:
-        """Give a file the gateway wrote (the connection file, in the kernel's runtime directory)
-        to the kernel's uid, by descriptor: a link there is not followed."""
-        if self.spec.uid is not None:
-            with safefs.opened(os.open(path, safefs.READ_FLAGS)) as fd:
-                os.fchown(fd, self.spec.uid, _gid(self.spec))
+    def hand_over(self, name: str) -> None:
+        """Give a file the server wrote in the kernel's runtime directory (the connection file) to
+        the kernel's uid, readable by the server's group; by descriptor: a link is not followed."""
+        if self.spec.uid is None:
+            return
+        group = self.spec.server_gid if self.spec.server_gid is not None else _gid(self.spec)
+        with safefs.opened(safefs.open_root(self.spec.runtime_dir)) as runtime:
+            fd, _info = safefs.open_entry(runtime, name)
+            with safefs.opened(fd):
+                os.fchown(fd, self.spec.uid, group)
+                os.fchmod(fd, 0o640 if self.spec.server_gid is not None else 0o600)
 
     def oom_killed(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom_killed()
@@ -364,26 +397,29 @@ def _check_spec(spec: SandboxSpec) -> None:
 
 
 def _prepare_dirs(spec: SandboxSpec) -> str:
-    """Create the workspace and runtime dir, owned by the kernel's uid; return the kernel's HOME."""
-    spec.workspace.mkdir(parents=True, exist_ok=True)
-    spec.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create the workspace and runtime dir, owned by the kernel's uid; return the kernel's HOME.
+    With ``server_gid`` the runtime dir is also the server's group's (mode 2770): the server
+    writes the connection file there and connects to the kernel's ipc sockets."""
     if spec.profile == "none":
+        spec.workspace.mkdir(parents=True, exist_ok=True)
+        spec.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return os.environ.get("HOME", str(spec.workspace))
     owner = (spec.uid or 0, _gid(spec))
+    shared = (owner[0], spec.server_gid) if spec.server_gid is not None else owner
     # The runtime dir and the workspace are the kernel's: an earlier kernel of the session (this
     # is run again at every restart) may have left links there, so they are changed only
     # through descriptors (``gateway.safefs``), and a ``home`` that is not a directory is replaced.
     home = spec.runtime_dir / "home"
-    with safefs.opened(safefs.open_root(spec.runtime_dir)) as runtime:
+    with safefs.opened(safefs.open_root(spec.runtime_dir, create=True)) as runtime:
         try:
             os.close(safefs.open_dir(runtime, ("home",)))
         except (safefs.UnsafeEntry, FileNotFoundError):
             safefs.remove_entry(runtime, "home", missing_ok=True)
         with safefs.opened(safefs.open_dir(runtime, ("home",), create=True, owner=owner, mode=0o700)) as fd:
             os.fchown(fd, *owner)
-        os.fchown(runtime, *owner)
-        os.fchmod(runtime, 0o700)
-    with safefs.opened(safefs.open_root(spec.workspace)) as workspace:
+        os.fchown(runtime, *shared)
+        os.fchmod(runtime, 0o2770 if spec.server_gid is not None else 0o700)
+    with safefs.opened(safefs.open_root(spec.workspace, create=True)) as workspace:
         os.fchown(workspace, *owner)
         # bwrap enters the workspace (--chdir) as root without CAP_DAC_OVERRIDE, so it must be
         # traversable; under process only the kernel's uid enters it (Popen's cwd, as full root).
@@ -484,8 +520,9 @@ def _check_not_exposed(spec: SandboxSpec, interpreter: Interpreter) -> None:
                                            f"show everything next to it (move the data dir elsewhere)")
 
 
-def bwrap_args(spec: SandboxSpec, interpreter: Interpreter) -> list[str]:
-    """bwrap's arguments, run as root (so it can bind any path) and ending in ``setpriv``."""
+def bwrap_args(spec: SandboxSpec, interpreter: Interpreter, workspace_fd: int, runtime_fd: int) -> list[str]:
+    """bwrap's arguments, run as root (so it can bind any path) and ending in ``setpriv``. The
+    workspace and the runtime directory are bound from descriptors the helper opened."""
     args = [shutil.which("bwrap") or "bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", spec.hostname, "--new-session",
             "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
@@ -496,9 +533,9 @@ def bwrap_args(spec: SandboxSpec, interpreter: Interpreter) -> list[str]:
     tree = _Tree({"/usr", "/etc", "/proc", "/dev", "/tmp", *USR_ALIASES})
     for path in _roots([*interpreter.read_only, *spec.read_only_paths]):
         args += [*tree.parents(path), "--ro-bind", path, path]
-    args += ["--bind", str(spec.workspace), SANDBOX_WORKSPACE]
+    args += ["--bind-fd", str(workspace_fd), SANDBOX_WORKSPACE]
     runtime = str(spec.runtime_dir)
-    args += [*tree.parents(runtime), "--bind", runtime, runtime, "--chdir", SANDBOX_WORKSPACE, "--"]
+    args += [*tree.parents(runtime), "--bind-fd", str(runtime_fd), runtime, "--chdir", SANDBOX_WORKSPACE, "--"]
     return args + setpriv_args(spec.uid or 0, _gid(spec))
 
 
@@ -511,16 +548,11 @@ def prepare(spec: SandboxSpec, support: Support | None = None) -> LaunchPlan:
     group = _make_cgroup(spec, support)
     try:
         rlimits, enforced = _limits_plan(spec, group)
-        prefix: list[str] = []
-        if spec.profile == "process":
-            prefix = setpriv_args(spec.uid or 0, _gid(spec))
-        elif spec.profile == "sandbox":
-            prefix = bwrap_args(spec, interpreter)
     except BaseException:
         if group is not None:
             group.remove()
         raise
-    return LaunchPlan(spec, interpreter, prefix, cwd=str(spec.workspace), home=home, cgroup=group,
+    return LaunchPlan(spec, interpreter, cwd=str(spec.workspace), home=home, cgroup=group,
                       rlimits=rlimits, enforced=enforced)
 
 
@@ -548,18 +580,24 @@ PROBE_LIMITS = Limits(memory_bytes=1 << 30, cpu_cores=1.0, pids=64, file_size_by
 
 
 def _run_probe(plan: LaunchPlan) -> tuple[bool, str]:
-    argv = plan.command([plan.interpreter.executable, "-c", PROBE_SOURCE])
-    env = plan.environment({"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    """Start ``python -c PROBE_SOURCE`` exactly as a kernel is started."""
+    argv = [plan.interpreter.executable, "-c", PROBE_SOURCE]
     try:
-        done = subprocess.run(argv, cwd=plan.cwd, env=env, preexec_fn=plan.preexec_fn(), start_new_session=True,
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as error:
-        return False, f"could not run {argv[0]}: {error}"
-    if done.returncode == 0 and "probe-ok" in done.stdout:
-        uid = done.stdout.split()[-1]
+        process = plan.start(argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as error:
+        return False, f"could not run the launcher: {error}"
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    if process.returncode == 0 and "probe-ok" in stdout:
+        uid = stdout.split()[-1]
         return True, f"started {plan.interpreter.executable} with ipykernel as uid {uid}"
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    return False, f"exit code {done.returncode}: {' | '.join(tail) or 'no output'}"
+    tail = (stderr or stdout).strip().splitlines()[-3:]
+    return False, f"exit code {process.returncode}: {' | '.join(tail) or 'no output'}"
 
 
 def probe_profile(profile: str, uid: int | None = None,

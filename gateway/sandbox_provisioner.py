@@ -8,30 +8,31 @@ Use it from a kernel spec (``metadata.kernel_provisioner.provisioner_name`` set 
     manager = AsyncKernelManager(kernel_name=..., kernel_spec_manager=..., **connection_settings(runtime_dir))
     await manager.start_kernel(sandbox=SandboxSpec(...), env=..., independent=True)
 
-The provisioner wraps the kernel command (``sandbox.prepare``), hands the connection file to the
-kernel's uid, signals through the kernel's cgroup (never by process group: bubblewrap calls
-``setsid``), switches the spec's interrupt mode to ``message``, and removes the cgroups and the
-runtime directory at the final cleanup. ``oom_killed()`` tells whether the kernel died at its
-memory limit.
+Everything that needs root is asked of the privileged helper (``gateway.host``): it prepares the
+kernel's directories and cgroups, hands it the connection file the provisioner wrote, launches
+it, and signals it through its cgroup (never by process group: bubblewrap calls ``setsid``). The
+provisioner holds a ``HelperProcess`` in place of a ``Popen``: a pidfd tells when the launcher
+ended, the helper (its parent) tells the exit code. The spec's interrupt mode becomes
+``message``. The final cleanup removes the cgroups and the runtime directory; ``oom_killed()``
+tells whether the kernel died at its memory limit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
+import select
 import shutil
 import signal
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
-import psutil
 from jupyter_client.provisioning import LocalProvisioner
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
-from gateway import cgroups, sandbox
+from gateway import cgroups, host
 from gateway.cgroups import CgroupSet
-from gateway.sandbox import LaunchPlan, SandboxSpec
+from gateway.sandbox import SandboxSpec
 
 PROVISIONER_NAME = "agent-gateway-sandbox"
 ENTRY_POINT = "gateway.sandbox_provisioner:SandboxProvisioner"
@@ -56,45 +57,99 @@ def connection_settings(runtime_dir: Path) -> dict[str, str]:
             "ip": str(runtime_dir / "ipc")}
 
 
-def _is_wrapper(pid: int) -> bool:
-    """Whether ``pid`` is one of bubblewrap's own processes (they must not get SIGINT or SIGTERM)."""
-    bwrap = shutil.which("bwrap")
-    try:
-        return bwrap is not None and os.readlink(f"/proc/{pid}/exe") == os.path.realpath(bwrap)
-    except OSError:
-        return False
-
-
 def _inside(path: str, directory: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(directory))
 
 
-class SandboxProvisioner(LocalProvisioner):
-    """LocalProvisioner that launches through a ``LaunchPlan`` and signals through its cgroup."""
+def limits_args(spec: SandboxSpec) -> dict[str, Any]:
+    return {name: getattr(spec.limits, name) for name in spec.limits.__dataclass_fields__}
 
-    plan: LaunchPlan | None = None
-    cgroup: CgroupSet | None = None
+
+class HelperProcess:
+    """A kernel's launcher, started by the helper: what jupyter_client asks of a ``Popen``."""
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, name: str, pid: int, pidfd: int):
+        self.name, self.pid, self.pidfd = name, pid, pidfd
+        self.returncode: int | None = None
+        self.oom_killed = False
+
+    def exited(self) -> bool:
+        """Whether the launcher has ended (its pidfd is readable then)."""
+        if self.pidfd < 0:
+            return True
+        return bool(select.select([self.pidfd], [], [], 0)[0])
+
+    async def refresh(self) -> int | None:
+        """The exit code, asked of the helper once the pidfd says the launcher ended."""
+        if self.returncode is None and self.exited():
+            state = await host.current().call("kernel.poll", name=self.name)
+            self.oom_killed = self.oom_killed or bool(state["oom_killed"])
+            if state["returncode"] is not None:
+                self.returncode = int(state["returncode"])
+                self.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class SandboxProvisioner(LocalProvisioner):
+    """LocalProvisioner whose kernels the privileged helper launches and signals (by cgroup)."""
+
+    spec: SandboxSpec | None = None
     profile: str = "none"
+    cgroup_name: str | None = None
     last_oom_killed: bool = False
+
+    @property
+    def cgroup(self) -> CgroupSet | None:
+        """The kernel's cgroups, to look at (the helper changes them)."""
+        if self.cgroup_name is None:
+            return None
+        parent = self.spec.cgroup_parent if self.spec is not None else cgroups.DEFAULT_PARENT
+        return CgroupSet(cgroups.detect_cached(parent), self.cgroup_name)
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         spec = kwargs.pop("sandbox", None)
         if not isinstance(spec, SandboxSpec):
             raise ValueError(f"{PROVISIONER_NAME} needs start_kernel(sandbox=SandboxSpec(...))")
+        self.spec, self.profile = spec, spec.profile
+        if spec.profile == "none":  # as the caller's own user: a plain local launch
+            spec.workspace.mkdir(parents=True, exist_ok=True)
+            spec.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            kwargs.setdefault("cwd", str(spec.workspace))
+            return await super().pre_launch(**kwargs)
         self._check_connection(spec)
-        self.plan = await asyncio.to_thread(sandbox.prepare, spec)
-        self.cgroup, self.profile, self.last_oom_killed = self.plan.cgroup, spec.profile, False
+        prepared = await host.current().call(
+            "kernel.prepare", name=spec.name, profile=spec.profile, workspace=str(spec.workspace),
+            runtime_dir=str(spec.runtime_dir), uid=spec.uid, limits=limits_args(spec), hostname=spec.hostname,
+            cgroup_parent=spec.cgroup_parent)
+        self.last_oom_killed = False
+        self.cgroup_name = prepared["cgroup"]
+        self.enforced: dict[str, str] = prepared["enforced"]
         try:
             kwargs = await super().pre_launch(**kwargs)
-            return self._wrap(self.plan, kwargs)
         except BaseException:
-            await asyncio.to_thread(self.plan.release)
+            await self._release(final=False)
             raise
+        self.kernel_spec.interrupt_mode = "message"
+        kwargs["independent"] = True  # ipykernel's parent poller would see bwrap's init as pid 1
+        return kwargs
 
     def _check_connection(self, spec: SandboxSpec) -> None:
         """The kernel must find its connection file and sockets at the same paths as the gateway."""
         manager = self.parent
-        if manager is None or spec.profile == "none":
+        if manager is None:
             return
         if manager.transport != "ipc" and spec.profile == "sandbox":
             raise ValueError("the sandbox profile has no network: use transport='ipc' (connection_settings())")
@@ -105,67 +160,89 @@ class SandboxProvisioner(LocalProvisioner):
             if not _inside(path, spec.runtime_dir):
                 raise ValueError(f"the {what} {path} must be inside the kernel's runtime dir {spec.runtime_dir}")
 
-    def _wrap(self, plan: LaunchPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if self.parent is not None:
-            plan.hand_over(self.parent.connection_file)
-        kwargs["cmd"] = plan.command(kwargs["cmd"])
-        kwargs.update(plan.popen_kwargs(kwargs.get("env") or {}))
-        if plan.profile == "sandbox":
-            kwargs["independent"] = True  # ipykernel's parent poller would see bwrap's init as pid 1
-        if plan.profile != "none":
-            self.kernel_spec.interrupt_mode = "message"
-        return kwargs
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        """Have the helper start the kernel: it keeps the launcher as its child."""
+        assert self.spec is not None and self.parent is not None
+        if self.spec.profile == "none":
+            return await super().launch_kernel(cmd, **kwargs)
+        connection = Path(self.parent.connection_file)
+        if connection.parent != self.spec.runtime_dir:
+            raise ValueError("the connection file must be directly in the kernel's runtime dir")
+        reply = await host.current().call_fds("kernel.launch", name=self.spec.name, argv=list(cmd),
+                                              env=dict(kwargs.get("env") or {}), connection_file=connection.name)
+        process = HelperProcess(self.spec.name, int(reply.result["pid"]), reply.fds[0])
+        self.process = process  # type: ignore[assignment]  # what jupyter_client asks of a Popen
+        self.pid, self.pgid = process.pid, None
+        self.cwd = str(self.spec.workspace)
+        return self.connection_info
+
+    async def poll(self) -> int | None:
+        process = self.process
+        if isinstance(process, HelperProcess):
+            code = await process.refresh()
+            self.last_oom_killed = self.last_oom_killed or process.oom_killed
+            return code
+        return await super().poll()
+
+    async def wait(self) -> int | None:
+        import asyncio
+
+        process = self.process
+        if not isinstance(process, HelperProcess):
+            return await super().wait()
+        while await self.poll() is None:
+            await asyncio.sleep(0.05)
+        self.process = None
+        return process.returncode
 
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel's processes through its cgroup (SIGKILL: all of them, bwrap included)."""
-        if self.profile == "none" or not self.process:
+        if not isinstance(self.process, HelperProcess):
             await super().send_signal(signum)
-            return
-        if self.cgroup is not None:
-            if signum == signal.SIGKILL:
-                await asyncio.to_thread(self.cgroup.kill_all)
-            else:
-                self.cgroup.signal(signum, exclude=_is_wrapper)
-            return
-        self._signal_tree(signum)
+        elif self.spec is not None:
+            await host.current().call("kernel.signal", name=self.spec.name, signum=int(signum))
 
-    def _signal_tree(self, signum: int) -> None:
-        """Without a cgroup: signal the launched process and its descendants (bwrap only with SIGKILL)."""
-        assert self.process is not None
-        try:
-            root = psutil.Process(self.process.pid)
-            targets = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return
-        for process in targets:
-            if signum == signal.SIGKILL or not _is_wrapper(process.pid):
-                try:
-                    process.send_signal(signum)
-                except psutil.Error:
-                    continue
+    async def kill(self, restart: bool = False) -> None:
+        if not isinstance(self.process, HelperProcess):
+            await super().kill(restart)
+        else:
+            await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if not isinstance(self.process, HelperProcess):
+            await super().terminate(restart)
+        else:
+            await self.send_signal(signal.SIGTERM)
 
     def oom_killed(self) -> bool:
         """Whether the kernel's memory cgroup recorded an OOM kill (also after cleanup)."""
-        return self.last_oom_killed or (self.cgroup is not None and self.cgroup.oom_killed())
+        return self.last_oom_killed
 
     async def cleanup(self, restart: bool = False) -> None:
         """Remove the cgroups (killing leftovers); at the final cleanup also the runtime dir."""
         await super().cleanup(restart=restart)
-        if self.cgroup is not None:
-            self.last_oom_killed = self.oom_killed()
-            await asyncio.to_thread(self.cgroup.remove)
-        if not restart and self.plan is not None:
-            shutil.rmtree(self.plan.spec.runtime_dir, ignore_errors=True)
+        await self._release(final=not restart)
+
+    async def _release(self, final: bool) -> None:
+        if self.spec is None:
+            return
+        if self.spec.profile == "none":
+            if final:
+                shutil.rmtree(self.spec.runtime_dir, ignore_errors=True)
+            return
+        state = await host.current().call("kernel.release", name=self.spec.name,
+                                          runtime_dir=str(self.spec.runtime_dir) if final else None)
+        self.last_oom_killed = self.last_oom_killed or bool(state["oom_killed"])
+        if isinstance(self.process, HelperProcess) and final:
+            self.process.close()
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
-        info["sandbox"] = {"profile": self.profile, "cgroup": self.cgroup.name if self.cgroup else None,
-                           "cgroup_parent": self.cgroup.support.parent if self.cgroup else None}
+        info["sandbox"] = {"profile": self.profile, "cgroup": self.cgroup_name}
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         await super().load_provisioner_info(provisioner_info)
         saved = provisioner_info.get("sandbox") or {}
         self.profile = saved.get("profile", "none")
-        if saved.get("cgroup"):
-            self.cgroup = CgroupSet(cgroups.detect_cached(saved["cgroup_parent"]), saved["cgroup"])
+        self.cgroup_name = saved.get("cgroup")

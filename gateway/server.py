@@ -17,7 +17,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
-from gateway import offload, __version__
+from gateway import __version__, host, privileges
 from gateway.audit import RateLimit
 from gateway.auth import TokenAuthority
 from gateway.handlers import files, jupyter, kernel_ws, ops, sessions, ui
@@ -66,7 +66,7 @@ class Gateway:
         for path in data.glob("gateway.db*"):
             path.chmod(0o600)
         metrics = Metrics()
-        isolation = Isolation(settings, data)
+        isolation = Isolation(settings, data, host.current().hello)
         launcher = KernelLauncher(data / "runtime", isolation=isolation)
         manager = SessionManager(settings, store, launcher, metrics)
         if settings.pool_size > 0:
@@ -122,6 +122,40 @@ def ensure_admin_token(gateway: Gateway, announce: Callable[[str], None]) -> Non
     announce(f"Created the admin token (shown only this once; only its hash is stored):\n\n    {token}\n")
 
 
+def serve(settings: Settings) -> None:
+    """Start the privileged helper; started as root, drop to the server's user and run again
+    as that user (``gateway.privileges``); serve until stopped."""
+    from gateway.isolation import runtime_root
+    from gateway.settings import uid_range
+
+    helper = host.inherited()
+    if helper is None:
+        data = settings.data_path
+        kernel_uids = uid_range(settings.sandbox_uids)
+        identity = privileges.server_identity(settings.server_user, kernel_uids)
+        runtime = runtime_root(data)
+        if identity is not None:
+            privileges.prepare_data_dir(data, runtime, identity, kernel_uids)
+            for directory in privileges.open_the_way(identity, data):
+                log.warning("gave %s search permission on %s (an ACL entry of its own) to reach its data "
+                            "directory and code", identity.name, directory)
+            privileges.check_runs(identity, data)
+        anchors = (str(data),) if runtime.is_relative_to(data) else (str(data), str(runtime))
+        helper = host.start(host.HelperConfig(anchors=anchors, server_owner=identity.owner if identity else None,
+                                              kernel_uids=kernel_uids, sandbox=settings.sandbox, data_dir=str(data)))
+        if identity is not None:
+            privileges.become(identity, data / "home", helper.handover_env())  # does not return
+    else:
+        log.info("serving as uid %d:%d; the privileged helper (pid %s) runs as root", os.getuid(), os.getgid(),
+                 helper.pid)
+    host.install(helper)
+    try:
+        asyncio.run(run(settings))
+    finally:
+        host.install(None)
+        helper.close()
+
+
 async def run(settings: Settings, announce: Callable[[str], None] = print) -> None:
     """Serve until SIGINT/SIGTERM, then shut down cleanly: steps recorded, kernels stopped, store closed."""
     gateway = Gateway.open(settings)
@@ -161,6 +195,5 @@ async def run(settings: Settings, announce: Callable[[str], None] = print) -> No
         server.stop()
         await gateway.sessions.shutdown()
         await server.close_all_connections()
-        offload.stop_workers()
         gateway.store.close()
         log.info("shut down cleanly")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import executor, volumes
+from gateway import executor, host, volumes
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import (Conflict, Forbidden, GatewayError, InsufficientStorage, InvalidRequest, NotFound,
@@ -123,7 +123,7 @@ class SessionManager:
         if self.pool is not None:
             await self.pool.close()
         self.recorder.flush()
-        released = await asyncio.to_thread(volumes.release_all, self.settings.data_path)
+        released = await host.current().call("volume.release_all", root=str(self.settings.data_path))
         if released:
             log.info("unmounted %d workspace volumes", released)
 
@@ -293,6 +293,8 @@ class SessionManager:
                 try:
                     await bind(kernel, live.workspace.root, env, self.settings.kernel_start_timeout)
                 except Exception:
+                    log.warning("session %s: the pooled kernel could not be bound; starting one", live.id,
+                                exc_info=True)
                     await kernel.shutdown(now=True)
                     kernel = None
             if kernel is None:
@@ -568,17 +570,17 @@ class SessionManager:
         self.visible_row(principal, session_id)
         return self.recorder.notebook_text(session_id)
 
-    def workspace(self, principal: Principal, session_id: str) -> Workspace:
+    async def workspace(self, principal: Principal, session_id: str) -> Workspace:
         """The workspace of a session the principal may read (live or ended)."""
         self.visible_row(principal, session_id)
         live = self.live.get(session_id)
-        return live.workspace if live else self._resting_workspace(session_id)
+        return live.workspace if live else await self._resting_workspace(session_id)
 
-    def _resting_workspace(self, session_id: str) -> Workspace:
+    async def _resting_workspace(self, session_id: str) -> Workspace:
         """The workspace of a session without a kernel (paused or ended), its volume mounted."""
         path = self.sessions_dir / session_id / "workspace"
         try:
-            volumes.ensure_existing(path)
+            await host.current().call("volume.ensure_existing", path=str(path))
         except volumes.VolumeError as exc:
             raise Unavailable(f"The workspace of session '{session_id}' cannot be mounted: {exc}. See the server log.",
                               code="workspace_unavailable", details={"session_id": session_id}) from None
@@ -591,13 +593,13 @@ class SessionManager:
         path.mkdir(exist_ok=True)
         return path
 
-    def _files_of(self, principal: Principal, session_id: str) -> tuple[Workspace, Trajectory]:
+    async def _files_of(self, principal: Principal, session_id: str) -> tuple[Workspace, Trajectory]:
         """The workspace and trajectory of a live or paused session the principal may change."""
         self.changeable(principal, session_id)
         live = self.live.get(session_id)
         if live is not None:
             return live.workspace, live.trajectory
-        return self._resting_workspace(session_id), self.trajectory_of(session_id)
+        return await self._resting_workspace(session_id), self.trajectory_of(session_id)
 
     @staticmethod
     def workspace_limit(row: dict[str, Any]) -> int | None:
@@ -628,17 +630,17 @@ class SessionManager:
     async def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
                        sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
-        workspace, trajectory = self._files_of(principal, session_id)
+        workspace, trajectory = await self._files_of(principal, session_id)
         row = self.visible_row(principal, session_id)
         if self.workspace_limit(row) is not None:
             self.check_workspace_room(row, await workspace.size(), size)
-        relative = workspace.install(path, received)
+        relative = await workspace.install(path, received)
         self.recorder.record_event(trajectory, "file_upload", principal.name,
                                    upload_details(relative, content, size, sha256))
         return {"path": relative, "size": size, "sha256": sha256}
 
     async def delete_file(self, principal: Principal, session_id: str, path: str) -> dict[str, Any]:
-        workspace, trajectory = self._files_of(principal, session_id)
+        workspace, trajectory = await self._files_of(principal, session_id)
         kind = await workspace.delete(path)
         live = self.live.get(session_id)
         if live is not None and self.workspace_limit(live.row) is not None:

@@ -102,6 +102,7 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("replay_normalisers", [], _pairs, "Extra [pattern, replacement] pairs (a JSON list) applied to outputs before replay compares them."),
     Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
     Setting("sandbox", "auto", str, "How kernels are isolated: none, process, sandbox, or auto (the strongest that works here; see agent-gateway doctor)."),
+    Setting("server_user", "agent-gateway", str, "Started as root, serve runs as this user (a name or uid[:gid]) and leaves what needs root to its privileged helper; a name with no account falls back to uid 999999."),
     Setting("sandbox_uids", "1000000-1009999", str, "The range of unprivileged uids given to kernels under process and sandbox, one per kernel."),
     Setting("memory_limit", 2048 * MIB, byte_size, "Memory a session's kernel may use (cgroup; RLIMIT_AS where no memory cgroup can be made), e.g. 2GiB; 0: none."),
     Setting("cpu_limit", 1.0, float, "CPU cores a session's kernel may use (cgroup quota); 0: none."),
@@ -146,6 +147,7 @@ class Settings:
     replay_normalisers: list[tuple[str, str]] = field(default_factory=list)
     websocket_replay_seconds: float = 60.0
     sandbox: str = "auto"
+    server_user: str = "agent-gateway"
     sandbox_uids: str = "1000000-1009999"
     workspace_volumes: str = "auto"
     memory_limit: int = 2048 * MIB

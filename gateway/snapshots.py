@@ -7,12 +7,12 @@ a silent execution (no cell, no history, no execution count) in a private namesp
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from gateway import executor, safefs
-from gateway.kernels import EXCHANGE, RunningKernel, kernels_dir
+from gateway import executor, host, safefs
+from gateway.kernels import RunningKernel, kernels_dir
 
 
 class SnapshotError(Exception):
@@ -52,22 +52,22 @@ async def save(kernel: RunningKernel, directory: Path, timeout: float) -> dict[s
     """Save the user namespace, imports, counter and history to ``directory``; returns what was saved.
 
     An isolated kernel cannot see ``directory``: it writes into its exchange directory, which it
-    can change at any moment, so the files are copied out of it through descriptors (never by a
-    path inside it) into ``directory``, out of its reach."""
+    can change at any moment, so the helper opens each file there without following links and
+    passes the descriptor; the server copies from it into ``directory``, out of the kernel's reach."""
     directory.mkdir(parents=True, exist_ok=True)
     if kernel.exchange_dir is None:
         await _run(kernel, "save", directory, timeout)
         return _saved_report((directory / "snapshot.json").read_bytes())
-    with _exchange(kernel) as exchange:
-        _clear(exchange)
+    await _clear(kernel)
     await _run(kernel, "save", kernel.exchange_dir, timeout)
     try:
-        with _exchange(kernel) as exchange:
-            try:
-                for name in SNAPSHOT_FILES:
-                    safefs.copy_out(exchange, name, directory / name)
-            finally:
-                _clear(exchange)
+        try:
+            for name in SNAPSHOT_FILES:
+                fd = await _open(kernel, name)
+                with safefs.opened(fd):
+                    _copy_to(fd, directory / name)
+        finally:
+            await _clear(kernel)
     except OSError as exc:
         raise SnapshotError(f"the kernel's snapshot files could not be taken ({exc.strerror}: {exc.filename})") from None
     return _saved_report((directory / "snapshot.json").read_bytes())
@@ -79,36 +79,46 @@ async def load(kernel: RunningKernel, directory: Path, timeout: float) -> dict[s
         await _run(kernel, "load", directory, timeout)
         return _restore_report((directory / RESULT_FILE).read_bytes())
     try:
-        with _exchange(kernel) as exchange:
-            _clear(exchange)
-            for name in SNAPSHOT_FILES:
-                safefs.write_new(exchange, name, directory / name, kernel.owner)
+        await _clear(kernel)
+        for name in SNAPSHOT_FILES:
+            with safefs.opened(os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as fd:
+                await host.current().call("file.install", (fd,), root=str(kernel.exchange_dir), parts=[name],
+                                          owner=list(kernel.owner) if kernel.owner else None)
         await _run(kernel, "load", kernel.exchange_dir, timeout)
-        with _exchange(kernel) as exchange:
-            try:
-                report = safefs.read_bytes(exchange, RESULT_FILE, REPORT_LIMIT)
-            finally:
-                _clear(exchange)
+        try:
+            fd = await _open(kernel, RESULT_FILE)
+            with safefs.opened(fd):
+                report = os.read(fd, REPORT_LIMIT + 1) if os.fstat(fd).st_size <= REPORT_LIMIT else b""
+        finally:
+            await _clear(kernel)
     except OSError as exc:
         raise SnapshotError(f"the snapshot could not be exchanged with the kernel ({exc.strerror}: "
                             f"{exc.filename})") from None
     return _restore_report(report)
 
 
-@contextmanager
-def _exchange(kernel: RunningKernel) -> Iterator[int]:
-    """A descriptor of the kernel's exchange directory (made if missing), reached beneath its
-    runtime directory without following links."""
-    assert kernel.runtime_dir is not None
-    with safefs.opened(safefs.open_root(kernel.runtime_dir)) as runtime:
-        with safefs.opened(safefs.open_dir(runtime, (EXCHANGE,), create=True, owner=kernel.owner,
-                                           mode=0o700)) as exchange:
-            yield exchange
+async def _open(kernel: RunningKernel, name: str) -> int:
+    """A read descriptor of a regular file of the kernel's exchange directory (no link followed)."""
+    reply = await host.current().call_fds("file.open", root=str(kernel.exchange_dir), parts=[name])
+    for extra in reply.fds[1:]:
+        os.close(extra)
+    return reply.fds[0]
 
 
-def _clear(exchange: int) -> None:
-    for name in (*SNAPSHOT_FILES, RESULT_FILE):
-        safefs.remove_entry(exchange, name, missing_ok=True)
+async def _clear(kernel: RunningKernel) -> None:
+    """Make the kernel's exchange directory (its own) if missing, and empty it."""
+    await host.current().call("tree.clear", root=str(kernel.exchange_dir), names=[*SNAPSHOT_FILES, RESULT_FILE],
+                              owner=list(kernel.owner) if kernel.owner else None)
+
+
+def _copy_to(fd: int, destination: Path) -> None:
+    """Copy what ``fd`` holds to ``destination`` (the server's own directory), atomically."""
+    partial = destination.with_name(f".{destination.name}.partial")
+    partial.unlink(missing_ok=True)
+    with open(partial, "xb") as out:
+        while chunk := os.read(fd, 1 << 20):
+            out.write(chunk)
+    os.replace(partial, destination)
 
 
 def _saved_report(raw: bytes) -> dict[str, Any]:

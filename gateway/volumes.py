@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -168,6 +169,11 @@ def _adopt_contents(mount_point: Path, image: Path, owner: tuple[int, int]) -> N
 
 
 def _mount(image: Path, mount_point: Path) -> None:
+    """Mount ``image``, which must be a file this process made (root's, one link): an image the
+    unprivileged server put in its place is never mounted."""
+    info = os.lstat(image)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
+        raise VolumeError(f"{image} is not a volume image the gateway made; it is not mounted")
     _run(["mount", "-o", MOUNT_OPTIONS, str(image), str(mount_point)])
 
 

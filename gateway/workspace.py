@@ -4,8 +4,9 @@ Every path a client names is relative to the workspace and must stay inside it: 
 paths, ``..`` components, symbolic links anywhere on the way, names longer than the file
 system allows and paths deeper than ``MAX_PATH_DEPTH`` are refused with ``invalid_path``. The
 kernel can change the tree at any moment, so every operation goes through ``gateway.safefs``
-(descriptors, no link followed). Walks of the whole tree (listing, size, removing a directory)
-run in a worker process, so a workspace of any size never holds up the server's event loop.
+(descriptors, no link followed) in the privileged helper, the only process that can reach a
+kernel's tree; walks of the whole tree run there too, so a workspace of any size never holds up
+the server's event loop.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import errno
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from gateway import safefs, volumes
-from gateway.clock import iso
+from gateway import host, safefs, volumes
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.offload import offload
 
 MAX_PATH_BYTES = 1024
 MAX_PATH_DEPTH = 32
@@ -50,7 +48,9 @@ class FilePage:
 
 
 class Workspace:
-    """File operations confined to one directory. Used by the session manager."""
+    """File operations confined to one directory, carried out by the privileged helper
+    (``gateway.host``): the server cannot reach a kernel's tree itself. Used by the session
+    manager."""
 
     def __init__(self, root: Path):
         root.mkdir(parents=True, exist_ok=True)
@@ -58,54 +58,55 @@ class Workspace:
         self.owner: tuple[int, int] | None = None  # the isolated kernel's (uid, gid), given what the gateway writes
         self._volume = False
 
-    # single entries (quick: on the event loop) ---------------------------------------------
-
-    def open_file(self, relative: str) -> tuple[int, os.stat_result]:
+    async def open_file(self, relative: str) -> tuple[int, os.stat_result]:
         """A read descriptor of an existing regular file and its ``fstat``, for a download."""
         parts = workspace_parts(relative)
         try:
-            with safefs.opened(safefs.open_root(self.root)) as root:
-                return safefs.open_file(root, parts)
+            reply = await host.current().call_fds("file.open", root=str(self.root), parts=list(parts))
         except IsADirectoryError:
             raise Conflict(f"'{relative}' is a directory; list it with GET .../files?path={relative}.",
                            code="is_a_directory", details={"path": relative}) from None
         except OSError as exc:
             raise _file_error(exc, relative) from None
+        fd = reply.fds[0]
+        for extra in reply.fds[1:]:
+            os.close(extra)
+        return fd, os.fstat(fd)
 
-    def check_target(self, relative: str) -> None:
-        """Refuse early an upload path that is invalid (before its body is received)."""
-        workspace_parts(relative)
-
-    def install(self, relative: str, source: Path) -> str:
-        """Move a fully received upload (outside the workspace) into place atomically, creating
-        parent directories; returns the normalised relative path."""
+    async def install(self, relative: str, source: Path) -> str:
+        """Put a fully received upload (the server's file, outside the workspace) in place
+        atomically, creating parent directories; returns the normalised relative path. The
+        source is removed."""
         parts = workspace_parts(relative)
         try:
-            with safefs.opened(safefs.open_root(self.root)) as root, \
-                    safefs.opened(os.open(source.parent, safefs.DIR_FLAGS)) as uploads:
-                safefs.install(root, parts, uploads, source.name, self.owner)
+            with safefs.opened(os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as fd:
+                await host.current().call("file.install", (fd,), root=str(self.root), parts=list(parts),
+                                          owner=list(self.owner) if self.owner else None)
         except IsADirectoryError:
             raise Conflict(f"'{relative}' is a directory; choose a file path.", code="is_a_directory",
                            details={"path": relative}) from None
         except OSError as exc:
             raise _file_error(exc, relative) from None
+        finally:
+            source.unlink(missing_ok=True)
         return "/".join(parts)
 
     async def copy_from(self, source: Path) -> int:
         """Copy another tree (a parent's workspace, a fork's staging copy) into this workspace,
         giving what is made to its kernel's uid; links are copied as links. Bytes copied."""
-        return await offload(_copy_tree, str(source), str(self.root), self.owner)
-
-    # whole-tree walks (in a worker process) ------------------------------------------------
+        return int(await host.current().call("tree.copy", source=str(source), target=str(self.root),
+                                              owner=list(self.owner) if self.owner else None))
 
     async def list(self, directory: str | None = None, *, cursor: str | None = None,
                    limit: int = DEFAULT_PAGE) -> FilePage:
         """One page of the regular files under ``directory`` (default: all), in path order. The
-        page is built and serialised in a worker process: the event loop only passes it on."""
+        page is built and serialised by the helper: the event loop only passes it on."""
         parts = workspace_parts(directory) if directory else ()
         after = decode_file_cursor(cursor) if cursor else None
         try:
-            return await offload(_list_page, str(self.root), parts, after, limit)
+            page = await host.current().call("tree.list", root=str(self.root), parts=list(parts),
+                                             after=list(after) if after is not None else None, limit=limit,
+                                             max_depth=MAX_PATH_DEPTH)
         except NotADirectoryError:
             raise InvalidRequest(f"'{directory}' is a file, not a directory; download it instead.",
                                  code="invalid_path", details={"path": directory}) from None
@@ -114,6 +115,7 @@ class Workspace:
                            details={"path": directory}) from None
         except OSError as exc:
             raise _file_error(exc, directory or "") from None
+        return FilePage(page["files_json"].encode(), page["next"])
 
     @property
     def is_volume(self) -> bool:
@@ -126,24 +128,18 @@ class Workspace:
 
     async def size(self) -> int:
         """Bytes the workspace holds: a volume's used blocks (at once), otherwise the sum of its
-        regular files' sizes (links not followed), walked in a worker process."""
+        regular files' sizes (links not followed), walked by the helper."""
         if self.is_volume:
             return volumes.used_bytes(self.root)
-        return await offload(_tree_size, str(self.root))
+        return int(await host.current().call("tree.size", root=str(self.root)))
 
     async def delete(self, relative: str) -> str:
         """Delete a file, a symbolic link (not its target) or a whole directory; returns which."""
         parts = workspace_parts(relative)
         try:
-            return await offload(_remove, str(self.root), parts)
+            return str(await host.current().call("tree.remove_entry", root=str(self.root), parts=list(parts)))
         except OSError as exc:
             raise _file_error(exc, relative) from None
-
-
-def hand_over_tree(root: Path, uid: int, gid: int) -> int:
-    """Give what the gateway wrote under ``root`` (uploads, a fork's copy) to a kernel's uid."""
-    with safefs.opened(safefs.open_root(root)) as fd:
-        return safefs.chown_tree(fd, uid, gid)
 
 
 def workspace_parts(relative: Any) -> safefs.Parts:
@@ -208,29 +204,3 @@ def _file_error(exc: OSError, relative: str) -> Exception:
 def _bad_path(path: Any, why: str) -> InvalidRequest:
     shown = path if not isinstance(path, str) or len(path) <= 200 else path[:200] + "…"
     return InvalidRequest(f"Invalid path {shown!r}: {why}.", code="invalid_path", details={"path": shown})
-
-
-# run in the worker processes (``gateway.offload``) -----------------------------------------
-
-def _list_page(root: str, parts: safefs.Parts, after: safefs.Parts | None, limit: int) -> FilePage:
-    with safefs.opened(safefs.open_root(Path(root))) as fd:
-        entries, more = safefs.list_files(fd, parts, after=after, limit=limit, max_depth=MAX_PATH_DEPTH)
-    files = [{"path": "/".join(entry.parts), "size": entry.size,
-              "modified": iso(datetime.fromtimestamp(entry.mtime, timezone.utc))} for entry in entries]
-    return FilePage(json.dumps(files).encode(), encode_file_cursor(entries[-1].parts) if more and entries else None)
-
-
-def _tree_size(root: str) -> int:
-    with safefs.opened(safefs.open_root(Path(root))) as fd:
-        return safefs.tree_size(fd)
-
-
-def _remove(root: str, parts: safefs.Parts) -> str:
-    with safefs.opened(safefs.open_root(Path(root))) as fd:
-        return safefs.remove(fd, parts)
-
-
-def _copy_tree(source: str, target: str, owner: tuple[int, int] | None) -> int:
-    Path(target).mkdir(parents=True, exist_ok=True)
-    with safefs.opened(safefs.open_root(Path(source))) as src, safefs.opened(safefs.open_root(Path(target))) as dst:
-        return safefs.copy_tree(src, dst, owner)

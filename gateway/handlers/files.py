@@ -13,7 +13,7 @@ from urllib.parse import quote
 from gateway.handlers.base import BaseHandler
 from gateway.handlers.sessions import SID
 from gateway.notebook import INLINE_UPLOAD_LIMIT
-from gateway.workspace import DEFAULT_PAGE, MAX_PAGE, Workspace
+from gateway.workspace import DEFAULT_PAGE, MAX_PAGE, Workspace, workspace_parts
 
 CHUNK = 256 * 1024
 
@@ -23,7 +23,7 @@ async def send_file(handler: BaseHandler, workspace: Workspace, relative: str) -
     origin (``Content-Security-Policy: sandbox``, ``nosniff``). The file is opened once, without
     following links, and read from that descriptor; since the kernel may be writing it meanwhile,
     a small file is sent whole with its length, a larger one chunked, up to its size at opening."""
-    fd, info = workspace.open_file(relative)
+    fd, info = await workspace.open_file(relative)
     with os.fdopen(fd, "rb") as handle:
         name = PurePosixPath(relative).name
         kind, _ = mimetypes.guess_type(name)
@@ -45,7 +45,7 @@ class FileListHandler(BaseHandler):
 
     async def get(self, session_id: str) -> None:
         assert self.principal is not None
-        workspace = self.gateway.sessions.workspace(self.principal, session_id)
+        workspace = await self.gateway.sessions.workspace(self.principal, session_id)
         limit = self.int_query("limit", DEFAULT_PAGE, 1, MAX_PAGE)
         page = await workspace.list(self.get_query_argument("path", None),
                                     cursor=self.get_query_argument("cursor", None), limit=limit)
@@ -100,12 +100,12 @@ class FileHandler(BaseHandler):
         session_id = self.path_kwargs["session_id"]
         sessions = self.gateway.sessions
         directory = sessions.upload_dir(self.principal, session_id)
-        sessions.workspace(self.principal, session_id).check_target(self.path_kwargs["path"])
+        workspace_parts(self.path_kwargs["path"])  # an invalid path is refused before the body comes
         return UploadSink(directory, limit)
 
     async def get(self, session_id: str, path: str) -> None:
         assert self.principal is not None
-        await send_file(self, self.gateway.sessions.workspace(self.principal, session_id), path)
+        await send_file(self, await self.gateway.sessions.workspace(self.principal, session_id), path)
 
     async def put(self, session_id: str, path: str) -> None:
         assert self.principal is not None

@@ -188,7 +188,7 @@ class SessionPage(UiHandler):
         session = sessions.get(self.principal, session_id)
         timeline = sessions.timeline(self.principal, session_id)
         try:
-            listing = await sessions.workspace(self.principal, session_id).list(limit=PAGE_FILES)
+            listing = await (await sessions.workspace(self.principal, session_id)).list(limit=PAGE_FILES)
             files, more_files = listing.files, listing.next is not None
         except GatewayError:
             files, more_files = [], False
@@ -213,7 +213,7 @@ class FileDownload(UiHandler):
 
     async def get(self, session_id: str, path: str) -> None:
         assert self.principal is not None
-        await send_file(self, self.gateway.sessions.workspace(self.principal, session_id), path)
+        await send_file(self, await self.gateway.sessions.workspace(self.principal, session_id), path)
 
 
 def safe_next(target: str | None) -> str:
