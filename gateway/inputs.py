@@ -21,6 +21,8 @@ JSON_INTEGER_DIGITS_MAX = 64  # so that every accepted number converts to a floa
 LABELS_MAX = 64
 LABEL_KEY_MAX = 128
 LABEL_VALUE_MAX = 1024
+STDIN_REPLIES_MAX = 1000  # answers to input() one execute request may carry
+STDIN_REPLY_MAX = 65536  # characters of one answer
 
 JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
@@ -134,6 +136,20 @@ def validate_labels(labels: Any) -> dict[str, str]:
                                  details={"field": "labels", "key_limit": LABEL_KEY_MAX,
                                           "value_limit": LABEL_VALUE_MAX})
     return dict(labels)
+
+
+def validate_stdin(stdin: Any) -> list[str] | None:
+    """The answers an execute request gives to its step's input() calls (None: no stdin)."""
+    if stdin is None:
+        return None
+    if not isinstance(stdin, list) or not all(isinstance(value, str) for value in stdin):
+        raise InvalidRequest("'stdin' must be an array of strings: the answers to the step's input() calls, in "
+                             "order.", code="invalid_field", details={"field": "stdin"})
+    if len(stdin) > STDIN_REPLIES_MAX or any(len(value) > STDIN_REPLY_MAX for value in stdin):
+        raise InvalidRequest(f"'stdin' takes at most {STDIN_REPLIES_MAX} answers of up to {STDIN_REPLY_MAX} "
+                             "characters each.", code="invalid_field",
+                             details={"field": "stdin", "limit": STDIN_REPLIES_MAX, "value_limit": STDIN_REPLY_MAX})
+    return list(stdin)
 
 
 def _reject_constant(name: str) -> Any:

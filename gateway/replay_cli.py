@@ -72,9 +72,13 @@ def replay_notebook(url: str, token: str, path: Path) -> dict[str, Any]:
                 verdict = {"step": gateway["step"], "code": source, "status": "skipped",
                            "detail": f"the recorded step ended '{gateway['status']}'"}
             else:
-                replayed = call("POST", f"{url}/v1/sessions/{sid}/execute", token, {"code": source})
+                request: dict[str, Any] = {"code": source}
+                if gateway.get("stdin"):  # answered again with what was typed (a password with "")
+                    request["stdin"] = [str(exchange.get("value") or "") for exchange in gateway["stdin"]]
+                replayed = call("POST", f"{url}/v1/sessions/{sid}/execute", token, request)
                 recorded = {"step": gateway["step"], "code": source, "status": gateway.get("status", "ok"),
-                            "outputs": json.dumps(cell.get("outputs", []))}
+                            "outputs": json.dumps(cell.get("outputs", [])),
+                            "stdin": json.dumps(gateway["stdin"]) if gateway.get("stdin") else None}
                 verdict = judge(recorded, replayed, NORMALISERS)
             verdicts.append(verdict)
             progress_bar(len(verdicts), total, verdict["status"])

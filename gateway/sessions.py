@@ -386,8 +386,8 @@ class SessionManager:
                       sink: EventSink | None = None, source: str = "agent",
                       stdin: list[str] | None = None) -> dict[str, Any]:
         """Run one step and record it; returns the Execution (committed before this returns).
-        A paused session is resumed first. ``stdin`` (replay) answers the step's input() calls;
-        without it input() raises in the kernel."""
+        A paused session is resumed first. ``stdin`` (a caller's, or a replay's) answers the
+        step's input() calls in order; without it input() raises in the kernel."""
         limit = self.check_timeout(timeout)
         while True:
             if session_id not in self.live and self.visible_row(principal, session_id)["state"] == "paused":

@@ -9,7 +9,7 @@ from typing import Any
 from tornado.ioloop import PeriodicCallback
 
 from gateway.errors import InvalidRequest
-from gateway.inputs import validate_labels
+from gateway.inputs import validate_labels, validate_stdin
 from gateway.replay import replay_session
 from gateway.handlers.base import BaseHandler
 
@@ -74,9 +74,11 @@ class ExecuteHandler(BaseHandler):
         assert self.principal is not None
         sessions = self.gateway.sessions
         sessions.get(self.principal, session_id)  # an unknown session is a 404 before any body error
-        body = self.json_body({"code": str, "timeout": (int, float)}, required=("code",))
+        body = self.json_body({"code": str, "timeout": (int, float), "stdin": list}, required=("code",))
+        stdin = validate_stdin(body.get("stdin"))
         if "application/x-ndjson" not in self.request.headers.get("Accept", ""):
-            execution = await sessions.execute(self.principal, session_id, body["code"], timeout=body.get("timeout"))
+            execution = await sessions.execute(self.principal, session_id, body["code"], timeout=body.get("timeout"),
+                                               stdin=stdin)
             self.write_json(execution)
             return
         sessions.check_timeout(body.get("timeout"))
@@ -99,7 +101,7 @@ class ExecuteHandler(BaseHandler):
         timer.start()
         try:
             execution = await sessions.execute(self.principal, session_id, body["code"],
-                                               timeout=body.get("timeout"), sink=send)
+                                               timeout=body.get("timeout"), sink=send, stdin=stdin)
         finally:
             timer.stop()
         send({"type": "done", "execution": execution})
