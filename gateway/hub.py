@@ -7,7 +7,8 @@ back with the same ``session_id``. Every execute_request a client sends is recor
 of the session (``source: "jupyter"``) before it is forwarded to the kernel (status ``running``,
 numbered in the order the kernel runs it) and completed when the kernel finishes it, with its
 user_expressions and what the client typed in answer to input(); silent executions are
-recorded as audit events with their code before they are forwarded.
+recorded as audit events with their code before they are forwarded, and what a client types in
+answer to their input() as ``silent_input`` events.
 """
 
 from __future__ import annotations
@@ -97,12 +98,15 @@ class ClientRequest:
         self.execution = execution
         self.code = code
         self.user_expressions = user_expressions
+        self.prompts: deque[dict[str, Any]] = deque()  # a silent execution's unanswered input requests
 
     def on_message(self, channel: str, msg: dict[str, Any]) -> None:
         if channel != "iopub":
             self.hub.to_client(self.client_id, channel, msg, msg["frames"])
             if channel == "stdin" and msg["header"].get("msg_type") == "input_request":
                 self.hub.awaiting_input[str(msg["header"].get("msg_id", ""))] = self
+                if self.execution is None and isinstance(msg.get("content"), dict):
+                    self.prompts.append(msg["content"])
         if self.execution is not None:
             self.execution.on_message(channel, msg)
             if self.execution.done.done():
@@ -259,10 +263,22 @@ class KernelHub:
         if request is None and self.awaiting_input:
             # ipykernel takes the next reply whatever its parent says: so does the record.
             request = self.awaiting_input.pop(next(iter(self.awaiting_input)))
+        if request is not None and request.execution is None:
+            self._record_silent_input(request, content)
+            return
         if request is None or request.execution is None or request.place is None:
             return
         request.execution.input_given(str(content.get("value", "")))
         self.manager.recorder.record_stdin(self.live.trajectory, request.place.step, request.execution.stdin)
+
+    def _record_silent_input(self, request: ClientRequest, content: dict[str, Any]) -> None:
+        """What a client typed for a silent execution (not a step): an audit event, before the
+        reply reaches the kernel; a password's value is not kept."""
+        asked = request.prompts.popleft() if request.prompts else {}
+        password = bool(asked.get("password"))
+        self.manager.recorder.record_event(self.live.trajectory, "silent_input", request.principal.name, {
+            "client": request.client_id, "request": request.msg_id, "prompt": str(asked.get("prompt", "")),
+            "password": password, "value": None if password else str(content.get("value", ""))})
 
     def may_run(self, principal: Principal) -> bool:
         return principal.may_write_anything or principal.name == self.live.row["owner"]

@@ -473,3 +473,31 @@ def test_replay_reproduces_a_step_that_read_input(replaying: GatewayProcess,
     report = client.post(f"/v1/sessions/{sid}/replay").json()
     assert report["reproduced"] is True and [v["status"] for v in report["steps"]] == ["reproduced"]
     client.delete(f"/v1/sessions/{report['session_id']}")
+
+
+@pytest.mark.slow
+def test_input_typed_for_a_silent_execution_is_an_audit_event(
+        replaying: GatewayProcess, replaying_session: tuple[httpx.Client, dict[str, Any]]) -> None:
+    client, session = replaying_session
+    sid = session["id"]
+    steps_before = len(steps_of(client, sid))
+    ws = connect(replaying, session["kernel_id"])
+    try:
+        message = execute_request("import getpass\nquiet = input('Quiet? ') + getpass.getpass('Key: ')", silent=True,
+                                  allow_stdin=True)
+        ws.send(json.dumps(message))
+        answer_input(ws, message["header"]["msg_id"], ["shh", "k3y"])
+    finally:
+        ws.close()
+    events = [e for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]
+              if e["action"] in ("silent_execution", "silent_input")]
+    assert [e["action"] for e in events[-3:]] == ["silent_execution", "silent_input", "silent_input"]
+    typed = [e["details"] for e in events[-2:]]
+    assert [(d["prompt"], d["password"], d["value"]) for d in typed] == [("Quiet? ", False, "shh"),
+                                                                            ("Key: ", True, None)]
+    assert all(d["request"] == message["header"]["msg_id"] for d in typed)
+    assert len(steps_of(client, sid)) == steps_before  # not a step
+    with sqlite3.connect(f"file:{replaying.data_dir / 'gateway.db'}?mode=ro", uri=True) as db:
+        assert "k3y" not in "\n".join(db.iterdump())
+    assert run(client, sid, "len(quiet)")["result"] == "6"
+
