@@ -6,10 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from gateway import __version__
 from gateway.settings import REGISTRY, Settings
+
+if TYPE_CHECKING:
+    from gateway.store import Store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--role", required=True, choices=("agent", "reviewer", "admin"))
     create.add_argument("--data-dir", dest="data_dir", default=None)
+    create.add_argument("--init", action="store_true", help="create the data directory's store if there is none yet")
     listing = token_commands.add_parser("list", help="List tokens (names, roles, dates; never the tokens).")
     listing.add_argument("--data-dir", dest="data_dir", default=None)
     revoke = token_commands.add_parser("revoke", help="Revoke a principal's tokens, or one token by id.")
@@ -90,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return replay_command(args)
     if args.command == "doctor":
         return doctor_command(args)
-    local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output")
+    local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output", "init")
     overrides = {k: v for k, v in vars(args).items() if k not in local}
     settings = Settings.resolve(overrides)
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
@@ -136,11 +140,32 @@ def serve_without_secrets(token: str) -> int:
     return 2  # not reached
 
 
+def open_existing_store(settings: Settings, command: str, create: bool = False) -> Store | None:
+    """The store of the data directory ``serve`` uses (``--data-dir``, ``AGENT_GATEWAY_DATA_DIR``,
+    default ./gateway-data), opened as the directory's owner (a root-run command must not leave
+    files the server's user cannot open); None, having said why, when there is none and
+    ``create`` is not asked."""
+    from gateway.privileges import act_as_owner
+    from gateway.store import Store  # noqa: F811 (the module is imported only for type checking above)
+
+    path = settings.data_path / "gateway.db"
+    if not path.exists() and not create:
+        print(f"agent-gateway {command}: there is no gateway database at {path}. Give the data directory the "
+              "server uses (--data-dir or AGENT_GATEWAY_DATA_DIR)" + (", or --init to create one." if command ==
+                                                                        "token create" else "."), file=sys.stderr)
+        return None
+    settings.data_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    act_as_owner(settings.data_path)
+    os.umask(0o077)
+    return Store(path)
+
+
 def token_command(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.auth import TokenAuthority
-    from gateway.store import Store
 
-    store = Store(settings.data_path / "gateway.db")
+    store = open_existing_store(settings, f"token {args.token_command}", create=getattr(args, "init", False))
+    if store is None:
+        return 2
     try:
         authority = TokenAuthority(store)
         if args.token_command == "create":
@@ -163,13 +188,10 @@ def token_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def audit_command(args: argparse.Namespace, settings: Settings) -> int:
     from gateway import audit
-    from gateway.store import Store
 
-    path = settings.data_path / "gateway.db"
-    if not path.exists():
-        print(f"agent-gateway audit: there is no database at {path}.", file=sys.stderr)
+    store = open_existing_store(settings, f"audit {args.audit_command}")
+    if store is None:
         return 2
-    store = Store(path)
     try:
         if args.audit_command == "verify":
             verdict = audit.verify(store.conn)

@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -173,8 +174,10 @@ class Helper:
         return {"enforced": plan.enforced, "interpreter": plan.interpreter.to_dict(),
                 "cgroup": plan.cgroup.name if plan.cgroup else None}
 
-    def op_kernel__launch(self, name: Any, argv: Any, env: Any, connection_file: Any) -> tuple[dict[str, Any], list[int]]:
-        """Start the prepared kernel; returns its launcher's pid, and a pidfd of it."""
+    def op_kernel__launch(self, name: Any, argv: Any, env: Any, connection_file: Any,
+                          log_file: Any = None) -> tuple[dict[str, Any], list[int]]:
+        """Start the prepared kernel, its output appended to ``log_file`` (the server's file,
+        opened here without following links); returns its launcher's pid, and a pidfd of it."""
         name = _name(name)
         plan = self.plans.get(name)
         if plan is None:
@@ -194,10 +197,27 @@ class Helper:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.json", connection):
             raise Refused("connection_file must be the name of a .json file in the kernel's runtime dir")
         plan.hand_over(connection)
-        process = plan.start(command, variables, stdin=subprocess.DEVNULL)
+        output = self._open_log(_path(log_file, "log_file")) if log_file is not None else None
+        try:
+            process = plan.start(command, variables, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+        finally:
+            if output is not None:
+                os.close(output)
         with self.lock:
             self.processes[name] = process
         return {"pid": process.pid}, [os.pidfd_open(process.pid)]
+
+    def _open_log(self, path: Path) -> int:
+        with safefs.opened(safefs.open_root(path.parent, create=True, owner=self.config.server_owner)) as parent:
+            fd = os.open(path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise Refused("log_file is not a plain file")
+        if self.config.server_owner is not None and info.st_uid != self.config.server_owner[0]:
+            os.fchown(fd, *self.config.server_owner)
+        return fd
 
     def op_kernel__poll(self, name: Any) -> dict[str, Any]:
         """The launcher's exit code (None while it runs) and whether the memory limit was hit."""

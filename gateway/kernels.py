@@ -43,6 +43,13 @@ KERNEL_NAME_MAX = 128
 EXCHANGE = "exchange"  # in an isolated kernel's runtime directory: where snapshots pass through
 
 
+def kernel_log(cwd: Path, kernel_id: str) -> Path:
+    """Where a kernel's own output (its start banner, warnings) goes: ``logs/kernel-<id>.log``
+    beside its workspace (in its session's directory; a pooled kernel's moves there when a
+    session takes it), not the server's log."""
+    return cwd.parent / "logs" / f"kernel-{kernel_id}.log"
+
+
 def kernels_dir() -> Path:
     """Where the kernel specs live: inside the installed package, or the source tree's ``kernels/``."""
     packaged = Path(__file__).parent / "_kernels"
@@ -119,6 +126,7 @@ class RunningKernel:
         self.owner = owner  # (uid, gid) the kernel runs as, under the process and sandbox profiles
         self.runtime_dir = runtime_dir  # connection file and ipc sockets, same path inside and out
         self.released: list[Callable[[], None]] = []  # called once when the kernel is shut down
+        self.log_file: Path | None = None  # its stdout and stderr
         self._found: tuple[int, psutil.Process] | None = None  # (launcher pid, ipykernel) of an isolated kernel
 
     @property
@@ -336,8 +344,12 @@ class KernelLauncher:
         manager = self._manager(spec_name, connection_file=str(self.runtime_dir / f"kernel-{kernel_id}.json"))
         manager.kernel_id = kernel_id
         kernel = RunningKernel(manager, self.context, label=kernel_id)
-        # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
-        await self._launch(kernel, ready_timeout, cwd=str(cwd), env=self.build_env(env), independent=True)
+        kernel.log_file = kernel_log(cwd, kernel_id)
+        kernel.log_file.parent.mkdir(mode=0o700, exist_ok=True)
+        with open(kernel.log_file, "ab") as output:  # the kernel keeps its own descriptor of it
+            # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
+            await self._launch(kernel, ready_timeout, cwd=str(cwd), env=self.build_env(env), independent=True,
+                               stdout=output, stderr=output)
         return kernel
 
     async def _start_isolated(self, kernel_id: str, spec: KernelSpec, spec_name: str, cwd: Path,
@@ -356,8 +368,10 @@ class KernelLauncher:
         kernel = RunningKernel(manager, self.context, label=kernel_id, isolation=isolation, owner=(uid, uid),
                                runtime_dir=runtime)
         kernel.released.append(lambda: uids.release(kernel_id))
+        kernel.log_file = kernel_log(cwd, kernel_id)
+        kernel.log_file.parent.mkdir(mode=0o700, exist_ok=True)
         launch = sandbox.SandboxSpec(isolation.profile, kernel_id, cwd, runtime, uid=uid, gid=uid,
-                                     limits=isolation.kernel_limits())
+                                     limits=isolation.kernel_limits(), log_file=kernel.log_file)
         if isolation.profile == "process":
             cwd.mkdir(parents=True, exist_ok=True)
             open_for_traversal(cwd.parent, self.isolation.data_dir)  # the workspace itself: the helper

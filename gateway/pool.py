@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections import deque
 from pathlib import Path
@@ -114,6 +115,11 @@ async def discard(kernel: RunningKernel) -> None:
 async def bind(kernel: RunningKernel, workspace: Path, env: dict[str, str], timeout: float) -> None:
     """Give a pooled kernel its session's working directory and environment (not recorded)."""
     await kernel.move_workspace(workspace)
+    if kernel.log_file is not None and kernel.log_file.exists():
+        moved = workspace.parent / "logs" / kernel.log_file.name
+        moved.parent.mkdir(mode=0o700, exist_ok=True)
+        os.replace(kernel.log_file, moved)
+        kernel.log_file = moved
     inner = f"import os\nos.chdir({kernel.workspace_path(workspace)!r})\nos.environ.update({env!r})"
     code = f"exec({inner!r}, {{'__name__': '_gateway_bind'}})"
     raw = await run_silently(kernel, code, timeout)

@@ -71,8 +71,9 @@ def prepare_data_dir(data: Path, runtime_root: Path, identity: Identity, kernel_
     (the helper's) are left as they are; nothing is followed through a link."""
     data.mkdir(parents=True, exist_ok=True)
     with safefs.opened(os.open(data, safefs.DIR_FLAGS)) as root:
-        if os.fstat(root).st_uid != identity.uid:
-            _adopt(root, identity, kernel_uids)
+        # An earlier root server's tree is adopted whole; after that only the top entries are
+        # looked at (a store journal a root-run command left, for one).
+        _adopt(root, identity, kernel_uids, safefs.WALK_DEPTH_MAX if os.fstat(root).st_uid != identity.uid else 0)
         os.fchown(root, *identity.owner)
         os.fchmod(root, 0o700)
     home = data / "home"
@@ -84,17 +85,19 @@ def prepare_data_dir(data: Path, runtime_root: Path, identity: Identity, kernel_
             os.fchown(fd, *identity.owner)
 
 
-def _adopt(root: int, identity: Identity, kernel_uids: tuple[int, int]) -> None:
-    """Give the server's user every entry of a data directory that an earlier root server made."""
+def _adopt(root: int, identity: Identity, kernel_uids: tuple[int, int], depth: int) -> None:
+    """Give the server's user every entry of a data directory, ``depth`` levels down, that an
+    earlier root server made."""
     first, count = kernel_uids
 
     def kernels(info: os.stat_result) -> bool:
         return first <= info.st_uid < first + count
 
     for dirpath, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root, follow_symlinks=False):
-        if dirpath.count(os.sep) >= safefs.WALK_DEPTH_MAX:
+        names = [*dirnames, *filenames]
+        if dirpath.count(os.sep) >= depth:
             dirnames.clear()
-        for name in [*dirnames, *filenames]:
+        for name in names:
             try:
                 info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -225,3 +228,16 @@ def become(identity: Identity, home: Path, extra_env: dict[str, str]) -> NoRetur
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "gateway", *sys.argv[1:]], env)
+
+
+def act_as_owner(directory: Path) -> None:
+    """A command run as root on a data directory a server user owns becomes that user, so the
+    files it makes (a store's journal) stay the server's."""
+    if os.geteuid() != 0:
+        return
+    info = os.stat(directory)
+    if info.st_uid != 0:
+        os.setgroups([])
+        os.setresgid(info.st_gid, info.st_gid, info.st_gid)
+        os.setresuid(info.st_uid, info.st_uid, info.st_uid)
+

@@ -116,6 +116,7 @@ class SandboxSpec:
     read_only_paths: tuple[str, ...] = ()
     interpreter: Interpreter | None = None
     hostname: str = "sandbox"
+    log_file: Path | None = None  # the kernel's stdout and stderr (its start banner), appended
     server_gid: int | None = None  # the unprivileged server's group: its runtime dir is shared with it
 
 

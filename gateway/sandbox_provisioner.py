@@ -169,7 +169,8 @@ class SandboxProvisioner(LocalProvisioner):
         if connection.parent != self.spec.runtime_dir:
             raise ValueError("the connection file must be directly in the kernel's runtime dir")
         reply = await host.current().call_fds("kernel.launch", name=self.spec.name, argv=list(cmd),
-                                              env=dict(kwargs.get("env") or {}), connection_file=connection.name)
+                                              env=dict(kwargs.get("env") or {}), connection_file=connection.name,
+                                              log_file=str(self.spec.log_file) if self.spec.log_file else None)
         process = HelperProcess(self.spec.name, int(reply.result["pid"]), reply.fds[0])
         self.process = process  # type: ignore[assignment]  # what jupyter_client asks of a Popen
         self.pid, self.pgid = process.pid, None
