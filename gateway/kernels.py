@@ -28,6 +28,7 @@ from gateway import host, sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
 from gateway.errors import InvalidRequest
 from gateway.isolation import Isolation, SessionIsolation, human_bytes, open_for_traversal
+from gateway.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,18 @@ class RunningKernel:
     @property
     def connection_file(self) -> str:
         return str(self.manager.connection_file)
+
+    @property
+    def launch_id(self) -> str:
+        """The name the kernel was launched under (its cgroups, its runtime directory)."""
+        return str(self.manager.kernel_id or self.label)
+
+    def placement(self) -> Placement:
+        """Where and how this kernel runs, to be kept with its session."""
+        uid, gid = self.owner if self.owner is not None else (None, None)
+        return Placement(self.launch_id, self.profile, self.connection_file, pid=self.pid, uid=uid, gid=gid,
+                         runtime_dir=str(self.runtime_dir) if self.runtime_dir else None,
+                         log_file=str(self.log_file) if self.log_file else None)
 
     def connect(self) -> KernelConnection:
         if self.connection is not None:

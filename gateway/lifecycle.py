@@ -23,6 +23,7 @@ from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Forbidden, Unavailable
 from gateway.outcomes import RERUN_STATUSES, lost_outcome
+from gateway.placement import Placement
 from gateway.recorder import Trajectory, recorded_replies
 from gateway.workspace import Workspace
 
@@ -271,7 +272,9 @@ class Lifecycle:
             workspace = manager.sessions_dir / row["id"] / "workspace"
             kernel = await adopt(manager.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
                                  spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
-                                 timeout=min(10.0, self.settings.kernel_start_timeout))
+                                 timeout=min(10.0, self.settings.kernel_start_timeout),
+                                 placement=Placement.from_dict(row.get("placement")),
+                                 isolation=manager.isolation_of(row))
             row["steps"] += self._record_lost(trajectory, running.pop(row["id"], []), kernel is not None)
             if kernel is not None:
                 live = manager.register(row, trajectory)

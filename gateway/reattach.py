@@ -20,7 +20,9 @@ import psutil
 from jupyter_client.manager import AsyncKernelManager
 
 from gateway import host
+from gateway.isolation import SessionIsolation
 from gateway.kernels import KernelLauncher, RunningKernel
+from gateway.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,14 @@ class AdoptedKernel(RunningKernel):
     """
 
     def __init__(self, manager: AsyncKernelManager, launcher: KernelLauncher, label: str, process: psutil.Process,
-                 spec_name: str, cwd: Path, env: dict[str, str]):
-        super().__init__(manager, launcher.context, label)
+                 spec_name: str, cwd: Path, env: dict[str, str], placement: Placement | None = None,
+                 isolation: SessionIsolation | None = None):
+        isolated = placement is not None and placement.owner is not None
+        super().__init__(manager, launcher.context, label, isolation=isolation if isolated else None,
+                         owner=placement.owner if placement is not None else None,
+                         runtime_dir=placement.runtime_path if placement is not None else None)
+        if placement is not None and placement.log_file:
+            self.log_file = Path(placement.log_file)
         self.launcher = launcher
         self.process: psutil.Process | None = process
         self.launch = (spec_name, cwd, env)
@@ -73,6 +81,10 @@ class AdoptedKernel(RunningKernel):
     def isolated(self) -> bool:
         """Started under process or sandbox: not our child's group; signalled through its cgroup."""
         return Path(self.manager.connection_file).parent != self.launcher.runtime_dir
+
+    @property
+    def launch_id(self) -> str:
+        return Path(self.manager.connection_file).stem.removeprefix("kernel-")
 
     async def interrupt(self) -> None:
         if self.process is None:
@@ -110,13 +122,14 @@ class AdoptedKernel(RunningKernel):
             self.connection = None
         await self._kill()
         spec_name, cwd, env = self.launch
+        # The session's own profile and limits, as for any restart.
         fresh = await self.launcher.start(kernel_id=str(uuid.uuid4()), spec_name=spec_name, cwd=cwd, env=env,
-                                          ready_timeout=timeout)
+                                          ready_timeout=timeout, isolation=self.isolation)
         if fresh.connection is not None:
             fresh.connection.close()
         self.manager = fresh.manager
         self.isolation, self.owner, self.runtime_dir = fresh.isolation, fresh.owner, fresh.runtime_dir
-        self.released = fresh.released
+        self.released, self.log_file = fresh.released, fresh.log_file
         self.connect()
         await self.wait_ready(timeout)
 
@@ -142,8 +155,11 @@ class AdoptedKernel(RunningKernel):
 
 
 async def adopt(launcher: KernelLauncher, *, pid: int | None, connection_file: str | None, spec_name: str,
-                cwd: Path, env: dict[str, str], timeout: float) -> AdoptedKernel | None:
-    """Reconnect to a kernel left running by a previous gateway process; None if it is gone."""
+                cwd: Path, env: dict[str, str], timeout: float, placement: Placement | None = None,
+                isolation: SessionIsolation | None = None) -> AdoptedKernel | None:
+    """Reconnect to a kernel left running by a previous gateway process; None if it is gone.
+    ``placement`` and ``isolation`` (kept with the session) give it back its uid, directories
+    and limits."""
     process = kernel_process(pid, connection_file)
     if process is None or connection_file is None or not Path(connection_file).is_file():
         return None
@@ -157,8 +173,14 @@ async def adopt(launcher: KernelLauncher, *, pid: int | None, connection_file: s
                     "stopping it", pid)
         await kill_isolated(Path(connection_file))
         return None
+    if placement is not None and placement.connection_file != connection_file:
+        placement = None  # a record of an earlier kernel of the session
     kernel = AdoptedKernel(manager, launcher, Path(connection_file).stem.removeprefix("kernel-"), process,
-                           spec_name, cwd, env)
+                           spec_name, cwd, env, placement, isolation)
+    if kernel.owner is not None and launcher.isolation is not None:
+        uids, name = launcher.isolation.uids, kernel.launch_id
+        uids.reserve(name, kernel.owner[0])  # no new kernel gets this uid while it runs
+        kernel.released.append(lambda: uids.release(name))
     try:
         kernel.connect()
         await kernel.wait_ready(timeout)

@@ -322,7 +322,8 @@ class SessionManager:
         row["state"] = live.execution_state = "idle"
         row["language_info"] = kernel.kernel_info.get("language_info") or row.get("language_info")
         self.store.update_session(live.id, state="idle", language_info=row["language_info"],
-                                  kernel_pid=kernel.pid, connection_file=kernel.connection_file)
+                                  kernel_pid=kernel.pid, connection_file=kernel.connection_file,
+                                  placement=kernel.placement().to_dict())
 
     async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Shut the kernel down (a paused session has none); the trajectory and workspace stay."""
@@ -507,7 +508,9 @@ class SessionManager:
             # the pool's directory): bind it to the session again.
             await bind(live.kernel, live.workspace.root, live.row.get("env") or {}, self.settings.kernel_start_timeout)
             live.execution_state = "idle"
-            self.store.update_session(live.id, kernel_pid=live.kernel.pid, connection_file=live.kernel.connection_file)
+            live.workspace.owner = live.kernel.owner  # a restart may give the kernel another uid
+            self.store.update_session(live.id, kernel_pid=live.kernel.pid, connection_file=live.kernel.connection_file,
+                                      placement=live.kernel.placement().to_dict())
             live.generation += 1
             if action == "kernel_died":
                 self.recorder.record_event(live.trajectory, "kernel_restarted", None,

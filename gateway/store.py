@@ -119,7 +119,13 @@ def m007_write_ahead_steps(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_steps_running ON steps (session_id, seq) WHERE status = 'running'")
 
 
-SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot", "isolation")
+@migrations()
+def m008_session_placement(db: sqlite_utils.Database) -> None:
+    """Where a session's kernel runs (``gateway.placement``), to adopt it as it was after a crash."""
+    db.table("sessions").add_column("placement", str)
+
+
+SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot", "isolation", "placement")
 
 
 def encode_cursor(created_at: str, session_id: str) -> str:
@@ -226,8 +232,9 @@ class Store:
         return [_decode(dict(r), SESSION_JSON_COLUMNS) for r in rows]
 
     def next_positions(self, session_id: str) -> tuple[int, int]:
-        """The next step number and the next sequence number of a session (for reattaching)."""
-        step = self.conn.execute("SELECT COALESCE(MAX(step), -1) FROM steps WHERE session_id = ?", [session_id]).fetchone()[0]
+        """The next step number and the next sequence number of a session (for reattaching). A
+        session without steps goes on at step 1: step 0 is only ever a setup's."""
+        step = self.conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps WHERE session_id = ?", [session_id]).fetchone()[0]
         seq_steps = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM steps WHERE session_id = ?", [session_id]).fetchone()[0]
         seq_events = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE session_id = ?", [session_id]).fetchone()[0]
         return step + 1, max(seq_steps, seq_events) + 1

@@ -1,0 +1,137 @@
+"""After kill -9 and a restart, a session behaves exactly as it did before: under ``sandbox``,
+its reattached kernel keeps its uid, workspace owner, exchange directory and limits (the
+placement kept with the session), so uploads, downloads, pause and resume, fork, restart,
+interrupt and a later clean stop all work as for a kernel that never went through a crash."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from gateway import cgroups
+from gateway.cgroups import CgroupSet
+from tests.conftest import GatewayProcess, isolated_gateway, kernel_host_pid, run, start_gateway
+
+MEMORY = 300 * 1024 * 1024
+
+
+def placement_of(data_dir: Path, session_id: str) -> dict[str, Any]:
+    with sqlite3.connect(f"file:{data_dir / 'gateway.db'}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT placement FROM sessions WHERE id = ?", [session_id]).fetchone()
+    assert row and row[0], f"no placement recorded for {session_id}"
+    return dict(json.loads(row[0]))
+
+
+def memory_limit(launch_id: str) -> int | None:
+    """The memory limit of a kernel's cgroup, read on the host."""
+    group = CgroupSet(cgroups.detect_cached(cgroups.DEFAULT_PARENT), launch_id)
+    directory = group.paths.get("memory")
+    if directory is None:
+        return None
+    name = "memory.max" if group.version("memory") == 2 else "memory.limit_in_bytes"
+    return int((directory / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def crashed() -> Iterator[dict[str, Any]]:
+    """A sandbox gateway with two sessions (one with state and files, one with no step yet),
+    killed with SIGKILL and started again on the same data directory."""
+    with isolated_gateway("sandbox", "--pool-size", "0", prefix="agw-parity-") as state:
+        gateway: GatewayProcess = state["gateway"]
+        with gateway.client() as client:
+            used = client.post("/v1/sessions", json={"limits": {"memory": MEMORY}}).json()
+            assert run(client, used["id"], "x = 41\nopen('made.txt', 'w').write('by the kernel')")["status"] == "ok"
+            fresh = client.post("/v1/sessions", json={}).json()
+        before = {sid: placement_of(gateway.data_dir, sid) for sid in (used["id"], fresh["id"])}
+        gateway.stop(signal.SIGKILL)
+        state["gateway"] = start_gateway(gateway.data_dir, extra_args=state["args"])
+        state.update(used=used["id"], fresh=fresh["id"], before=before)
+        yield state
+
+
+@pytest.fixture
+def client(crashed: dict[str, Any]) -> Iterator[httpx.Client]:
+    with crashed["gateway"].client() as http:
+        yield http
+
+
+def test_the_reattached_kernel_keeps_its_placement(crashed: dict[str, Any], client: httpx.Client) -> None:
+    sid = crashed["used"]
+    before = crashed["before"][sid]
+    after = placement_of(crashed["gateway"].data_dir, sid)
+    assert (after["uid"], after["runtime_dir"], after["launch_id"]) == (before["uid"], before["runtime_dir"],
+                                                                       before["launch_id"])
+    assert run(client, sid, "import os; (x + 1, os.getuid())")["result"] == f"(42, {before['uid']})"
+    events = [e["action"] for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]]
+    assert "session_reattached" in events
+
+
+def test_files_go_both_ways_after_the_crash(crashed: dict[str, Any], client: httpx.Client) -> None:
+    sid = crashed["used"]
+    assert client.put(f"/v1/sessions/{sid}/files/sent/up.txt", content=b"from outside").status_code == 201
+    step = run(client, sid, "import os; open('sent/up.txt').read(), os.stat('sent/up.txt').st_uid == os.getuid()")
+    assert step["result"] == "('from outside', True)", step
+    assert client.get(f"/v1/sessions/{sid}/files/made.txt").content == b"by the kernel"
+    run(client, sid, "open('sent/up.txt', 'a').write(' and back')")
+    assert client.get(f"/v1/sessions/{sid}/files/sent/up.txt").content == b"from outside and back"
+
+
+def test_a_session_without_steps_goes_on_at_step_one(crashed: dict[str, Any], client: httpx.Client) -> None:
+    assert run(client, crashed["fresh"], "'first'")["step"] == 1
+
+
+def test_interrupt_pause_resume_and_fork_after_the_crash(crashed: dict[str, Any], client: httpx.Client) -> None:
+    sid = crashed["used"]
+    started = time.monotonic()
+    step = client.post(f"/v1/sessions/{sid}/execute", json={"code": "import time; time.sleep(60)", "timeout": 2})
+    assert step.json()["status"] == "timeout" and time.monotonic() - started < 20
+    paused = client.post(f"/v1/sessions/{sid}/pause").json()
+    assert paused["state"] == "paused" and "x" in paused["snapshot"]["saved"], paused["snapshot"]
+    assert "error" not in paused["snapshot"]
+    assert client.post(f"/v1/sessions/{sid}/resume").json()["state"] == "idle"
+    assert run(client, sid, "x")["result"] == "41"
+    child = client.post(f"/v1/sessions/{sid}/fork")
+    assert child.status_code == 201, child.text
+    try:
+        assert run(client, child.json()["id"], "x, open('made.txt').read()")["result"] == "(41, 'by the kernel')"
+    finally:
+        client.delete(f"/v1/sessions/{child.json()['id']}")
+
+
+def test_a_restart_keeps_the_sessions_limits(crashed: dict[str, Any], client: httpx.Client) -> None:
+    sid = crashed["fresh"]
+    data_dir = crashed["gateway"].data_dir
+    # The fresh session's kernel was reattached (never paused): restart it there.
+    assert "session_reattached" in [e["action"] for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]]
+    limits = client.get(f"/v1/sessions/{sid}").json()["isolation"]["limits"]
+    restarted = client.post(f"/v1/sessions/{sid}/restart")
+    assert restarted.status_code == 200, restarted.text
+    placement = placement_of(data_dir, sid)
+    assert placement["pid"] == kernel_host_pid(data_dir, sid)
+    if cgroups.detect_cached(cgroups.DEFAULT_PARENT).has("memory"):
+        assert memory_limit(placement["launch_id"]) == limits["memory"]
+    assert client.get(f"/v1/sessions/{sid}").json()["isolation"]["limits"] == limits
+    used = crashed["used"]
+    # The session with its own, lower limit: after a restart its kernel has that limit still.
+    assert client.post(f"/v1/sessions/{used}/restart").status_code == 200
+    launch = placement_of(data_dir, used)["launch_id"]
+    if cgroups.detect_cached(cgroups.DEFAULT_PARENT).has("memory"):
+        assert memory_limit(launch) == MEMORY
+    assert run(client, used, "open('made.txt').read()")["result"] == "'by the kernel'"
+
+
+def test_a_clean_stop_after_the_crash_keeps_every_sessions_state(crashed: dict[str, Any]) -> None:
+    gateway: GatewayProcess = crashed["gateway"]
+    with gateway.client() as client:
+        run(client, crashed["used"], "kept = 'over a clean stop'")
+    assert gateway.stop() == 0
+    crashed["gateway"] = start_gateway(gateway.data_dir, extra_args=crashed["args"])
+    with crashed["gateway"].client() as client:
+        assert run(client, crashed["used"], "kept")["result"] == "'over a clean stop'"
