@@ -27,6 +27,17 @@ from gateway.placement import Placement
 from gateway.recorder import Trajectory, recorded_replies
 from gateway.workspace import Workspace
 
+
+class StateNotSaved(Conflict):
+    """A pause could not save the session's state, so it did not pause it (409 ``state_not_saved``)."""
+
+    def __init__(self, session_id: str, why: str):
+        super().__init__(f"Session '{session_id}' was not paused: its state could not be saved ({why}). It stays "
+                         "live with its variables. Fix what stops the save, or run the gateway with "
+                         "--snapshot-fallback-replay to pause it anyway and re-run its steps at resume.",
+                         code="state_not_saved", details={"session_id": session_id})
+
+
 if TYPE_CHECKING:
     from gateway.sessions import LiveSession, SessionManager
 
@@ -43,6 +54,7 @@ class Lifecycle:
         self.manager = manager
         self.settings = manager.settings
         self.resuming: dict[str, asyncio.Future[None]] = {}
+        self.pause_failed: dict[str, str] = {}  # session -> its activity time when an idle pause could not save
 
     def snapshot_dir(self, session_id: str) -> Path:
         return self.manager.sessions_dir / session_id / "snapshot"
@@ -90,8 +102,16 @@ class Lifecycle:
                             execution_count=saved["execution_count"])
             except Exception as exc:
                 shutil.rmtree(directory, ignore_errors=True)
-                info.update(saved=[], bytes=0, unsaved=[], error=str(exc))
-                log.warning("session %s: state not saved at pause: %s", live.id, exc)
+                if not self._replays_instead(reason):
+                    # Nothing is stopped: the session stays live with its state, and says why.
+                    info.update(error=str(exc), duration_ms=round((time.monotonic() - started) * 1000, 1))
+                    manager.recorder.record_event(live.trajectory, "pause_failed", principal, info)
+                    log.warning("session %s: not paused (%s): its state could not be saved: %s", live.id, reason, exc)
+                    raise StateNotSaved(live.id, str(exc)) from None
+                info.update(saved=[], bytes=0, unsaved=[], error=str(exc), fallback="replay",
+                            note="The state could not be saved; resuming re-runs the session's recorded steps.")
+                log.warning("session %s: state not saved at pause (%s): %s; it will be resumed by replay", live.id,
+                            reason, exc)
             info["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
             if live.hub is not None:
                 live.hub.close_all("the session was paused", "paused")
@@ -108,6 +128,13 @@ class Lifecycle:
             manager.recorder.flush(live.id)
         log.info("session %s: paused (%s; %d names saved, %d not)", live.id, reason, len(info["saved"]),
                  len(info["unsaved"]))
+
+    def _replays_instead(self, reason: str) -> bool:
+        """Whether a pause whose state cannot be saved goes ahead, to be resumed by re-running the
+        steps: when replay is configured (as the strategy or the fallback), and at shutdown (the
+        kernel must stop). Otherwise the session stays live."""
+        return (self.settings.resume_strategy == "replay" or self.settings.snapshot_fallback_replay
+                or reason == "shutdown")
 
     # resume -----------------------------------------------------------------------------
 
@@ -166,7 +193,7 @@ class Lifecycle:
         replayed = 0
         has_snapshot = snapshots.exists(directory)
         lacking = bool(saved.get("unsaved")) or not has_snapshot
-        if strategy == "replay" or (lacking and self.settings.snapshot_fallback_replay):
+        if strategy == "replay" or saved.get("fallback") == "replay" or (lacking and self.settings.snapshot_fallback_replay):
             replayed = await self.replay_steps(live)
         restored: list[str] = []
         not_restored: list[dict[str, Any]] = []
@@ -324,17 +351,21 @@ class Lifecycle:
         ``resuming`` is the session this room is for, when it is one being resumed."""
         manager = self.manager
         limit = self.settings.max_live_kernels
+        unpausable: set[str] = set()  # idle sessions whose state could not be saved: they stay live
         while len(manager.live) + len(self.resuming) - (resuming in self.resuming) >= limit:
             idle = [live for live in manager.live.values()
                     if live.row["state"] == "idle" and not live.lock.locked() and live.kernel is not None
-                    and not (live.hub is not None and live.hub.connections)]
+                    and not (live.hub is not None and live.hub.connections) and live.id not in unpausable]
             if not idle:
                 raise Unavailable(
-                    f"All {len(manager.live)} live sessions are busy and the gateway runs at most {limit} kernels. "
-                    "Retry in a few seconds, or pause or terminate a session.",
+                    f"All {len(manager.live)} live sessions are busy (or cannot be paused) and the gateway runs at "
+                    f"most {limit} kernels. Retry in a few seconds, or pause or terminate a session.",
                     code="at_capacity", details={"max_live_kernels": limit, "retry_after": 5})
             victim = min(idle, key=lambda live: live.active_at)
-            await self._pause(victim, None, "capacity")
+            try:
+                await self._pause(victim, None, "capacity")
+            except StateNotSaved:
+                unpausable.add(victim.id)
 
     async def sweep(self) -> None:
         """Periodic: pause sessions idle past ``idle_pause_seconds``; remove expired workspaces."""
@@ -344,8 +375,12 @@ class Lifecycle:
             for live in list(manager.live.values()):
                 active = live.active_at
                 if (live.row["state"] == "idle" and not live.lock.locked() and active < threshold
-                        and not (live.hub is not None and live.hub.connections)):
-                    await self._pause(live, None, "idle")
+                        and not (live.hub is not None and live.hub.connections)
+                        and self.pause_failed.get(live.id) != active):
+                    try:
+                        await self._pause(live, None, "idle")
+                    except StateNotSaved:
+                        self.pause_failed[live.id] = active  # tried again once it has been used
         if self.settings.retention_days > 0:
             threshold = iso(utcnow() - timedelta(days=self.settings.retention_days))
             for row in manager.store.sessions_ended_before(threshold):

@@ -58,7 +58,11 @@ async def save(kernel: RunningKernel, directory: Path, timeout: float) -> dict[s
     if kernel.exchange_dir is None:
         await _run(kernel, "save", directory, timeout)
         return _saved_report((directory / "snapshot.json").read_bytes())
-    await _clear(kernel)
+    try:
+        await _clear(kernel)
+    except OSError as exc:
+        raise SnapshotError(f"the kernel's exchange directory could not be prepared ({exc.strerror}: "
+                            f"{exc.filename})") from None
     await _run(kernel, "save", kernel.exchange_dir, timeout)
     try:
         try:
