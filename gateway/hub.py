@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.auth import Principal
 from gateway.clock import now_iso
+from gateway.errors import InsufficientStorage
 from gateway.executor import ExecutionListener
 from gateway.outcomes import step_outcome
 from gateway.outputs import OutputCollector
@@ -232,6 +233,12 @@ class KernelHub:
         code = ""
         expressions: dict[str, str] = {}
         if msg_type == "execute_request":  # on shell; ipykernel also runs one sent on control
+            try:
+                # The same room rule as the agent API's: a full workspace runs nothing more.
+                self.manager.check_workspace_room(self.live.row, self.live.workspace_bytes)
+            except InsufficientStorage as exc:
+                self.refuse_full(client, channel, header, exc)
+                return
             content = content if isinstance(content, dict) else {}
             code = str(content.get("code", ""))
             given = content.get("user_expressions")
@@ -279,6 +286,15 @@ class KernelHub:
         self.manager.recorder.record_event(self.live.trajectory, "silent_input", request.principal.name, {
             "client": request.client_id, "request": request.msg_id, "prompt": str(asked.get("prompt", "")),
             "password": password, "value": None if password else str(content.get("value", ""))})
+
+    def refuse_full(self, client: WebsocketClient, channel: str, header: dict[str, Any],
+                    exc: InsufficientStorage) -> None:
+        """An execute_request while the workspace is over its limit: an error reply, and the
+        refusal in the audit log (as the agent API's 507)."""
+        self.manager.recorder.record_event(self.live.trajectory, "access_denied", client.principal.name, {
+            "status": exc.status, "code": exc.code, "msg_type": "execute_request", "client": client.client_id})
+        refused = {"status": "error", "ename": "WorkspaceFull", "evalue": exc.message, "traceback": []}
+        self.to_client(client.client_id, channel, *gateway_message("execute_reply", refused, header))
 
     def may_run(self, principal: Principal) -> bool:
         return principal.may_write_anything or principal.name == self.live.row["owner"]

@@ -426,16 +426,7 @@ class SessionManager:
         status, error = step_outcome(raw, running.abort.result() if running.abort.done() else None,
                                      running.interrupt_requested, limit,
                                      kernel.exit_description() if raw.ended == "died" else "")
-        hit = limit_behind(error, live.row.get("isolation"))
-        if hit is not None and error is not None:
-            error["value"] = f"{error['value']} ({describe_limit(hit)})"
-            self.recorder.record_event(live.trajectory, "limit_exceeded", principal.name, hit)
         execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
-        workspace_limit = self.workspace_limit(live.row)
-        if workspace_limit is not None and live.measuring is None and not live.workspace.is_volume:
-            # Measured off the response path; the next step or upload is refused if it is over.
-            # (A volume needs no measuring: its file system holds the limit during the step.)
-            live.measuring = asyncio.get_running_loop().create_task(self._measure_workspace(live, workspace_limit))
         if raw.ended == "died":
             await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")
         elif raw.ended == "stuck":
@@ -457,8 +448,14 @@ class SessionManager:
                     error: dict[str, Any] | None, *, source: str, principal: str,
                     user_expressions: dict[str, str] | None = None) -> dict[str, Any]:
         """Complete the running step of one execution (from either face); returns its Execution view.
-        ``started_at`` is when the kernel began it (when it was sent, if the kernel never began it)."""
+        ``started_at`` is when the kernel began it (when it was sent, if the kernel never began it).
+        The limit rules hold here for both faces: an error a limit caused names it (and a
+        ``limit_exceeded`` event records it), and the workspace is measured afterwards."""
         assert place.sent_at is not None, "a step is opened before its request is sent"
+        hit = limit_behind(error, live.row.get("isolation"))
+        if hit is not None and error is not None:
+            error["value"] = f"{error['value']} ({describe_limit(hit)})"
+            self.recorder.record_event(live.trajectory, "limit_exceeded", principal, hit)
         finished = utcnow()
         started = place.started_at or place.sent_at
         execution = {
@@ -478,6 +475,11 @@ class SessionManager:
         live.row["steps"] += 1
         live.row["last_activity"] = execution["finished_at"]
         self.metrics.observe_step(status, execution["duration_ms"])
+        workspace_limit = self.workspace_limit(live.row)
+        if workspace_limit is not None and live.measuring is None and not live.workspace.is_volume:
+            # Measured off the response path; the next step or upload is refused if it is over.
+            # (A volume needs no measuring: its file system holds the limit during the step.)
+            live.measuring = asyncio.get_running_loop().create_task(self._measure_workspace(live, workspace_limit))
         return execution
 
     def _state_tracker(self, live: LiveSession) -> Any:

@@ -229,6 +229,53 @@ def test_a_full_workspace_refuses_steps_and_uploads_until_files_go(gateway: Gate
         admin.delete(f"/v1/sessions/{sid}")
 
 
+def ws_execute(ws: Any, code: str) -> dict[str, Any]:
+    """Send an execute_request over a kernel websocket; its execute_reply's content."""
+    msg_id = uuid.uuid4().hex
+    ws.send(json.dumps({"channel": "shell", "header": {
+        "msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "s", "version": "5.3",
+        "date": "2026-01-01T00:00:00.000000Z"}, "parent_header": {}, "metadata": {},
+        "content": {"code": code, "silent": False, "stop_on_error": False}}))
+    while True:
+        msg = json.loads(ws.recv())
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_reply":
+            return dict(msg["content"])
+
+
+def test_the_workspace_limit_holds_over_the_websocket_too(gateway: GatewayProcess, admin: httpx.Client,
+                                                          isolated: dict[str, Any]) -> None:
+    session = new_session(admin, limits={"workspace": "1MiB"})
+    sid = session["id"]
+    url = gateway.url.replace("http://", "ws://") + f"/api/kernels/{session['kernel_id']}/channels"
+    ws = websocket.create_connection(url, timeout=30, header=[f"Authorization: token {gateway.token}"])
+    try:
+        filled = ws_execute(ws, "open('fill.bin', 'wb').write(b'x' * (2 << 20))")
+        recorded = admin.get(f"/v1/sessions/{sid}/steps").json()["steps"][-1]
+        if volumes.is_mounted(gateway.data_dir / "sessions" / sid / "workspace"):
+            assert filled["status"] == "error" and filled["ename"] == "OSError", filled
+            # The websocket step's record names the limit, as an agent step's does.
+            assert "(the session's workspace size limit is 1 MiB)" in recorded["error"]["value"], recorded
+        else:
+            assert filled["status"] == "ok", filled
+            deadline = time.monotonic() + 10  # measured just after the step, on either face
+            while (refused := ws_execute(ws, "1"))["status"] == "ok":
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert refused["ename"] == "WorkspaceFull" and "over its 1 MiB limit" in refused["evalue"], refused
+            http = admin.post(f"/v1/sessions/{sid}/execute", json={"code": "1"})
+            assert http.status_code == 507
+            denied = [e["details"] for e in admin.get(f"/v1/sessions/{sid}/events").json()["events"]
+                      if e["action"] == "access_denied"]
+            assert denied and denied[-1]["code"] == "workspace_full" and denied[-1]["msg_type"] == "execute_request"
+            assert admin.delete(f"/v1/sessions/{sid}/files/fill.bin").status_code == 200
+            assert ws_execute(ws, "2")["status"] == "ok"
+        actions = [e["action"] for e in admin.get(f"/v1/sessions/{sid}/events").json()["events"]]
+        assert "limit_exceeded" in actions
+    finally:
+        ws.close()
+        admin.delete(f"/v1/sessions/{sid}")
+
+
 def test_only_admins_loosen_isolation(gateway: GatewayProcess, admin: httpx.Client, isolated: dict[str, Any]) -> None:
     import subprocess
     import sys
