@@ -294,9 +294,20 @@ class Lifecycle:
         running: dict[str, list[dict[str, Any]]] = {}
         for step in manager.store.running_steps():
             running.setdefault(step["session_id"], []).append(step)
+        await self._clear_leftovers()
         for row in manager.store.sessions_in_states(LIVE):
             trajectory = manager.trajectory_of(row["id"])
             workspace = manager.sessions_dir / row["id"] / "workspace"
+            if row.get("parent_session_id") and not manager.store.has_event(row["id"], "state_restored"):
+                # A fork the crash cut short: it never got its parent's state (its kernel, if
+                # it still runs, is stopped below as no session's).
+                reason = (f"The gateway stopped while this session was being forked from "
+                          f"'{row['parent_session_id']}': it did not get that session's state. Fork it again.")
+                manager.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
+                manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
+                row["steps"] += self._record_lost(trajectory, running.pop(row["id"], []), False)
+                log.warning("session %s: failed; a crash cut its fork short", row["id"])
+                continue
             kernel = await adopt(manager.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
                                  spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
                                  timeout=min(10.0, self.settings.kernel_start_timeout),
@@ -306,6 +317,8 @@ class Lifecycle:
             if kernel is not None:
                 live = manager.register(row, trajectory)
                 manager.attach_kernel(live, kernel)
+                if kernel.exchange_dir is not None:  # a pause or fork the crash cut short left files there
+                    await snapshots.clear_exchange(kernel)
                 manager.recorder.record_event(trajectory, "session_reattached", None,
                                            {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
                 log.warning("session %s: reattached its kernel (pid %s) after a crash", row["id"], kernel.pid)
@@ -332,6 +345,14 @@ class Lifecycle:
         if stopped:
             log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
         manager.recorder.flush()
+
+    async def _clear_leftovers(self) -> None:
+        """What a crash left half-made: fork staging copies and partial snapshot files."""
+        helper = host.current()
+        for staging in self.manager.sessions_dir.glob("*/forks/*"):
+            await helper.call("tree.remove", path=str(staging))
+        for partial in self.manager.sessions_dir.glob("*/snapshot/.*.partial"):
+            partial.unlink(missing_ok=True)
 
     def _record_lost(self, trajectory: Trajectory, steps: list[dict[str, Any]], kernel_reattached: bool) -> int:
         """Give the steps a crash left ``running`` their final status; returns how many there were."""

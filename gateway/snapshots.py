@@ -109,6 +109,14 @@ async def _open(kernel: RunningKernel, name: str) -> int:
     return reply.fds[0]
 
 
+async def clear_exchange(kernel: RunningKernel) -> None:
+    """Empty an isolated kernel's exchange directory (after a crash)."""
+    try:
+        await _clear(kernel)
+    except OSError:
+        pass  # the kernel made it something else: the next save or load says so
+
+
 async def _clear(kernel: RunningKernel) -> None:
     """Make the kernel's exchange directory (its own) if missing, and empty it."""
     await host.current().call("tree.clear", root=str(kernel.exchange_dir), names=[*SNAPSHOT_FILES, RESULT_FILE],

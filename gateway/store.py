@@ -319,6 +319,11 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [*event.values(), last_hash, digest])
         return event_id, digest
 
+    def has_event(self, session_id: str, action: str) -> bool:
+        """Whether the session's trajectory holds an event of this kind."""
+        return self.conn.execute("SELECT 1 FROM events WHERE session_id = ? AND action = ? LIMIT 1",
+                                 [session_id, action]).fetchone() is not None
+
     def list_events(self, session_id: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM events WHERE session_id = ? ORDER BY seq, id", [session_id])
         return [_decode(dict(r), ("details",)) for r in rows]

@@ -135,3 +135,50 @@ def test_a_clean_stop_after_the_crash_keeps_every_sessions_state(crashed: dict[s
     crashed["gateway"] = start_gateway(gateway.data_dir, extra_args=crashed["args"])
     with crashed["gateway"].client() as client:
         assert run(client, crashed["used"], "kept")["result"] == "'over a clean stop'"
+
+
+@pytest.mark.slow
+def test_a_fork_cut_by_a_crash_is_complete_or_failed_and_leaves_nothing_behind() -> None:
+    """kill -9 at several moments of a fork of a session holding 150 MB of state: afterwards each
+    child either has the parent's state or is failed with the reason; no staging copy and no
+    snapshot file in the exchange directory is left."""
+    import threading
+
+    with isolated_gateway("sandbox", "--pool-size", "0", prefix="agw-forkcrash-") as state:
+        with state["gateway"].client() as client:
+            parent = client.post("/v1/sessions", json={}).json()["id"]
+            run(client, parent, "import numpy as np\nblob = np.random.default_rng(1).random(150 * 2**20 // 8)\n"
+                                "open('file.txt', 'w').write('parent file')\ntotal = float(blob.sum())")
+        outcomes = []
+        for delay in (0.05, 0.3, 0.8, 1.6, 3.0):
+            gateway: GatewayProcess = state["gateway"]
+            thread = threading.Thread(target=lambda: _try(gateway, f"/v1/sessions/{parent}/fork"))
+            thread.start()
+            time.sleep(delay)
+            gateway.stop(signal.SIGKILL)
+            thread.join(30)
+            state["gateway"] = start_gateway(gateway.data_dir, extra_args=state["args"])
+            data_dir = gateway.data_dir
+            assert not list((data_dir / "sessions" / parent / "forks").glob("*")), "a staging copy was left"
+            runtime = placement_of(data_dir, parent)["runtime_dir"]
+            assert not [p.name for p in (Path(runtime) / "exchange").glob("*")], "snapshot files were left"
+            with state["gateway"].client() as client:
+                children = [s for s in client.get("/v1/sessions", params={"limit": 500}).json()["sessions"]
+                            if (s.get("parent") or {}).get("session_id") == parent and s["id"] not in outcomes]
+                for child in children:
+                    outcomes.append(child["id"])
+                    if child["state"] == "failed":
+                        assert "being forked" in child["reason"], child
+                        continue
+                    check = run(client, child["id"], "float(blob.sum()) == total, open('file.txt').read()")
+                    assert check["result"] == "(True, 'parent file')", (delay, check)
+                assert run(client, parent, "float(blob.sum()) == total")["result"] == "True"
+        assert outcomes, "no fork got as far as making its child"
+
+
+def _try(gateway: GatewayProcess, path: str) -> None:
+    try:
+        with gateway.client() as client:
+            client.post(path, timeout=60)
+    except httpx.HTTPError:
+        pass  # the gateway was killed under it
