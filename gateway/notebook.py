@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -34,13 +35,24 @@ def step_tags(status: str) -> list[str]:
     return []
 
 
-def step_cell_json(row: Any) -> str:
-    """One code cell, as JSON text, from a ``steps`` row."""
+@dataclass(frozen=True)
+class Inherited:
+    """An ancestor's trajectory up to the point where its descendant was forked from it."""
+
+    session_id: str
+    step: int | None
+    timeline: list[tuple[str, Any]]
+
+
+def step_cell_json(row: Any, inherited_from: str | None = None) -> str:
+    """One code cell, as JSON text, from a ``steps`` row (of an ancestor, for a fork's notebook)."""
     gateway = {
         "step": row["step"], "status": row["status"], "started_at": row["started_at"],
         "finished_at": row["finished_at"], "duration_ms": row["duration_ms"], "source": row["source"],
         "principal": row["principal"],
     }
+    if inherited_from is not None:
+        gateway["inherited_from"] = inherited_from
     if row["truncated"]:
         gateway["truncated"] = True
     for name in ("user_expressions", "stdin"):
@@ -51,8 +63,9 @@ def step_cell_json(row: Any) -> str:
     if tags:
         metadata["tags"] = tags
     count = "null" if row["execution_count"] is None else str(int(row["execution_count"]))
-    return ('{"cell_type": "code", "execution_count": %s, "id": "step-%d", "metadata": %s, '
-            '"outputs": %s, "source": %s}' % (count, row["step"], json.dumps(metadata), row["outputs"],
+    cell_id = f"step-{row['step']}" if inherited_from is None else f"{inherited_from}-step-{row['step']}"
+    return ('{"cell_type": "code", "execution_count": %s, "id": %s, "metadata": %s, '
+            '"outputs": %s, "source": %s}' % (count, json.dumps(cell_id[:64]), json.dumps(metadata), row["outputs"],
                                                json.dumps(row["code"])))
 
 
@@ -101,8 +114,11 @@ def _markdown(cell_id: str, text: str, meta: dict[str, Any]) -> dict[str, Any]:
     return {"cell_type": "markdown", "id": cell_id, "metadata": meta, "source": text}
 
 
-def render(session: dict[str, Any], display_name: str, timeline: Iterable[tuple[str, Any]]) -> str:
-    """The whole notebook as JSON text (``application/x-ipynb+json``)."""
+def render(session: dict[str, Any], display_name: str, timeline: Iterable[tuple[str, Any]],
+           inherited: Iterable[Inherited] = ()) -> str:
+    """The whole notebook as JSON text (``application/x-ipynb+json``). A fork's notebook starts
+    with its ancestors' cells up to each fork point (``inherited``, oldest first), each marked
+    with ``gateway.inherited_from``, then a cell saying where the session itself begins."""
     parent = None
     if session.get("parent_session_id"):
         parent = {"session_id": session["parent_session_id"], "step": session.get("parent_step")}
@@ -113,16 +129,35 @@ def render(session: dict[str, Any], display_name: str, timeline: Iterable[tuple[
         "gateway": {"session_id": session["id"], "owner": session["owner"], "kernel": session["kernel"],
                     "created_at": session["created_at"], "parent": parent},
     }
-    cells = []
-    for kind, row in timeline:
-        if kind == "step":
-            cells.append(step_cell_json(row))
-        else:
-            cell = event_cell(row)
-            if cell is not None:
-                cells.append(json.dumps(cell))
+    cells: list[str] = []
+    ancestors = list(inherited)
+    for ancestor in ancestors:
+        cells.extend(_cells(ancestor.timeline, ancestor.session_id))
+    if ancestors:
+        origin = ancestors[-1]
+        cells.append(json.dumps(_markdown("forked-here", (
+            f"**Forked** from session `{origin.session_id}` after its step {origin.step}: the cells above are "
+            "the trajectory it inherited (marked `inherited_from`), the cells below its own."),
+            {"gateway": {"event": "session_forked", "parent": {"session_id": origin.session_id,
+                                                               "step": origin.step}}})))
+    cells.extend(_cells(timeline, None))
     return ('{"cells": [%s], "metadata": %s, "nbformat": %d, "nbformat_minor": %d}'
             % (",\n".join(cells), json.dumps(metadata), NBFORMAT, NBFORMAT_MINOR))
+
+
+def _cells(timeline: Iterable[tuple[str, Any]], inherited_from: str | None) -> list[str]:
+    cells: list[str] = []
+    for kind, row in timeline:
+        if kind == "step":
+            cells.append(step_cell_json(row, inherited_from))
+            continue
+        cell = event_cell(row)
+        if cell is not None:
+            if inherited_from is not None:
+                cell["id"] = f"{inherited_from}-{cell['id']}"[:64]
+                cell["metadata"]["gateway"]["inherited_from"] = inherited_from
+            cells.append(json.dumps(cell))
+    return cells
 
 
 def upload_details(path: str, content: bytes | None, size: int, sha256: str) -> dict[str, Any]:

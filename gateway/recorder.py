@@ -29,6 +29,7 @@ RENDER_SPACING = 50
 STEP_VIEW_FIELDS = ("session_id", "step", "execution_count", "status", "stdout", "stderr", "result", "error",
                     "outputs", "started_at", "finished_at", "duration_ms", "truncated")
 STEP_JSON_EXTRAS = ("user_expressions", "stdin")  # in a step's view only when it had them
+ANCESTRY_MAX = 32  # generations of forks a notebook carries
 
 
 @dataclass
@@ -181,7 +182,23 @@ class Recorder:
         """The trajectory notebook, rendered from the store now."""
         session = self.store.get_session(session_id)
         assert session is not None
-        return notebook.render(session, self.display_name(session["kernel"]), self.store.timeline(session_id))
+        return notebook.render(session, self.display_name(session["kernel"]), self.store.timeline(session_id),
+                               self.ancestry(session))
+
+    def ancestry(self, session: dict[str, Any]) -> list[notebook.Inherited]:
+        """A fork's ancestors' trajectories up to each fork point, the oldest first, so that its
+        notebook re-runs on its own (at most ``ANCESTRY_MAX`` generations)."""
+        inherited: list[notebook.Inherited] = []
+        child = session
+        while child.get("parent_session_id") and len(inherited) < ANCESTRY_MAX:
+            parent_id = str(child["parent_session_id"])
+            point = self.store.fork_point(parent_id, str(child["id"]))
+            if point is None or self.store.get_session(parent_id) is None:
+                break
+            inherited.append(notebook.Inherited(parent_id, child.get("parent_step"),
+                                                list(self.store.timeline(parent_id, before_seq=point))))
+            child = self.store.get_session(parent_id) or {}
+        return list(reversed(inherited))
 
     # the notebook file ------------------------------------------------------------------
 

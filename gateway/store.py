@@ -278,17 +278,19 @@ class Store:
         rows = self.conn.execute("SELECT * FROM steps WHERE session_id = ? ORDER BY seq", [session_id])
         return [dict(r) for r in rows]
 
-    def timeline(self, session_id: str) -> Iterator[tuple[str, sqlite3.Row]]:
-        """Steps and events of a session in recorded order: ("step", row) or ("event", row)."""
+    def timeline(self, session_id: str, before_seq: int | None = None) -> Iterator[tuple[str, sqlite3.Row]]:
+        """Steps and events of a session in recorded order: ("step", row) or ("event", row);
+        with ``before_seq``, only what was recorded before that position (a fork point)."""
+        end = before_seq if before_seq is not None else 1 << 62
         steps = self.conn.execute(
             "SELECT seq, step, execution_count, code, status, outputs, started_at, finished_at, "
             "duration_ms, truncated, source, principal, user_expressions, stdin FROM steps "
-            "WHERE session_id = ? ORDER BY seq",
-            [session_id]).fetchall()
+            "WHERE session_id = ? AND seq < ? ORDER BY seq",
+            [session_id, end]).fetchall()
         events = self.conn.execute(
-            "SELECT seq, at, principal, action, details FROM events WHERE session_id = ? AND action IN "
+            "SELECT seq, at, principal, action, details FROM events WHERE session_id = ? AND seq < ? AND action IN "
             "('file_upload', 'file_delete', 'kernel_restarted', 'kernel_died') ORDER BY seq",
-            [session_id]).fetchall()
+            [session_id, end]).fetchall()
         i = j = 0
         while i < len(steps) or j < len(events):
             if j >= len(events) or (i < len(steps) and steps[i]["seq"] < events[j]["seq"]):
@@ -318,6 +320,13 @@ class Store:
             "INSERT INTO events (id, session_id, seq, at, principal, action, details, prev_hash, hash) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [*event.values(), last_hash, digest])
         return event_id, digest
+
+    def fork_point(self, parent_id: str, child_id: str) -> int | None:
+        """The position in the parent's trajectory where ``child_id`` was forked from it."""
+        row = self.conn.execute(
+            "SELECT seq FROM events WHERE session_id = ? AND action = 'session_forked' "
+            "AND json_extract(details, '$.child') = ? LIMIT 1", [parent_id, child_id]).fetchone()
+        return int(row[0]) if row else None
 
     def has_event(self, session_id: str, action: str) -> bool:
         """Whether the session's trajectory holds an event of this kind."""

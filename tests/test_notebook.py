@@ -106,3 +106,34 @@ def test_recording_is_committed_before_the_response(gateway: GatewayProcess, cli
     finally:
         db.close()
     assert row == ("ok", "'committed'", "'committed'")
+
+
+def test_a_forks_notebook_carries_its_ancestors_cells_and_reruns_alone(client: httpx.Client, session,
+                                                                        tmp_path: Path) -> None:
+    sid = session["id"]
+    run(client, sid, "a = 1")
+    assert client.put(f"/v1/sessions/{sid}/files/notes.txt", content=b"from the parent").status_code == 201
+    run(client, sid, "b = a + 1")
+    child = client.post(f"/v1/sessions/{sid}/fork").json()["id"]
+    run(client, sid, "a = 'changed in the parent after the fork'")
+    grandchild = None
+    try:
+        run(client, child, "c = b * 10")
+        grandchild = client.post(f"/v1/sessions/{child}/fork").json()["id"]
+        run(client, grandchild, "open('notes.txt').read(), a, b, c")
+        nb = nbformat.reads(client.get(f"/v1/sessions/{grandchild}/notebook").text, as_version=4)
+        nbformat.validate(nb)
+        code = [(c.source, c.metadata.get("gateway", {}).get("inherited_from")) for c in nb.cells
+                if c.cell_type == "code" and "step" in c.metadata.get("gateway", {})]
+        assert code == [("a = 1", sid), ("b = a + 1", sid), ("c = b * 10", child),
+                        ("open('notes.txt').read(), a, b, c", None)]
+        forked_here = [c for c in nb.cells if c.get("id") == "forked-here"]
+        assert forked_here and child in forked_here[0].source
+        assert len({c.id for c in nb.cells}) == len(nb.cells)
+        NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        last = [c for c in nb.cells if c.cell_type == "code"][-1]
+        assert last.outputs[0].data["text/plain"] == "('from the parent', 1, 2, 20)"
+    finally:
+        for session_id in (grandchild, child):
+            if session_id:
+                client.delete(f"/v1/sessions/{session_id}")
