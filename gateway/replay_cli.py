@@ -50,8 +50,17 @@ def replay_remote(url: str, token: str, session_id: str) -> dict[str, Any]:
 
 
 def replay_notebook(url: str, token: str, path: Path) -> dict[str, Any]:
-    """Replay an exported trajectory notebook in a new session."""
-    notebook = json.loads(path.read_text(encoding="utf-8"))
+    """Replay an exported trajectory notebook in a new session. It is read with nbformat: an
+    older notebook format is upgraded to v4, and one that is not a valid notebook is refused
+    (``ValueError``) before anything is created."""
+    import nbformat
+
+    try:
+        node = nbformat.read(str(path), as_version=4)
+        nbformat.validate(node)
+    except (nbformat.ValidationError, ValueError) as exc:
+        raise ValueError(f"{path} is not a valid notebook: {str(exc).splitlines()[0]}") from None
+    notebook = json.loads(json.dumps(node))  # plain data, with multi-line strings whole
     meta = notebook.get("metadata", {}).get("gateway", {})
     kernel = notebook.get("metadata", {}).get("kernelspec", {}).get("name", "python3")
     session = call("POST", f"{url}/v1/sessions", token, {"kernel": kernel, "labels": {

@@ -71,3 +71,15 @@ def test_replaying_an_exported_notebook_answers_its_input(gateway: GatewayProces
                           capture_output=True, text=True, timeout=120, env=env, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "step    1  reproduced" in done.stdout and "1 reproduced, 0 different" in done.stdout, done.stdout
+
+
+def test_replaying_a_file_that_is_not_a_notebook_creates_nothing(gateway: GatewayProcess, client: httpx.Client,
+                                                                 tmp_path: Path) -> None:
+    before = len(client.get("/v1/sessions", params={"limit": 500}).json()["sessions"])
+    bogus = tmp_path / "bogus.ipynb"
+    bogus.write_text(json.dumps({"cells": "not a list", "nbformat": 4, "nbformat_minor": 5, "metadata": {}}))
+    env = {**os.environ, "AGENT_GATEWAY_TOKEN": gateway.token}
+    done = subprocess.run([sys.executable, "-m", "gateway", "replay", str(bogus), "--gateway-url", gateway.url],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 2 and "is not a valid notebook" in done.stderr, done.stderr
+    assert len(client.get("/v1/sessions", params={"limit": 500}).json()["sessions"]) == before
