@@ -44,8 +44,11 @@ class Inherited:
     timeline: list[tuple[str, Any]]
 
 
-def step_cell_json(row: Any, inherited_from: str | None = None) -> str:
-    """One code cell, as JSON text, from a ``steps`` row (of an ancestor, for a fork's notebook)."""
+def step_cell_json(row: Any, inherited_from: str | None = None, after_skipped: Any = None) -> str:
+    """One code cell, as JSON text, from a ``steps`` row (of an ancestor, for a fork's notebook).
+    ``after_skipped`` is the last step of the same kernel that is not re-run (it timed out, was
+    interrupted, ...): what it did before it stopped is missing from a re-run, so this cell may
+    fail there; it is marked so (``raises-exception``, ``gateway.rerun``) and a re-run goes on."""
     gateway = {
         "step": row["step"], "status": row["status"], "started_at": row["started_at"],
         "finished_at": row["finished_at"], "duration_ms": row["duration_ms"], "source": row["source"],
@@ -60,6 +63,12 @@ def step_cell_json(row: Any, inherited_from: str | None = None) -> str:
             gateway[name] = json.loads(row[name])
     metadata: dict[str, Any] = {"gateway": gateway}
     tags = step_tags(row["status"])
+    if after_skipped is not None and "skip-execution" not in tags:
+        gateway["rerun"] = (f"runs after step {after_skipped['step']}, which is not re-run (it ended "
+                            f"'{after_skipped['status']}'): what that step did is missing, so this cell may fail "
+                            "or differ when the notebook is re-run")
+        if "raises-exception" not in tags:
+            tags = [*tags, "raises-exception"]
     if tags:
         metadata["tags"] = tags
     count = "null" if row["execution_count"] is None else str(int(row["execution_count"]))
@@ -147,10 +156,15 @@ def render(session: dict[str, Any], display_name: str, timeline: Iterable[tuple[
 
 def _cells(timeline: Iterable[tuple[str, Any]], inherited_from: str | None) -> list[str]:
     cells: list[str] = []
+    skipped = None  # the last step of the current kernel that a re-run skips
     for kind, row in timeline:
         if kind == "step":
-            cells.append(step_cell_json(row, inherited_from))
+            cells.append(step_cell_json(row, inherited_from, skipped))
+            if "skip-execution" in step_tags(row["status"]) and row["status"] != NOT_RUN:
+                skipped = row
             continue
+        if row["action"] in ("kernel_restarted", "kernel_died"):
+            skipped = None  # a fresh kernel: nothing of the skipped step is missing any more
         cell = event_cell(row)
         if cell is not None:
             if inherited_from is not None:

@@ -137,3 +137,22 @@ def test_a_forks_notebook_carries_its_ancestors_cells_and_reruns_alone(client: h
         for session_id in (grandchild, child):
             if session_id:
                 client.delete(f"/v1/sessions/{session_id}")
+
+
+def test_cells_after_a_step_that_is_not_rerun_are_marked_and_the_rerun_goes_on(client: httpx.Client, session,
+                                                                               tmp_path: Path) -> None:
+    sid = session["id"]
+    timed_out = client.post(f"/v1/sessions/{sid}/execute", json={"code": "y = 5\nimport time\ntime.sleep(30)",
+                                                                 "timeout": 1}).json()
+    assert timed_out["status"] == "timeout"
+    assert run(client, sid, "y + 1")["result"] == "6"  # the kernel kept what the step did before it stopped
+    client.post(f"/v1/sessions/{sid}/restart")
+    run(client, sid, "z = 'after the restart'")
+    run(client, sid, "z")
+    nb = nbformat.reads(client.get(f"/v1/sessions/{sid}/notebook").text, as_version=4)
+    steps = {c.source: c for c in nb.cells if c.cell_type == "code" and "step" in c.metadata.get("gateway", {})}
+    after = steps["y + 1"]
+    assert "raises-exception" in after.metadata.tags and "step 1" in after.metadata.gateway.rerun
+    assert "rerun" not in steps["z"].metadata.gateway  # a fresh kernel since: nothing is missing
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert steps["z"].outputs[0].data["text/plain"] == "'after the restart'"
