@@ -359,10 +359,12 @@ class KernelLauncher:
         kernel = RunningKernel(manager, self.context, label=kernel_id)
         kernel.log_file = kernel_log(cwd, kernel_id)
         kernel.log_file.parent.mkdir(mode=0o700, exist_ok=True)
-        with open(kernel.log_file, "ab") as output:  # the kernel keeps its own descriptor of it
-            # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
-            await self._launch(kernel, ready_timeout, cwd=str(cwd), env=self.build_env(env), independent=True,
-                               stdout=output, stderr=output)
+        # Kept open while the kernel lives: a restart launches its new process with it again.
+        output = open(kernel.log_file, "ab")  # noqa: SIM115 (closed when the kernel is shut down)
+        kernel.released.append(output.close)
+        # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
+        await self._launch(kernel, ready_timeout, cwd=str(cwd), env=self.build_env(env), independent=True,
+                           stdout=output, stderr=output)
         return kernel
 
     async def _start_isolated(self, kernel_id: str, spec: KernelSpec, spec_name: str, cwd: Path,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, start_gateway
 
 
 def agent_gateway(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -65,3 +65,20 @@ def test_kernel_banners_go_to_a_log_per_kernel_not_to_the_servers(gateway: Gatew
         client.delete(f"/v1/sessions/{sid}")
     assert "ipython kernel" not in gateway.stderr_text()
     assert "to the kernel log" not in gateway.stderr_text()
+
+
+def test_an_unisolated_kernel_restarts_with_its_log(tmp_path: Path) -> None:
+    """Under ``none`` the server starts kernels itself: a restart reuses the kernel's log."""
+    gateway = start_gateway(tmp_path / "data", extra_args=("--sandbox", "none", "--pool-size", "0"))
+    try:
+        with gateway.client() as client:
+            sid = client.post("/v1/sessions", json={}).json()["id"]
+            client.post(f"/v1/sessions/{sid}/execute", json={"code": "x = 1"})
+            restarted = client.post(f"/v1/sessions/{sid}/restart")
+            assert restarted.status_code == 200 and restarted.json()["state"] == "idle", restarted.text
+            step = client.post(f"/v1/sessions/{sid}/execute", json={"code": "'x' in dir()"}).json()
+            assert step["result"] == "False"
+            logs = list((gateway.data_dir / "sessions" / sid / "logs").glob("kernel-*.log"))
+            assert len(logs) == 1 and logs[0].read_text().count("ipython kernel") == 2
+    finally:
+        assert gateway.stop() == 0

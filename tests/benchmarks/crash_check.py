@@ -1,7 +1,7 @@
 """kill -9 the gateway at random moments of a concurrent workload, restart it, and compare what
 each kernel ran (its own ``In`` history) with the session's recorded trajectory.
 
-    python tests/benchmarks/crash_check.py [--rounds 20] [--sessions 8] [--seed N]
+    python tests/benchmarks/crash_check.py [--rounds 20] [--sessions 8] [--lifecycle 2] [--seed N]
 
 Each round starts a gateway on a fresh data directory, runs steps in every session from one
 thread each (half of the sessions over HTTP execute, half as execute_requests over the kernel
@@ -9,8 +9,16 @@ websocket; a step sets a variable and sleeps a random few milliseconds), kills
 the gateway with SIGKILL after a random 0.5-3 s, starts it again on the same directory and,
 per session: every cell in the kernel's ``In`` must be a recorded step, in the same order; every
 step recorded as run (``ok``/``error``) must be in ``In``; no step may still be ``running``; a
-step recorded ``lost`` may or may not have run. Prints one line per round and a summary; exits 1
-on any mismatch. Stops every gateway it started.
+step recorded ``lost`` may or may not have run.
+
+``--lifecycle N`` adds N sessions driven through their whole life meanwhile: a step setting
+``mark``, an upload, pause, resume, fork, restart, in a loop. After the restart every one of them
+and every fork child they made must be usable: ``failed`` with a reason, or answering a step (a
+paused one is resumed), with ``mark`` as its trajectory says (the last ``mark = N`` step recorded
+``ok`` since its kernel last restarted; a fork child has ``mark`` if its restored names say so)
+and every file it recorded an upload of.
+
+Prints one line per round and a summary; exits 1 on any mismatch. Stops every gateway it started.
 """
 
 from __future__ import annotations
@@ -75,6 +83,58 @@ def websocket_workload(url: str, token: str, kernel_id: str, stop: threading.Eve
         ws.close()
 
 
+def lifecycle_workload(url: str, token: str, sid: str, stop: threading.Event) -> None:
+    """A session's whole life, over and over: a step, an upload, pause, resume, fork, restart."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+        turn = 0
+        try:
+            while not stop.is_set():
+                turn += 1
+                client.post(f"/v1/sessions/{sid}/execute", json={"code": f"mark = {turn}"})
+                client.put(f"/v1/sessions/{sid}/files/up/{turn}.txt", content=f"upload {turn}".encode())
+                for action in ("pause", "resume", "fork", "restart"):
+                    if stop.is_set():
+                        return
+                    client.post(f"/v1/sessions/{sid}/{action}", json={})
+        except httpx.HTTPError:
+            return
+
+
+def expected_mark(steps: list[dict], events: list[dict]) -> int | None:
+    """``mark`` as the trajectory says it is: set by the last ``ok`` step since the last restart."""
+    restarted = max((e["seq"] for e in events if e["action"] in ("kernel_restarted", "kernel_died")), default=0)
+    marks = [s for s in steps if s["code"].startswith("mark = ") and s["status"] == "ok" and s["seq"] > restarted]
+    return int(marks[-1]["code"].split("=")[1]) if marks else None
+
+
+def check_lifecycle(client: httpx.Client, sid: str, child: bool) -> list[str]:
+    session = client.get(f"/v1/sessions/{sid}").json()
+    if session["state"] == "failed":
+        return [] if session.get("reason") else [f"{sid}: failed without a reason"]
+    steps = client.get(f"/v1/sessions/{sid}/steps").json()["steps"]
+    events = client.get(f"/v1/sessions/{sid}/events").json()["events"]
+    probe = client.post(f"/v1/sessions/{sid}/execute", json={"code": "globals().get('mark')"}).json()
+    if probe.get("status") != "ok":
+        return [f"{sid}: not usable after the crash: {str(probe)[:200]}"]
+    found = ast.literal_eval(probe["result"])
+    problems = []
+    if child:
+        restored = [e["details"] for e in events if e["action"] == "state_restored"]
+        if restored and ("mark" in restored[-1].get("restored", [])) != (found is not None):
+            problems.append(f"{sid} (a fork): mark is {found!r}, its restored names say {restored[-1]['restored']}")
+    else:
+        expected = expected_mark(steps, [e for e in events if "seq" in e])
+        paused_by_replay = any(e["action"] == "session_resumed" and e["details"].get("replayed_steps") for e in events)
+        if found != expected and not paused_by_replay:
+            problems.append(f"{sid}: mark is {found!r}, its trajectory says {expected!r}")
+    for event in events:
+        if event["action"] == "file_upload":
+            path = event["details"]["path"]
+            if client.get(f"/v1/sessions/{sid}/files/{path}").status_code != 200:
+                problems.append(f"{sid}: the uploaded {path} is gone")
+    return problems
+
+
 def check_session(client: httpx.Client, sid: str) -> tuple[list[str], dict[str, int]]:
     steps = client.get(f"/v1/sessions/{sid}/steps").json()["steps"]
     history = client.post(f"/v1/sessions/{sid}/execute", json={"code": "In[1:-1]"}).json()
@@ -101,7 +161,8 @@ def check_session(client: httpx.Client, sid: str) -> tuple[list[str], dict[str, 
     return problems, counts
 
 
-def one_round(base: Path, sessions: int, rng: random.Random) -> tuple[list[str], dict[str, int], float]:
+def one_round(base: Path, sessions: int, rng: random.Random,
+              lifecycle: int = 0) -> tuple[list[str], dict[str, int], float]:
     data = base / "data"
     token = f"crash-{rng.getrandbits(64):x}"
     gateway = start_gateway(data, token=token, extra_args=("--pool-size", "2"))
@@ -109,12 +170,14 @@ def one_round(base: Path, sessions: int, rng: random.Random) -> tuple[list[str],
     try:
         with gateway.client() as client:
             created = [client.post("/v1/sessions", json={}).json() for _ in range(sessions)]
+            living = [client.post("/v1/sessions", json={}).json()["id"] for _ in range(lifecycle)]
         ids = [session["id"] for session in created]
         # Every other session is driven over the kernel websocket, the others over HTTP.
         threads = [threading.Thread(target=websocket_workload if index % 2 else workload,
                                     args=(gateway.url, token, session["kernel_id"] if index % 2 else session["id"],
                                           stop, random.Random(rng.random())))
                    for index, session in enumerate(created)]
+        threads += [threading.Thread(target=lifecycle_workload, args=(gateway.url, token, sid, stop)) for sid in living]
         for thread in threads:
             thread.start()
         delay = rng.uniform(0.5, 3.0)
@@ -136,6 +199,12 @@ def one_round(base: Path, sessions: int, rng: random.Random) -> tuple[list[str],
                 problems += found
                 for status, count in counts.items():
                     totals[status] = totals.get(status, 0) + count
+            listed = client.get("/v1/sessions", params={"limit": 500}).json()["sessions"]
+            for sid in living:
+                problems += check_lifecycle(client, sid, child=False)
+                for child in [s["id"] for s in listed if (s.get("parent") or {}).get("session_id") == sid]:
+                    problems += check_lifecycle(client, child, child=True)
+                    totals["forks"] = totals.get("forks", 0) + 1
     finally:
         if restarted.stop() != 0:
             problems.append("the restarted gateway did not stop cleanly")
@@ -146,18 +215,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--lifecycle", type=int, default=0, help="sessions paused, resumed, forked, restarted")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
-    print(f"crash check: {args.rounds} rounds of {args.sessions} sessions, seed {seed}")
+    print(f"crash check: {args.rounds} rounds of {args.sessions} sessions (+{args.lifecycle} through their whole "
+          f"life), seed {seed}")
     failures = 0
     all_totals: dict[str, int] = {}
     for number in range(1, args.rounds + 1):
         base = Path(tempfile.mkdtemp(prefix="agw-crash-", dir="/tmp"))
         base.chmod(0o711)
         try:
-            problems, totals, delay = one_round(base, args.sessions, rng)
+            problems, totals, delay = one_round(base, args.sessions, rng, args.lifecycle)
         finally:
             shutil.rmtree(base, ignore_errors=True)
         for status, count in totals.items():
