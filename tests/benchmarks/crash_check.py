@@ -102,8 +102,9 @@ def lifecycle_workload(url: str, token: str, sid: str, stop: threading.Event) ->
 
 def expected_mark(steps: list[dict], events: list[dict]) -> int | None:
     """``mark`` as the trajectory says it is: set by the last ``ok`` step since the last restart."""
-    restarted = max((e["seq"] for e in events if e["action"] in ("kernel_restarted", "kernel_died")), default=0)
-    marks = [s for s in steps if s["code"].startswith("mark = ") and s["status"] == "ok" and s["seq"] > restarted]
+    restarted = max((e["at"] for e in events if e["action"] in ("kernel_restarted", "kernel_died")), default="")
+    marks = [s for s in steps if s["code"].startswith("mark = ") and s["status"] == "ok"
+             and (s["finished_at"] or "") > restarted]
     return int(marks[-1]["code"].split("=")[1]) if marks else None
 
 
@@ -123,7 +124,7 @@ def check_lifecycle(client: httpx.Client, sid: str, child: bool) -> list[str]:
         if restored and ("mark" in restored[-1].get("restored", [])) != (found is not None):
             problems.append(f"{sid} (a fork): mark is {found!r}, its restored names say {restored[-1]['restored']}")
     else:
-        expected = expected_mark(steps, [e for e in events if "seq" in e])
+        expected = expected_mark(steps, events)
         paused_by_replay = any(e["action"] == "session_resumed" and e["details"].get("replayed_steps") for e in events)
         if found != expected and not paused_by_replay:
             problems.append(f"{sid}: mark is {found!r}, its trajectory says {expected!r}")
