@@ -14,8 +14,9 @@ step recorded ``lost`` may or may not have run.
 ``--lifecycle N`` adds N sessions driven through their whole life meanwhile: a step setting
 ``mark``, an upload, pause, resume, fork, restart, in a loop. After the restart every one of them
 and every fork child they made must be usable: ``failed`` with a reason, or answering a step (a
-paused one is resumed), with ``mark`` as its trajectory says (the last ``mark = N`` step recorded
-``ok`` since its kernel last restarted; a fork child has ``mark`` if its restored names say so)
+paused one is resumed), with ``mark`` as its trajectory says (the ``mark = N`` steps recorded ``ok``,
+the restarts, the pauses, and a crash's return to the last snapshot, in time order; a fork
+child has ``mark`` if its restored names say so)
 and every file it recorded an upload of.
 
 Prints one line per round and a summary; exits 1 on any mismatch. Stops every gateway it started.
@@ -101,11 +102,25 @@ def lifecycle_workload(url: str, token: str, sid: str, stop: threading.Event) ->
 
 
 def expected_mark(steps: list[dict], events: list[dict]) -> int | None:
-    """``mark`` as the trajectory says it is: set by the last ``ok`` step since the last restart."""
-    restarted = max((e["at"] for e in events if e["action"] in ("kernel_restarted", "kernel_died")), default="")
-    marks = [s for s in steps if s["code"].startswith("mark = ") and s["status"] == "ok"
-             and (s["finished_at"] or "") > restarted]
-    return int(marks[-1]["code"].split("=")[1]) if marks else None
+    """``mark`` as the trajectory says it is, replayed in time order: set by an ``ok`` step,
+    gone at a restart or a death, saved at a pause, and back to the last saved value when a
+    crash sent the session to its snapshot."""
+    timeline = [(s["finished_at"] or "", "step", s) for s in steps if s["code"].startswith("mark = ")]
+    timeline += [(e["at"], "event", e) for e in events]
+    mark: int | None = None
+    saved: int | None = None
+    for _at, kind, item in sorted(timeline, key=lambda entry: entry[0]):
+        if kind == "step":
+            if item["status"] == "ok":
+                mark = int(item["code"].split("=")[1])
+        elif item["action"] in ("kernel_restarted", "kernel_died"):
+            mark = None
+        elif item["action"] == "session_paused":
+            if item["details"].get("reason") == "crash":
+                mark = saved
+            else:
+                saved = mark
+    return mark
 
 
 def check_lifecycle(client: httpx.Client, sid: str, child: bool) -> list[str]:
