@@ -200,7 +200,7 @@ def one_round(base: Path, sessions: int, rng: random.Random,
         threads += [threading.Thread(target=lifecycle_workload, args=(gateway.url, token, sid, stop)) for sid in living]
         for thread in threads:
             thread.start()
-        delay = rng.uniform(0.5, 3.0)
+        delay = rng.uniform(0.5, 8.0 if lifecycle else 3.0)  # a whole life (pause ... restart) takes seconds
         time.sleep(delay)
         gateway.stop(signal.SIGKILL)
         stop.set()
