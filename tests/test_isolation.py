@@ -250,7 +250,10 @@ def test_the_workspace_limit_holds_over_the_websocket_too(gateway: GatewayProces
     ws = websocket.create_connection(url, timeout=30, header=[f"Authorization: token {gateway.token}"])
     try:
         filled = ws_execute(ws, "open('fill.bin', 'wb').write(b'x' * (2 << 20))")
-        recorded = admin.get(f"/v1/sessions/{sid}/steps").json()["steps"][-1]
+        deadline = time.monotonic() + 10  # completed once the kernel is idle again, just after its reply
+        while (recorded := admin.get(f"/v1/sessions/{sid}/steps").json()["steps"][-1])["status"] == "running":
+            assert time.monotonic() < deadline, recorded
+            time.sleep(0.05)
         if volumes.is_mounted(gateway.data_dir / "sessions" / sid / "workspace"):
             assert filled["status"] == "error" and filled["ename"] == "OSError", filled
             # The websocket step's record names the limit, as an agent step's does.
