@@ -184,9 +184,10 @@ def open_the_way(identity: Identity, data: Path) -> list[Path]:
     and code: directories above them that block it get an ACL entry letting that user alone
     pass (a checkout or a pyenv under /root, mode 0700). Returns the directories changed."""
     import gateway
+    from gateway.sandbox import site_dirs
 
     needed = [data, Path(sys.executable), Path(os.path.realpath(sys.executable)),
-              Path(sysconfig.get_paths()["stdlib"]), *(Path(p) for p in _site_dirs()),
+              Path(sysconfig.get_paths()["stdlib"]), *(Path(p) for p in site_dirs()),
               Path(gateway.__file__).resolve().parent]
     blocked = passage_needed(identity, needed)
     for directory in blocked:
@@ -200,11 +201,6 @@ def open_the_way(identity: Identity, data: Path) -> list[Path]:
                 "/var/lib/agent-gateway), install the gateway where others can read it, or let others pass through "
                 "(chmod o+x).") from None
     return blocked
-
-
-def _site_dirs() -> list[str]:
-    paths = sysconfig.get_paths()
-    return [p for p in dict.fromkeys([paths["purelib"], paths["platlib"]]) if os.path.isdir(p)]
 
 
 def check_runs(identity: Identity, data: Path) -> None:

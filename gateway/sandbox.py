@@ -253,7 +253,7 @@ def _first_denied(paths: list[str], ancestors: bool) -> str | None:
     return None
 
 
-def _site_dirs() -> list[str]:
+def site_dirs() -> list[str]:
     """The gateway environment's site-packages directories."""
     paths = sysconfig.get_paths()
     return [p for p in dict.fromkeys([paths["purelib"], paths["platlib"]]) if os.path.isdir(p)]
@@ -276,7 +276,7 @@ def _pth_files(directories: tuple[str, ...]) -> tuple[str, ...]:
 
 def own_interpreter(profile: str) -> tuple[Interpreter | None, str]:
     """The gateway's own Python, if the kernel's uid can run it under ``profile``; else why not."""
-    needed = [sys.executable, sysconfig.get_paths()["stdlib"], *_site_dirs()]
+    needed = [sys.executable, sysconfig.get_paths()["stdlib"], *site_dirs()]
     binds = _roots([sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))])
     if profile == "process":
         why = _first_denied(needed, ancestors=True)
@@ -294,7 +294,7 @@ def system_interpreter(profile: str) -> tuple[Interpreter | None, str]:
     executable = f"/usr/bin/python{version}"
     if not os.access(executable, os.X_OK):
         return None, f"{executable} does not exist (a system Python {version} is needed)"
-    sites = tuple(_site_dirs())
+    sites = tuple(site_dirs())
     why = _first_denied([executable, *sites], ancestors=profile == "process")
     if why:
         return None, f"{executable} with the gateway's site-packages is not usable: {why}"
