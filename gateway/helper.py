@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import stat
@@ -113,6 +114,7 @@ class Helper:
         self.first_uid, self.uid_count = config.kernel_uids
         self.plans: dict[str, sandbox.LaunchPlan] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.adopted: dict[str, tuple[int, int]] = {}  # launchers an earlier helper started: (pid, pidfd)
         self.lock = threading.Lock()
         self.ops: dict[str, Callable[..., tuple[Any, list[int]] | Any]] = {
             name.removeprefix("op_").replace("__", "."): getattr(self, name)
@@ -205,7 +207,49 @@ class Helper:
                 os.close(output)
         with self.lock:
             self.processes[name] = process
+            self._forget_adopted(name)
         return {"pid": process.pid}, [os.pidfd_open(process.pid)]
+
+    def op_kernel__adopt(self, name: Any, pid: Any, connection_file: Any) -> tuple[dict[str, Any], list[int]]:
+        """Take up the launcher of a kernel an earlier helper started (before a crash): ``pid``
+        must be a running process whose command line names ``connection_file``. Returns a pidfd
+        of it (none when it is gone); signals and polls by ``name`` then work on it."""
+        import psutil
+
+        name = _name(name)
+        pid = _int(pid, "pid", 2, 1 << 22)
+        path = _path(connection_file, "connection_file")
+        if not CONNECTION_FILE.fullmatch(path.name):
+            raise Refused("a connection file is named kernel-<id>.json")
+        safefs.anchored(path)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return {"adopted": False}, []
+        try:
+            process = psutil.Process(pid)
+            found = process.status() != psutil.STATUS_ZOMBIE and str(path) in process.cmdline()
+        except psutil.Error:
+            found = False
+        if not found:
+            os.close(pidfd)
+            return {"adopted": False}, []
+        with self.lock:
+            self._forget_adopted(name)
+            self.adopted[name] = (pid, os.dup(pidfd))
+        return {"adopted": True}, [pidfd]
+
+    def _forget_adopted(self, name: str) -> None:
+        adopted = self.adopted.pop(name, None)
+        if adopted is not None:
+            os.close(adopted[1])
+
+    def _adopted_running(self, name: str) -> int | None:
+        """The pid of the adopted launcher ``name`` while it runs."""
+        adopted = self.adopted.get(name)
+        if adopted is None or select.select([adopted[1]], [], [], 0)[0]:
+            return None
+        return adopted[0]
 
     def _open_log(self, path: Path) -> int:
         with safefs.opened(safefs.open_root(path.parent, create=True, owner=self.config.server_owner)) as parent:
@@ -220,11 +264,14 @@ class Helper:
         return fd
 
     def op_kernel__poll(self, name: Any) -> dict[str, Any]:
-        """The launcher's exit code (None while it runs) and whether the memory limit was hit."""
+        """The launcher's exit code (None while it runs, and for an adopted launcher, whose
+        exit code went to its first parent), whether it ended, and whether the memory limit was hit."""
         name = _name(name)
         process = self.processes.get(name)
         code = process.poll() if process is not None else None
-        return {"returncode": code, "oom_killed": self._cgroup(name).oom_killed()}
+        exited = code is not None if process is not None else \
+            name in self.adopted and self._adopted_running(name) is None
+        return {"returncode": code, "exited": exited, "oom_killed": self._cgroup(name).oom_killed()}
 
     def op_kernel__signal(self, name: Any, signum: Any) -> int:
         """Signal the processes of a kernel's cgroups (SIGKILL: all, bwrap too); without cgroups,
@@ -239,9 +286,10 @@ class Helper:
                 return len(group.pids())
             return group.signal(signum, exclude=_is_wrapper)
         process = self.processes.get(name)
-        if process is None or process.poll() is not None:
-            return 0
-        return _signal_tree(process.pid, signum)
+        if process is not None:
+            return _signal_tree(process.pid, signum) if process.poll() is None else 0
+        adopted = self._adopted_running(name)
+        return _signal_tree(adopted, signum) if adopted is not None else 0
 
     def op_kernel__release(self, name: Any, runtime_dir: Any = None) -> dict[str, Any]:
         """Kill what is left in a kernel's cgroups and remove them; with ``runtime_dir``, remove
@@ -255,6 +303,7 @@ class Helper:
             process = self.processes.pop(name, None) if runtime_dir is not None else self.processes.get(name)
             if runtime_dir is not None:
                 self.plans.pop(name, None)
+                self._forget_adopted(name)
         if process is not None:
             try:
                 process.wait(2)

@@ -180,6 +180,8 @@ class KernelHub:
         if client is not None:
             if not client.deliver(channel, msg, frames):
                 self.detach(client)
+                if client_id in self.parked:  # kept for its return, as what comes after it
+                    self.parked[client_id].keep(channel, msg, frames)
         elif client_id in self.parked:
             self.parked[client_id].keep(channel, msg, frames)
 

@@ -1,14 +1,17 @@
 """Kernel specs and kernel processes: the one module that drives jupyter_client's managers.
 
-``KernelLauncher`` knows the specs the gateway offers (the ``kernels/`` directory) and starts
-``RunningKernel``s; a ``RunningKernel`` owns one ``AsyncKernelManager`` and the gateway's
-channels to it. Remote kernels come through the spec's ``metadata.kernel_provisioner``.
+``KernelLauncher`` knows the specs the gateway offers (the ``kernels/`` directory), starts
+``RunningKernel``s and, after a crash of the gateway, adopts the ones still running (from their
+``Placement``); a ``RunningKernel`` owns one ``AsyncKernelManager`` and the gateway's channels to
+it, and is the same whichever way it came. Every local kernel is started by the gateway's own
+provisioner (``gateway.sandbox_provisioner``); remote kernels come through the spec's own
+``metadata.kernel_provisioner``. Only jupyter_client's public API is used: a kernel is adopted
+by handing its provisioner's saved info to a new provisioner (``load_provisioner_info``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import os
@@ -23,6 +26,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
 from gateway import host, sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
@@ -97,6 +101,22 @@ def validate_env(env: Any) -> dict[str, str]:
     return dict(env)
 
 
+class ProvisionedSpecs(KernelSpecManager):
+    """The gateway's kernel specs as its kernels are launched: a spec without a provisioner of
+    its own gets the gateway's; for isolated kernels, interrupts are messages (a signal cannot
+    reach into the sandbox)."""
+
+    message_interrupts = False
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        spec = super().get_kernel_spec(kernel_name)
+        if "kernel_provisioner" not in spec.metadata:
+            spec.metadata = {**spec.metadata, **sandbox_provisioner.spec_metadata()}
+            if self.message_interrupts:
+                spec.interrupt_mode = "message"
+        return spec
+
+
 def kernel_process_under(launcher_pid: int, connection_file: str) -> int | None:
     """The pid of the ipykernel started (through bwrap or setpriv) by ``launcher_pid``."""
     try:
@@ -109,6 +129,19 @@ def kernel_process_under(launcher_pid: int, connection_file: str) -> int | None:
     except psutil.Error:
         return None
     return None
+
+
+def successor(manager: AsyncKernelManager) -> AsyncKernelManager:
+    """A new manager for the kernel ``manager`` managed, on the same connection file, sockets
+    and key, to start its next process with."""
+    fresh = AsyncKernelManager(kernel_name=manager.kernel_name, kernel_spec_manager=manager.kernel_spec_manager,
+                               context=manager.context, connection_file=manager.connection_file,
+                               transport=manager.transport, ip=manager.ip)
+    fresh.kernel_id = manager.kernel_id
+    fresh.shutdown_wait_time = manager.shutdown_wait_time
+    fresh.cache_ports = False  # the ports it has, kept: none is picked anew
+    fresh.load_connection_info(manager.get_connection_info())
+    return fresh
 
 
 class RunningKernel:
@@ -128,6 +161,8 @@ class RunningKernel:
         self.runtime_dir = runtime_dir  # connection file and ipc sockets, same path inside and out
         self.released: list[Callable[[], None]] = []  # called once when the kernel is shut down
         self.log_file: Path | None = None  # its stdout and stderr
+        self.launch: dict[str, Any] = {}  # the arguments of start_kernel: a restart starts it so again
+        self.provisioner_info: dict[str, Any] = {}  # its provisioner's own record (for adopting it)
         self._found: tuple[int, psutil.Process] | None = None  # (launcher pid, ipykernel) of an isolated kernel
 
     @property
@@ -148,20 +183,29 @@ class RunningKernel:
 
     def launch_workspace(self) -> Path | None:
         """The workspace directory this kernel's sandbox was started on (None when not isolated)."""
-        spec = (self.manager._launch_args or {}).get("sandbox") if self.owner is not None else None
+        spec = self.launch.get("sandbox") if self.owner is not None else None
         return spec.workspace if isinstance(spec, sandbox.SandboxSpec) else None
 
     async def move_workspace(self, target: Path) -> None:
-        """An isolated kernel's workspace is mounted when it starts: move that directory (with
-        whatever ``target`` already holds) to ``target``, and restart there from now on."""
-        current = self.launch_workspace()
-        if current is None or current == target or self.owner is None:
+        """From now on the kernel restarts in ``target``. An isolated kernel's workspace is
+        mounted when it starts: that directory is moved (with whatever ``target`` already holds)."""
+        spec = self.launch.get("sandbox")
+        if not isinstance(spec, sandbox.SandboxSpec):
+            if "cwd" in self.launch:
+                self.launch["cwd"] = str(target)
             return
-        await host.current().call("workspace.move", current=str(current), target=str(target),
+        if spec.workspace == target or self.owner is None:
+            return
+        await host.current().call("workspace.move", current=str(spec.workspace), target=str(target),
                                   owner=list(self.owner))
-        args: dict[str, Any] = self.manager._launch_args or {}
-        spec: sandbox.SandboxSpec = args["sandbox"]
-        args["sandbox"] = dataclasses.replace(spec, workspace=target)
+        self.launch["sandbox"] = dataclasses.replace(spec, workspace=target)
+
+    def move_log(self, target: Path) -> None:
+        """The kernel's log file was moved to ``target``: a restarted process writes there."""
+        self.log_file = target
+        spec = self.launch.get("sandbox")
+        if isinstance(spec, sandbox.SandboxSpec):
+            self.launch["sandbox"] = dataclasses.replace(spec, log_file=target)
 
     @property
     def pid(self) -> int | None:
@@ -193,9 +237,19 @@ class RunningKernel:
     def placement(self) -> Placement:
         """Where and how this kernel runs, to be kept with its session."""
         uid, gid = self.owner if self.owner is not None else (None, None)
+        cgroup = getattr(self.manager.provisioner, "cgroup_name", None)
+        workspace = self.launch_workspace()
         return Placement(self.launch_id, self.profile, self.connection_file, pid=self.pid, uid=uid, gid=gid,
                          runtime_dir=str(self.runtime_dir) if self.runtime_dir else None,
-                         log_file=str(self.log_file) if self.log_file else None)
+                         log_file=str(self.log_file) if self.log_file else None, cgroup=cgroup,
+                         workspace=str(workspace) if workspace else None, provisioner=self.provisioner_info)
+
+    async def note_provisioner(self) -> None:
+        """Keep the provisioner's record of the process just started (see ``placement``)."""
+        provisioner = self.manager.provisioner
+        info = await provisioner.get_provisioner_info() if provisioner is not None else {}
+        info.pop("connection_info", None)  # the connection file holds it; its key is not for the store
+        self.provisioner_info = info
 
     def connect(self) -> KernelConnection:
         if self.connection is not None:
@@ -247,6 +301,8 @@ class RunningKernel:
         code = getattr(process, "returncode", None)
         if code is None:
             return "it stopped responding"
+        if not getattr(process, "exit_known", True):
+            return "its process ended (how is not known: it was started before the gateway restarted)"
         if self.owner is not None and code > 128:
             code = 128 - code  # the sandbox's launcher reports a kernel killed by signal N as 128 + N
         if code < 0:
@@ -260,13 +316,31 @@ class RunningKernel:
         await self.manager.interrupt_kernel()
 
     async def restart(self, timeout: float) -> None:
-        """Kill the process and start a fresh one on the same connection; wait until it answers."""
+        """Kill the process and start a fresh one, as it was started, on the same connection;
+        wait until it answers."""
         if self.connection is not None:
             self.connection.close()
             self.connection = None
-        await self.manager.restart_kernel(now=True)
+        await self.manager.shutdown_kernel(now=True, restart=True)
+        # A fresh manager on the same connection (same sockets and key) starts the new process:
+        # the same for a kernel started here and for one adopted after a crash. The old one lets
+        # go of the connection file now (the fresh one writes it again), not when it is collected.
+        self.manager.cleanup_connection_file()
+        self.manager = successor(self.manager)
+        await self.manager.start_kernel(**self.launch)
+        await self.note_provisioner()
         self.connect()
         await self.wait_ready(timeout)
+
+    def abandon(self) -> None:
+        """Let go of a kernel that could not be adopted, without stopping it or touching its
+        files (what no session claims is stopped afterwards)."""
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        for release in self.released:
+            release()
+        self.released.clear()
 
     async def shutdown(self, now: bool = False) -> None:
         """Stop the kernel process and close the channels; safe to call twice."""
@@ -284,26 +358,32 @@ class RunningKernel:
                 log.exception("kernel %s: could not be killed", self.label)
         finally:
             self.manager.cleanup_connection_file()
+            Path(self.connection_file).unlink(missing_ok=True)  # also one an earlier gateway process wrote
             for release in self.released:
                 release()
             self.released.clear()
 
 
 class KernelLauncher:
-    """Starts kernels from the gateway's specs. One per server."""
+    """Starts kernels from the gateway's specs, and adopts those an earlier gateway process
+    started. One per server."""
 
     def __init__(self, runtime_dir: Path, context: zmq.Context | None = None, isolation: Isolation | None = None):
         self.runtime_dir = runtime_dir
         runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(runtime_dir, 0o700)
         self.isolation = isolation
+        sandbox_provisioner.register()
         if isolation is not None and isolation.profile != "none":
-            sandbox_provisioner.register()
             isolation.runtime_root.mkdir(parents=True, exist_ok=True)
             os.chmod(isolation.runtime_root, 0o711 if isolation.profile == "process" else 0o700)
         self.context = context or shared_zmq_context()
         self.async_context = zmq.asyncio.Context.shadow(self.context.underlying)
-        self.specs = KernelSpecManager(kernel_dirs=[str(kernels_dir())], ensure_native_kernel=False)
+        directories = [str(kernels_dir())]
+        self.specs = KernelSpecManager(kernel_dirs=directories, ensure_native_kernel=False)  # as written
+        self.launch_specs = ProvisionedSpecs(kernel_dirs=directories, ensure_native_kernel=False)
+        self.isolated_specs = ProvisionedSpecs(kernel_dirs=directories, ensure_native_kernel=False)
+        self.isolated_specs.message_interrupts = True
 
     def isolation_defaults(self) -> SessionIsolation | None:
         return self.isolation.defaults if self.isolation is not None else None
@@ -340,21 +420,29 @@ class KernelLauncher:
         spec = self.get_spec(spec_name)
         if isolation is None and self.isolation is not None:
             isolation = self.isolation.defaults
-        if isolation is None or isolation.profile == "none" or "kernel_provisioner" in spec.metadata:
-            # Unisolated, or a spec whose own provisioner places the kernel (a cluster).
-            return await self._start_plain(kernel_id, spec_name, cwd, env, ready_timeout)
-        return await self._start_isolated(kernel_id, spec, spec_name, cwd, env, ready_timeout, isolation)
+        if self._runs_isolated(spec, isolation):
+            assert isolation is not None
+            kernel = await self._isolated_kernel(kernel_id, spec_name, cwd, env, isolation, uid=None)
+        else:
+            kernel = self._plain_kernel(kernel_id, spec_name, cwd, env)
+        await self._launch(kernel, ready_timeout)
+        return kernel
 
-    def _manager(self, spec_name: str, **settings: Any) -> AsyncKernelManager:
-        manager = AsyncKernelManager(kernel_name=spec_name, kernel_spec_manager=self.specs,
-                                     context=self.async_context, **settings)
+    def _runs_isolated(self, spec: KernelSpec, isolation: SessionIsolation | None) -> bool:
+        """Unisolated, or a spec whose own provisioner places the kernel (a cluster): plain."""
+        return isolation is not None and isolation.profile != "none" and "kernel_provisioner" not in spec.metadata
+
+    def _manager(self, spec_name: str, isolated: bool, **settings: Any) -> AsyncKernelManager:
+        manager = AsyncKernelManager(kernel_name=spec_name, context=self.async_context,
+                                     kernel_spec_manager=self.isolated_specs if isolated else self.launch_specs,
+                                     **settings)
         # A kernel that does not exit within this after a shutdown request is signalled.
         manager.shutdown_wait_time = 1.0
         return manager
 
-    async def _start_plain(self, kernel_id: str, spec_name: str, cwd: Path, env: dict[str, str],
-                           ready_timeout: float) -> RunningKernel:
-        manager = self._manager(spec_name, connection_file=str(self.runtime_dir / f"kernel-{kernel_id}.json"))
+    def _plain_kernel(self, kernel_id: str, spec_name: str, cwd: Path, env: dict[str, str]) -> RunningKernel:
+        """A kernel as the server's own user, with what it is launched with (not yet started)."""
+        manager = self._manager(spec_name, False, connection_file=str(self.runtime_dir / f"kernel-{kernel_id}.json"))
         manager.kernel_id = kernel_id
         kernel = RunningKernel(manager, self.context, label=kernel_id)
         kernel.log_file = kernel_log(cwd, kernel_id)
@@ -362,45 +450,65 @@ class KernelLauncher:
         # Kept open while the kernel lives: a restart launches its new process with it again.
         output = open(kernel.log_file, "ab")  # noqa: SIM115 (closed when the kernel is shut down)
         kernel.released.append(output.close)
-        # Independent: the kernel outlives a crash of the gateway, which reattaches it on restart.
-        await self._launch(kernel, ready_timeout, cwd=str(cwd), env=self.build_env(env), independent=True,
-                           stdout=output, stderr=output)
+        # Independent: the kernel outlives a crash of the gateway, which adopts it on restart.
+        kernel.launch = {"cwd": str(cwd), "env": self.build_env(env), "independent": True,
+                         "stdout": output, "stderr": output}
         return kernel
 
-    async def _start_isolated(self, kernel_id: str, spec: KernelSpec, spec_name: str, cwd: Path,
-                              env: dict[str, str], ready_timeout: float, isolation: SessionIsolation) -> RunningKernel:
+    async def _isolated_kernel(self, kernel_id: str, spec_name: str, cwd: Path, env: dict[str, str],
+                               isolation: SessionIsolation, uid: int | None,
+                               log_file: Path | None = None) -> RunningKernel:
+        """A kernel under its own uid (``uid``: the one it has, when adopted; else a new one),
+        with what it is launched with (not yet started)."""
         assert self.isolation is not None
         runtime = self.isolation.runtime_root / kernel_id.replace("-", "")[:12]
-        manager = self._manager(spec_name, **sandbox_provisioner.connection_settings(runtime))
+        manager = self._manager(spec_name, True, **sandbox_provisioner.connection_settings(runtime))
         manager.connection_file = str(runtime / f"kernel-{kernel_id}.json")
         manager.kernel_id = kernel_id
-        isolated_spec = copy.copy(spec)
-        isolated_spec.metadata = {**spec.metadata, **sandbox_provisioner.spec_metadata()}
-        isolated_spec.interrupt_mode = "message"
-        manager._kernel_spec = isolated_spec
         uids = self.isolation.uids
-        uid = await asyncio.to_thread(uids.allocate, kernel_id)
+        if uid is None:
+            uid = await asyncio.to_thread(uids.allocate, kernel_id)
+        else:
+            uids.reserve(kernel_id, uid)  # no new kernel gets this uid while it runs
         kernel = RunningKernel(manager, self.context, label=kernel_id, isolation=isolation, owner=(uid, uid),
                                runtime_dir=runtime)
         kernel.released.append(lambda: uids.release(kernel_id))
-        kernel.log_file = kernel_log(cwd, kernel_id)
-        kernel.log_file.parent.mkdir(mode=0o700, exist_ok=True)
+        kernel.log_file = log_file or kernel_log(cwd, kernel_id)
         launch = sandbox.SandboxSpec(isolation.profile, kernel_id, cwd, runtime, uid=uid, gid=uid,
                                      limits=isolation.kernel_limits(), log_file=kernel.log_file)
-        if isolation.profile == "process":
-            cwd.mkdir(parents=True, exist_ok=True)
-            open_for_traversal(cwd.parent, self.isolation.data_dir)  # the workspace itself: the helper
-        helper = host.current()
-        if self.isolation.volumes and isolation.workspace_bytes:
-            await helper.call("volume.ensure", path=str(cwd), size=isolation.workspace_bytes, owner=[uid, uid])
-        if cwd.exists():  # files the gateway put there (uploads, a fork's copy) become the kernel's
-            await helper.call("tree.hand_over", root=str(cwd), owner=[uid, uid])
-        await self._launch(kernel, ready_timeout, env=self.build_env(env), independent=True, sandbox=launch)
+        kernel.launch = {"env": self.build_env(env), "independent": True, "sandbox": launch}
         return kernel
 
-    async def _launch(self, kernel: RunningKernel, ready_timeout: float, **kwargs: Any) -> None:
+    async def _prepare_isolated(self, kernel: RunningKernel) -> None:
+        """Before an isolated kernel's first start: its workspace, volume and log directory."""
+        assert self.isolation is not None and kernel.owner is not None and kernel.isolation is not None
+        spec: sandbox.SandboxSpec = kernel.launch["sandbox"]
+        cwd, owner = spec.workspace, list(kernel.owner)
+        assert kernel.log_file is not None
+        kernel.log_file.parent.mkdir(mode=0o700, exist_ok=True)
+        if kernel.isolation.profile == "process":
+            cwd.mkdir(parents=True, exist_ok=True)
+        self._open_the_way(kernel)
+        helper = host.current()
+        if self.isolation.volumes and kernel.isolation.workspace_bytes:
+            await helper.call("volume.ensure", path=str(cwd), size=kernel.isolation.workspace_bytes, owner=owner)
+        if cwd.exists():  # files the gateway put there (uploads, a fork's copy) become the kernel's
+            await helper.call("tree.hand_over", root=str(cwd), owner=owner)
+
+    def _open_the_way(self, kernel: RunningKernel) -> None:
+        """Under ``process`` the kernel's uid reaches its workspace and runtime directory on the
+        host: the directories down to them must let it pass (the server's start closes them)."""
+        spec = kernel.launch.get("sandbox")
+        if self.isolation is not None and isinstance(spec, sandbox.SandboxSpec) and spec.profile == "process":
+            open_for_traversal(spec.workspace.parent, self.isolation.data_dir)  # the workspace itself: the helper
+            open_for_traversal(self.isolation.runtime_root, self.isolation.data_dir)
+
+    async def _launch(self, kernel: RunningKernel, ready_timeout: float) -> None:
         try:
-            await kernel.manager.start_kernel(**kwargs)
+            if "sandbox" in kernel.launch:
+                await self._prepare_isolated(kernel)
+            await kernel.manager.start_kernel(**kernel.launch)
+            await kernel.note_provisioner()
             kernel.connect()
             await kernel.wait_ready(ready_timeout)
             if kernel.owner is not None:
@@ -410,3 +518,77 @@ class KernelLauncher:
             raise
         log.info("kernel %s started (%s, %s, pid %s)", kernel.label, kernel.manager.kernel_name, kernel.profile,
                  kernel.pid)
+
+    async def adopt(self, placement: Placement, *, spec_name: str, cwd: Path, env: dict[str, str],
+                    isolation: SessionIsolation | None, timeout: float) -> RunningKernel | None:
+        """The kernel ``placement`` describes, started by an earlier gateway process (before a
+        crash), taken up with the same uid, directories, log and limits; None if it is gone or
+        does not answer (then it is stopped)."""
+        connection_file = Path(placement.connection_file)
+        if placement.owner is not None and self.isolation is not None and isolation is not None:
+            workspace = Path(placement.workspace) if placement.workspace else cwd
+            kernel = await self._isolated_kernel(placement.launch_id, spec_name, workspace, env, isolation,
+                                                 uid=placement.owner[0], log_file=self._log_path(placement))
+        elif placement.owner is None and connection_file.parent == self.runtime_dir:
+            kernel = self._plain_kernel(placement.launch_id, spec_name, cwd, env)
+        else:
+            return None
+        manager = kernel.manager
+        if manager.connection_file != str(connection_file):
+            kernel.abandon()
+            return None
+        try:
+            manager.load_connection_file(str(connection_file))
+        except (OSError, ValueError) as exc:
+            log.warning("kernel %s: its connection file cannot be read (%s)", placement.launch_id, exc)
+            kernel.abandon()
+            return None
+        if kernel.runtime_dir is not None and (manager.transport != "ipc" or
+                                               manager.ip != str(kernel.runtime_dir / "ipc")):
+            # An isolated kernel owns its connection file: its sockets must be where it was started.
+            log.warning("kernel %s: its connection file names sockets outside its runtime directory; stopping it",
+                        placement.launch_id)
+            kernel.abandon()
+            return None
+        if not await self._adopt_provisioner(kernel, placement):
+            kernel.abandon()
+            return None
+        self._open_the_way(kernel)
+        try:
+            kernel.connect()
+            await kernel.wait_ready(timeout)
+        except Exception as exc:
+            log.warning("kernel %s did not answer after the restart (%s); stopping it", placement.launch_id, exc)
+            await kernel.shutdown(now=True)
+            return None
+        return kernel
+
+    @staticmethod
+    def _log_path(placement: Placement) -> Path | None:
+        return Path(placement.log_file) if placement.log_file else None
+
+    async def _adopt_provisioner(self, kernel: RunningKernel, placement: Placement) -> bool:
+        """Give the kernel's manager a provisioner holding the running process: the saved
+        provisioner info handed to a new provisioner (jupyter_client's way of persisting a
+        kernel). A placement kept before the info was falls back on its pid."""
+        manager = kernel.manager
+        info = dict(placement.provisioner)
+        if not info:
+            info = {"pid": placement.pid, "pgid": placement.pid if placement.owner is None else None,
+                    "ip": manager.ip, "sandbox": {"profile": placement.profile, "name": placement.launch_id,
+                                                  "cgroup": placement.cgroup,
+                                                  "runtime_dir": placement.runtime_dir}}
+        info["kernel_id"] = placement.launch_id
+        info["connection_info"] = manager.get_connection_info()
+        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+            placement.launch_id, manager.kernel_spec, parent=manager)
+        try:
+            await provisioner.load_provisioner_info(info)
+        except Exception as exc:
+            log.warning("kernel %s: its provisioner could not take it up (%s)", placement.launch_id, exc)
+            return False
+        if not provisioner.has_process:
+            return False
+        manager.provisioner = provisioner
+        await kernel.note_provisioner()
+        return True

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import executor, host, snapshots
-from gateway.reattach import adopt, stop_unclaimed
+from gateway.reattach import recorded_placement, stop_unclaimed
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Forbidden, Unavailable
 from gateway.outcomes import RERUN_STATUSES, lost_outcome
-from gateway.placement import Placement
 from gateway.recorder import Trajectory, recorded_replies
 from gateway.workspace import Workspace
 
@@ -308,11 +307,10 @@ class Lifecycle:
                 row["steps"] += self._record_lost(trajectory, running.pop(row["id"], []), False)
                 log.warning("session %s: failed; a crash cut its fork short", row["id"])
                 continue
-            kernel = await adopt(manager.launcher, pid=row.get("kernel_pid"), connection_file=row.get("connection_file"),
-                                 spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
-                                 timeout=min(10.0, self.settings.kernel_start_timeout),
-                                 placement=Placement.from_dict(row.get("placement")),
-                                 isolation=manager.isolation_of(row))
+            placement = recorded_placement(row)
+            kernel = None if placement is None else await manager.launcher.adopt(
+                placement, spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
+                isolation=manager.isolation_of(row), timeout=min(10.0, self.settings.kernel_start_timeout))
             row["steps"] += self._record_lost(trajectory, running.pop(row["id"], []), kernel is not None)
             if kernel is not None:
                 live = manager.register(row, trajectory)

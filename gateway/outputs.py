@@ -189,8 +189,15 @@ class OutputCollector:
         display_id = content.get("transient", {}).get("display_id")
         data = clean_bundle(content.get("data", {}))
         metadata = content.get("metadata") if isinstance(content.get("metadata"), dict) else {}
+        size = _data_size(data)
         for output in self.outputs:
             if display_id and output.get("_display_id") == display_id:
+                # Held to the step's budget as any output: what the new data adds must fit.
+                old = _data_size(output["data"])
+                if size > old and (self.truncated or self._take(size - old) < size - old):
+                    self.truncated = True
+                    continue
+                self.used -= max(old - size, 0)
                 output["data"] = data
                 output["metadata"] = metadata
         self._emit({"type": "display", "data": data, "metadata": metadata})

@@ -119,7 +119,7 @@ async def bind(kernel: RunningKernel, workspace: Path, env: dict[str, str], time
         moved = workspace.parent / "logs" / kernel.log_file.name
         moved.parent.mkdir(mode=0o700, exist_ok=True)
         os.replace(kernel.log_file, moved)
-        kernel.log_file = moved
+        kernel.move_log(moved)
     inner = f"import os\nos.chdir({kernel.workspace_path(workspace)!r})\nos.environ.update({env!r})"
     code = f"exec({inner!r}, {{'__name__': '_gateway_bind'}})"
     raw = await run_silently(kernel, code, timeout)

@@ -1,9 +1,10 @@
-"""A jupyter_client kernel provisioner that starts each kernel under an isolation profile.
+"""The jupyter_client kernel provisioner of every kernel the gateway starts on this host.
 
 Use it from a kernel spec (``metadata.kernel_provisioner.provisioner_name`` set to
 ``agent-gateway-sandbox``, registered by ``register()`` or by an entry point in the
-``jupyter_client.kernel_provisioners`` group) and pass the per-kernel ``SandboxSpec`` to
-``start_kernel``::
+``jupyter_client.kernel_provisioners`` group). Without a ``sandbox`` argument it launches the
+kernel as LocalProvisioner does; with a per-kernel ``SandboxSpec`` it starts it under that
+isolation profile::
 
     manager = AsyncKernelManager(kernel_name=..., kernel_spec_manager=..., **connection_settings(runtime_dir))
     await manager.start_kernel(sandbox=SandboxSpec(...), env=..., independent=True)
@@ -15,6 +16,11 @@ provisioner holds a ``HelperProcess`` in place of a ``Popen``: a pidfd tells whe
 ended, the helper (its parent) tells the exit code. The spec's interrupt mode becomes
 ``message``. The final cleanup removes the cgroups and the runtime directory; ``oom_killed()``
 tells whether the kernel died at its memory limit.
+
+A kernel survives a crash of the gateway. ``get_provisioner_info()`` is what the gateway keeps
+of it, and ``load_provisioner_info()`` takes it up again in a new gateway process: the
+provisioner then holds the running kernel (an ``AdoptedProcess``, or a ``HelperProcess`` the
+helper adopted) and every manager operation works on it as on a kernel started here.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ import os
 import select
 import shutil
 import signal
+import subprocess
+import time
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
+import psutil
 from jupyter_client.provisioning import LocalProvisioner
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
@@ -36,6 +45,7 @@ from gateway.sandbox import SandboxSpec
 
 PROVISIONER_NAME = "agent-gateway-sandbox"
 ENTRY_POINT = "gateway.sandbox_provisioner:SandboxProvisioner"
+UNKNOWN_EXIT = -1  # what poll() answers for a process whose exit code went to another parent
 
 
 def register() -> None:
@@ -66,20 +76,21 @@ def limits_args(spec: SandboxSpec) -> dict[str, Any]:
 
 
 class HelperProcess:
-    """A kernel's launcher, started by the helper: what jupyter_client asks of a ``Popen``."""
+    """A kernel's launcher, started (or, after a crash, adopted) by the helper: what
+    jupyter_client asks of a ``Popen``. ``exit_known`` is False for a launcher another helper
+    started: its exit code went to that one."""
 
     stdin = stdout = stderr = None
 
     def __init__(self, name: str, pid: int, pidfd: int):
         self.name, self.pid, self.pidfd = name, pid, pidfd
         self.returncode: int | None = None
+        self.exit_known = True
         self.oom_killed = False
 
     def exited(self) -> bool:
         """Whether the launcher has ended (its pidfd is readable then)."""
-        if self.pidfd < 0:
-            return True
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+        return _pidfd_exited(self.pidfd)
 
     async def refresh(self) -> int | None:
         """The exit code, asked of the helper once the pidfd says the launcher ended."""
@@ -88,6 +99,9 @@ class HelperProcess:
             self.oom_killed = self.oom_killed or bool(state["oom_killed"])
             if state["returncode"] is not None:
                 self.returncode = int(state["returncode"])
+            elif state["exited"]:
+                self.returncode, self.exit_known = UNKNOWN_EXIT, False
+            if self.returncode is not None:
                 self.close()
         return self.returncode
 
@@ -103,28 +117,98 @@ class HelperProcess:
             self.pidfd = -1
 
 
+class AdoptedProcess:
+    """A kernel process of the ``none`` profile that an earlier gateway process started: what
+    jupyter_client asks of a ``Popen``, through a pidfd (so a reused pid is never signalled).
+    It is not this process's child, so its exit code is not known."""
+
+    stdin = stdout = stderr = None
+    exit_known = False
+
+    def __init__(self, pid: int, pidfd: int):
+        self.pid, self.pidfd = pid, pidfd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and _pidfd_exited(self.pidfd):
+            self.returncode = UNKNOWN_EXIT
+            os.close(self.pidfd)
+            self.pidfd = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            signal.pidfd_send_signal(self.pidfd, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _pidfd_exited(pidfd: int) -> bool:
+    return pidfd < 0 or bool(select.select([pidfd], [], [], 0)[0])
+
+
+def adopt_local(pid: int, connection_file: str) -> AdoptedProcess | None:
+    """The running process ``pid`` if it is the kernel of ``connection_file`` (so a reused pid
+    is never taken for it)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE and connection_file in process.cmdline():
+            return AdoptedProcess(pid, pidfd)
+    except psutil.Error:
+        pass
+    os.close(pidfd)
+    return None
+
+
 class SandboxProvisioner(LocalProvisioner):
-    """LocalProvisioner whose kernels the privileged helper launches and signals (by cgroup)."""
+    """LocalProvisioner whose isolated kernels the privileged helper launches and signals (by
+    cgroup), and that takes up a kernel an earlier gateway process started."""
 
     spec: SandboxSpec | None = None
     profile: str = "none"
+    launch_name: str | None = None  # the kernel's name with the helper: its cgroups, its plan
+    runtime_dir: Path | None = None
     cgroup_name: str | None = None
+    cgroup_parent: str = cgroups.DEFAULT_PARENT
     last_oom_killed: bool = False
+
+    @property
+    def isolated(self) -> bool:
+        return self.profile in ("process", "sandbox")
 
     @property
     def cgroup(self) -> CgroupSet | None:
         """The kernel's cgroups, to look at (the helper changes them)."""
         if self.cgroup_name is None:
             return None
-        parent = self.spec.cgroup_parent if self.spec is not None else cgroups.DEFAULT_PARENT
-        return CgroupSet(cgroups.detect_cached(parent), self.cgroup_name)
+        return CgroupSet(cgroups.detect_cached(self.cgroup_parent), self.cgroup_name)
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         spec = kwargs.pop("sandbox", None)
+        if spec is None:  # a plain local launch
+            self.spec, self.profile, self.runtime_dir = None, "none", None
+            return await super().pre_launch(**kwargs)
         if not isinstance(spec, SandboxSpec):
-            raise ValueError(f"{PROVISIONER_NAME} needs start_kernel(sandbox=SandboxSpec(...))")
-        self.spec, self.profile = spec, spec.profile
-        if spec.profile == "none":  # as the caller's own user: a plain local launch
+            raise ValueError(f"{PROVISIONER_NAME} takes start_kernel(sandbox=SandboxSpec(...))")
+        self.spec, self.profile, self.launch_name = spec, spec.profile, spec.name
+        self.runtime_dir, self.cgroup_parent = spec.runtime_dir, spec.cgroup_parent
+        if spec.profile == "none":  # as the caller's own user, in the spec's directories
             spec.workspace.mkdir(parents=True, exist_ok=True)
             spec.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             kwargs.setdefault("cwd", str(spec.workspace))
@@ -161,10 +245,10 @@ class SandboxProvisioner(LocalProvisioner):
                 raise ValueError(f"the {what} {path} must be inside the kernel's runtime dir {spec.runtime_dir}")
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        """Have the helper start the kernel: it keeps the launcher as its child."""
-        assert self.spec is not None and self.parent is not None
-        if self.spec.profile == "none":
+        """Have the helper start an isolated kernel: it keeps the launcher as its child."""
+        if self.spec is None or not self.isolated:
             return await super().launch_kernel(cmd, **kwargs)
+        assert self.parent is not None
         connection = Path(self.parent.connection_file)
         if connection.parent != self.spec.runtime_dir:
             raise ValueError("the connection file must be directly in the kernel's runtime dir")
@@ -197,11 +281,12 @@ class SandboxProvisioner(LocalProvisioner):
         return process.returncode
 
     async def send_signal(self, signum: int) -> None:
-        """Signal the kernel's processes through its cgroup (SIGKILL: all of them, bwrap included)."""
+        """Signal an isolated kernel's processes through its cgroup (SIGKILL: all of them, bwrap
+        included)."""
         if not isinstance(self.process, HelperProcess):
             await super().send_signal(signum)
-        elif self.spec is not None:
-            await host.current().call("kernel.signal", name=self.spec.name, signum=int(signum))
+        else:
+            await host.current().call("kernel.signal", name=self.process.name, signum=int(signum))
 
     async def kill(self, restart: bool = False) -> None:
         if not isinstance(self.process, HelperProcess):
@@ -219,31 +304,55 @@ class SandboxProvisioner(LocalProvisioner):
         """Whether the kernel's memory cgroup recorded an OOM kill (also after cleanup)."""
         return self.last_oom_killed
 
+    def exit_known(self) -> bool:
+        """Whether the exit code of the kernel's process can be known (not for a kernel started
+        by an earlier gateway process)."""
+        return bool(getattr(self.process, "exit_known", True))
+
     async def cleanup(self, restart: bool = False) -> None:
         """Remove the cgroups (killing leftovers); at the final cleanup also the runtime dir."""
         await super().cleanup(restart=restart)
         await self._release(final=not restart)
 
     async def _release(self, final: bool) -> None:
-        if self.spec is None:
+        if self.runtime_dir is None:
             return
-        if self.spec.profile == "none":
+        if not self.isolated:
             if final:
-                shutil.rmtree(self.spec.runtime_dir, ignore_errors=True)
+                shutil.rmtree(self.runtime_dir, ignore_errors=True)
             return
-        state = await host.current().call("kernel.release", name=self.spec.name,
-                                          runtime_dir=str(self.spec.runtime_dir) if final else None)
+        state = await host.current().call("kernel.release", name=self.launch_name,
+                                          runtime_dir=str(self.runtime_dir) if final else None)
         self.last_oom_killed = self.last_oom_killed or bool(state["oom_killed"])
         if isinstance(self.process, HelperProcess) and final:
             self.process.close()
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
-        info["sandbox"] = {"profile": self.profile, "cgroup": self.cgroup_name}
+        info["sandbox"] = {"profile": self.profile, "name": self.launch_name, "cgroup": self.cgroup_name,
+                           "cgroup_parent": self.cgroup_parent,
+                           "runtime_dir": str(self.runtime_dir) if self.runtime_dir else None}
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Take up the kernel described by ``provisioner_info`` (kept by an earlier gateway
+        process); ``has_process`` is False afterwards when it no longer runs."""
         await super().load_provisioner_info(provisioner_info)
         saved = provisioner_info.get("sandbox") or {}
-        self.profile = saved.get("profile", "none")
+        self.profile = str(saved.get("profile") or "none")
+        self.launch_name = saved.get("name")
         self.cgroup_name = saved.get("cgroup")
+        self.cgroup_parent = saved.get("cgroup_parent") or cgroups.DEFAULT_PARENT
+        self.runtime_dir = Path(saved["runtime_dir"]) if saved.get("runtime_dir") else None
+        connection_file = str(self.parent.connection_file) if self.parent is not None else ""
+        if not self.pid or not connection_file:
+            return
+        if self.isolated:
+            if not self.launch_name:
+                return
+            reply = await host.current().call_fds("kernel.adopt", name=self.launch_name, pid=int(self.pid),
+                                                  connection_file=connection_file)
+            if reply.fds:
+                self.process = HelperProcess(self.launch_name, int(self.pid), reply.fds[0])  # type: ignore[assignment]
+        else:
+            self.process = adopt_local(int(self.pid), connection_file)  # type: ignore[assignment]

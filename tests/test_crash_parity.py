@@ -1,11 +1,13 @@
-"""After kill -9 and a restart, a session behaves exactly as it did before: under ``sandbox``,
-its reattached kernel keeps its uid, workspace owner, exchange directory and limits (the
-placement kept with the session), so uploads, downloads, pause and resume, fork, restart,
-interrupt and a later clean stop all work as for a kernel that never went through a crash."""
+"""After kill -9 and a restart, a session behaves exactly as it did before, under every
+isolation profile: its reattached kernel keeps its uid, workspace owner, exchange directory and
+limits (the placement kept with the session, taken up again through the kernel's provisioner),
+so uploads, downloads, pause and resume, fork, restart, interrupt, the death of the kernel and a
+later clean stop all work as for a kernel that never went through a crash."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import time
@@ -39,11 +41,11 @@ def memory_limit(launch_id: str) -> int | None:
     return int((directory / name).read_text())
 
 
-@pytest.fixture(scope="module")
-def crashed() -> Iterator[dict[str, Any]]:
-    """A sandbox gateway with two sessions (one with state and files, one with no step yet),
-    killed with SIGKILL and started again on the same data directory."""
-    with isolated_gateway("sandbox", "--pool-size", "0", prefix="agw-parity-") as state:
+@pytest.fixture(scope="module", params=["sandbox", "process", "none"])
+def crashed(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A gateway under each profile with two sessions (one with state and files, one with no
+    step yet), killed with SIGKILL and started again on the same data directory."""
+    with isolated_gateway(request.param, "--pool-size", "0", prefix="agw-parity-") as state:
         gateway: GatewayProcess = state["gateway"]
         with gateway.client() as client:
             used = client.post("/v1/sessions", json={"limits": {"memory": MEMORY}}).json()
@@ -66,9 +68,11 @@ def test_the_reattached_kernel_keeps_its_placement(crashed: dict[str, Any], clie
     sid = crashed["used"]
     before = crashed["before"][sid]
     after = placement_of(crashed["gateway"].data_dir, sid)
-    assert (after["uid"], after["runtime_dir"], after["launch_id"]) == (before["uid"], before["runtime_dir"],
-                                                                       before["launch_id"])
-    assert run(client, sid, "import os; (x + 1, os.getuid())")["result"] == f"(42, {before['uid']})"
+    assert after["profile"] == crashed["profile"]
+    assert (after["uid"], after["runtime_dir"], after["launch_id"], after["cgroup"], after["provisioner"]) == \
+        (before["uid"], before["runtime_dir"], before["launch_id"], before["cgroup"], before["provisioner"])
+    uid = before["uid"] if before["uid"] is not None else 999999  # the server's own user under none
+    assert run(client, sid, "import os; (x + 1, os.getuid())")["result"] == f"(42, {uid})"
     events = [e["action"] for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]]
     assert "session_reattached" in events
 
@@ -93,6 +97,7 @@ def test_interrupt_pause_resume_and_fork_after_the_crash(crashed: dict[str, Any]
     step = client.post(f"/v1/sessions/{sid}/execute", json={"code": "import time; time.sleep(60)", "timeout": 2})
     assert step.json()["status"] == "timeout" and time.monotonic() - started < 20
     paused = client.post(f"/v1/sessions/{sid}/pause").json()
+    assert "state" in paused, paused
     assert paused["state"] == "paused" and "x" in paused["snapshot"]["saved"], paused["snapshot"]
     assert "error" not in paused["snapshot"]
     assert client.post(f"/v1/sessions/{sid}/resume").json()["state"] == "idle"
@@ -115,16 +120,49 @@ def test_a_restart_keeps_the_sessions_limits(crashed: dict[str, Any], client: ht
     assert restarted.status_code == 200, restarted.text
     placement = placement_of(data_dir, sid)
     assert placement["pid"] == kernel_host_pid(data_dir, sid)
-    if cgroups.detect_cached(cgroups.DEFAULT_PARENT).has("memory"):
+    assert placement["uid"] == crashed["before"][sid]["uid"]  # the kernel keeps its uid
+    if placement["cgroup"] and cgroups.detect_cached(cgroups.DEFAULT_PARENT).has("memory"):
         assert memory_limit(placement["launch_id"]) == limits["memory"]
     assert client.get(f"/v1/sessions/{sid}").json()["isolation"]["limits"] == limits
     used = crashed["used"]
     # The session with its own, lower limit: after a restart its kernel has that limit still.
     assert client.post(f"/v1/sessions/{used}/restart").status_code == 200
-    launch = placement_of(data_dir, used)["launch_id"]
-    if cgroups.detect_cached(cgroups.DEFAULT_PARENT).has("memory"):
-        assert memory_limit(launch) == MEMORY
+    placement = placement_of(data_dir, used)
+    if placement["cgroup"] and cgroups.detect_cached(cgroups.DEFAULT_PARENT).has("memory"):
+        assert memory_limit(placement["launch_id"]) == MEMORY
     assert run(client, used, "open('made.txt').read()")["result"] == "'by the kernel'"
+
+
+def test_a_kernel_that_dies_after_the_crash_is_noticed_and_replaced(crashed: dict[str, Any],
+                                                                    client: httpx.Client) -> None:
+    """The adopted kernel is not the new gateway's child: its death is still seen (through a
+    pidfd), the step says so, and the session goes on with a new kernel under its own limits."""
+    sid = crashed["fresh"]
+    data_dir = crashed["gateway"].data_dir
+    created = client.post("/v1/sessions", json={}).json()  # a session the crash never touched, to compare
+    try:
+        expected = client.get(f"/v1/sessions/{created['id']}").json()["isolation"]
+        client.post(f"/v1/sessions/{sid}/restart")  # so that it is not the kernel the previous tests used
+        run(client, sid, "doomed = True")
+        gateway: GatewayProcess = crashed["gateway"]
+        gateway.stop(signal.SIGKILL)
+        gateway = crashed["gateway"] = start_gateway(data_dir, extra_args=crashed["args"])
+        with gateway.client() as again:
+            assert run(again, sid, "doomed")["result"] == "True"
+            os.kill(kernel_host_pid(data_dir, sid), signal.SIGKILL)
+            step = again.post(f"/v1/sessions/{sid}/execute", json={"code": "import time; time.sleep(30)"}).json()
+            if step["status"] == "died":  # the kernel was seen dying during the step
+                assert step["error"]["name"] == "KernelDied", step
+            else:  # or before it, when the new kernel ran it
+                events = again.get(f"/v1/sessions/{sid}/events").json()["events"]
+                died = [e for e in events if e["action"] == "kernel_died"]
+                assert died and "started before the gateway restarted" in died[-1]["details"]["message"], died
+            after = run(again, sid, "'doomed' in dir()")
+            assert after["result"] == "False"
+            assert again.get(f"/v1/sessions/{sid}").json()["isolation"]["profile"] == expected["profile"]
+    finally:
+        with crashed["gateway"].client() as http:
+            http.delete(f"/v1/sessions/{created['id']}")
 
 
 def test_a_clean_stop_after_the_crash_keeps_every_sessions_state(crashed: dict[str, Any]) -> None:
