@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gateway import access
 from gateway.auth import Principal
 from gateway.clock import now_iso
 from gateway.errors import InsufficientStorage
@@ -299,7 +300,7 @@ class KernelHub:
         self.to_client(client.client_id, channel, *gateway_message("execute_reply", refused, header))
 
     def may_run(self, principal: Principal) -> bool:
-        return principal.may_write_anything or principal.name == self.live.row["owner"]
+        return access.may_change(principal, self.live.row["owner"])
 
     def refuse_read_only(self, client: WebsocketClient, channel: str, header: dict[str, Any],
                          content: dict[str, Any] | None) -> None:

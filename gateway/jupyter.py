@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from gateway import access
 from gateway.auth import Principal
 from gateway.errors import Forbidden, NotFound
 from gateway.hub import KernelHub
@@ -77,7 +78,7 @@ class JupyterKernels:
     def _live(self, principal: Principal, kernel_id: str) -> LiveSession:
         session_id = self.sessions.session_id_for_kernel(kernel_id)
         live = self.sessions.live.get(session_id) if session_id else None
-        if live is None or not (principal.sees_everything or live.row["owner"] == principal.name):
+        if live is None or not access.may_see(principal, live.row["owner"]):
             raise NotFound(f"There is no running kernel '{kernel_id}'.", code="kernel_not_found",
                            details={"kernel_id": kernel_id})
         return live
@@ -89,7 +90,7 @@ class JupyterKernels:
 
     def list(self, principal: Principal) -> list[dict[str, Any]]:
         return [self.model(live) for live in self.sessions.live.values()
-                if principal.sees_everything or live.row["owner"] == principal.name]
+                if access.may_see(principal, live.row["owner"])]
 
     def get(self, principal: Principal, kernel_id: str) -> dict[str, Any]:
         return self.model(self._live(principal, kernel_id))
@@ -113,7 +114,7 @@ class JupyterKernels:
         """
         live = self._writable(principal, kernel_id)
         if live.row.get("origin") == "jupyter" or terminate:
-            if terminate and live.row.get("origin") != "jupyter" and principal.role != "admin":
+            if not access.may_end_from_jupyter(principal, live.row):
                 raise Forbidden("Only an admin may terminate an agent's session through the Jupyter API; "
                                 "the owner ends it with DELETE /v1/sessions/{id}.")
             await self.sessions.terminate(principal, live.id)
@@ -139,7 +140,9 @@ class JupyterKernels:
     def hub(self, principal: Principal, kernel_id: str) -> KernelHub:
         """The hub a websocket client attaches to: the session's owner and admins run code;
         reviewers attach read-only (they see every message and may run nothing)."""
-        live = self._live(principal, kernel_id) if principal.role == "reviewer" else self._writable(principal, kernel_id)
+        live = self._live(principal, kernel_id)
+        if access.may_change(principal, live.row["owner"]):
+            self.sessions.writable(principal, live.id)  # runs code: live, not paused, not ended
         if live.hub is None:
             live.hub = KernelHub(self.sessions, live, self.replay_seconds)
         return live.hub

@@ -17,11 +17,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import executor, host, snapshots
+from gateway import access, executor, host, snapshots, states
 from gateway.reattach import recorded_placement, stop_unclaimed
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
-from gateway.errors import Conflict, Forbidden, Unavailable
+from gateway.errors import Conflict, Unavailable
 from gateway.outcomes import RERUN_STATUSES, lost_outcome
 from gateway.recorder import Trajectory, recorded_replies
 from gateway.workspace import Workspace
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENDED = ("terminated", "failed")
-LIVE = ("starting", "idle", "busy")
 
 
 class Lifecycle:
@@ -88,7 +86,7 @@ class Lifecycle:
     async def _pause(self, live: "LiveSession", principal: str | None, reason: str) -> None:
         manager = self.manager
         async with live.lock:
-            if live.row["state"] in ENDED or manager.live.get(live.id) is not live:
+            if live.row["state"] in states.ENDED or manager.live.get(live.id) is not live:
                 return
             directory = self.snapshot_dir(live.id)
             started = time.monotonic()
@@ -141,16 +139,15 @@ class Lifecycle:
         """Bring a paused session back with its state; a live session is returned as it is."""
         manager = self.manager
         row = manager.visible_row(principal, session_id)
-        if not (principal.may_write_anything or row["owner"] == principal.name):
-            raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not resume it.")
+        access.check_change(principal, session_id, row, "resume")
         if session_id in manager.live:
             return manager.view(manager.live[session_id].row)
         if session_id in self.resuming:
             await asyncio.shield(self.resuming[session_id])
             return manager.get(principal, session_id)
         if row["state"] != "paused":
-            raise Conflict(f"Session '{session_id}' is {row['state']}: only a paused session can be resumed.",
-                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}: only a "
+                                     "paused session can be resumed.")
         if manager.closing:
             raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -237,11 +234,10 @@ class Lifecycle:
         """A new session owned by the caller, with a copy of this one's files and state."""
         manager = self.manager
         row = manager.visible_row(principal, session_id)
-        if principal.role == "reviewer":
-            raise Forbidden("Reviewers read sessions; they cannot fork them.")
-        if row["state"] in ENDED:
-            raise Conflict(f"Session '{session_id}' is {row['state']}; fork a live or paused session.",
-                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+        access.check_create(principal, "fork them")
+        if row["state"] in states.ENDED:
+            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}; fork a "
+                                     "live or paused session.")
         staging = manager.sessions_dir / session_id / "forks" / uuid.uuid4().hex
         parent_step = manager.store.next_positions(session_id)[0] - 1
         saved: dict[str, Any] = {}
@@ -294,7 +290,7 @@ class Lifecycle:
         for step in manager.store.running_steps():
             running.setdefault(step["session_id"], []).append(step)
         await self._clear_leftovers()
-        for row in manager.store.sessions_in_states(LIVE):
+        for row in manager.store.sessions_in_states(states.LIVE):
             trajectory = manager.trajectory_of(row["id"])
             workspace = manager.sessions_dir / row["id"] / "workspace"
             if row.get("parent_session_id") and not manager.store.has_event(row["id"], "state_restored"):

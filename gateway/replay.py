@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from gateway import access
 from gateway.auth import Principal
-from gateway.errors import Forbidden, GatewayError
+from gateway.errors import GatewayError
 from gateway.outcomes import RERUN_STATUSES, STATUSES
 from gateway.recorder import recorded_replies
 from gateway.workspace import Workspace
@@ -93,8 +94,7 @@ async def replay_session(manager: "SessionManager", principal: Principal, sessio
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Rerun ``session_id``'s trajectory in a new session owned by ``principal``; the report."""
     row = manager.visible_row(principal, session_id)
-    if principal.role == "reviewer":
-        raise Forbidden("Reviewers read sessions; replaying one creates a session, which they cannot do.")
+    access.check_create(principal, "replay them (a replay is a new session)")
     normalisers = NORMALISERS + [(str(a), str(b)) for a, b in manager.settings.replay_normalisers]
     steps = manager.store.list_steps(session_id)
     events = [e for e in manager.store.list_events(session_id) if e["action"] in FILE_EVENTS]

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import executor, host, volumes
+from gateway import access, executor, host, states, volumes
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
-from gateway.errors import (Conflict, Forbidden, GatewayError, InsufficientStorage, InvalidRequest, NotFound,
-                            Unavailable)
+from gateway.errors import (Conflict, GatewayError, InsufficientStorage, InvalidRequest, Unavailable)
 from gateway.inputs import check_text, is_text
 from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.lifecycle import Lifecycle
@@ -37,8 +36,6 @@ from gateway.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-LIVE_STATES = ("starting", "idle", "busy")
-ENDED_STATES = ("terminated", "failed")
 
 
 @dataclass
@@ -136,22 +133,16 @@ class SessionManager:
     def visible_row(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """The session's current row if the principal may see it; else ``NotFound``."""
         live = self.live.get(session_id)
-        row = live.row if live is not None else self.store.get_session(session_id)
-        if row is None or not (principal.sees_everything or row["owner"] == principal.name):
-            raise NotFound(f"There is no session '{session_id}'. List yours with GET /v1/sessions.",
-                           code="session_not_found", details={"session_id": session_id})
-        return row
+        return access.check_seen(principal, session_id, live.row if live is not None else
+                                 self.store.get_session(session_id))
 
     def changeable(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """The row of a live or paused session the principal may change (404, 403, 409 ended)."""
         row = self.visible_row(principal, session_id)
-        if not (principal.may_write_anything or row["owner"] == principal.name):
-            raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not change it.",
-                            details={"session_id": session_id})
-        if row["state"] in ENDED_STATES:
-            raise Conflict(f"Session '{session_id}' is {row['state']}: it runs nothing more. "
-                           f"{row.get('reason') or ''} Create a new session to continue.".replace("  ", " "),
-                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+        access.check_change(principal, session_id, row)
+        if row["state"] in states.ENDED:
+            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}: it runs nothing "
+                              f"more. {row.get('reason') or ''} Create a new session to continue.".replace("  ", " "))
         return row
 
     def writable(self, principal: Principal, session_id: str) -> LiveSession:
@@ -162,10 +153,9 @@ class SessionManager:
             raise Conflict(f"Session '{session_id}' is paused. Resume it (POST /v1/sessions/{session_id}/resume), "
                            "or send a step, which resumes it.", code="session_paused",
                            details={"session_id": session_id, "state": "paused"})
-        if live is None or live.row["state"] in ENDED_STATES:
-            raise Conflict(f"Session '{session_id}' is {row['state']}: it runs nothing more. "
-                           f"{row.get('reason') or ''} Create a new session to continue.".replace("  ", " "),
-                           code="session_ended", details={"session_id": session_id, "state": row["state"]})
+        if live is None or live.row["state"] in states.ENDED:
+            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}: it runs nothing "
+                              f"more. {row.get('reason') or ''} Create a new session to continue.".replace("  ", " "))
         return live
 
     def session_id_for_kernel(self, kernel_id: str) -> str | None:
@@ -202,11 +192,11 @@ class SessionManager:
             # A forged cursor can decode to text that is not Unicode; the store cannot look it up.
             raise InvalidRequest("The cursor is not one this server issued; use the 'next' value of a previous page.",
                                  code="invalid_query", details={"parameter": "cursor"})
-        if not principal.sees_everything:
+        if not access.sees_every_session(principal):
             if owner is not None and owner != principal.name:
                 return {"sessions": [], "next": None}
             owner = principal.name
-        if state in LIVE_STATES:
+        if state in states.LIVE:
             # Live states change with every step and are kept in memory, not in the store.
             rows, next_cursor = self._list_live(owner=owner, state=state, label=label, limit=limit, cursor=cursor)
         else:
@@ -237,13 +227,12 @@ class SessionManager:
         """Start a session and its kernel; runs ``setup`` as step 0. Returns the Session view."""
         if self.closing:
             raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
-        if principal.role == "reviewer":
-            raise Forbidden("Reviewers read sessions; they cannot create them.")
+        access.check_create(principal)
         self.launcher.get_spec(kernel)
         env = validate_env(env)
         check_text(setup or "", "setup")  # setup that could not even be sent is refused before anything exists
         if isolation is None and self.launcher.isolation is not None:
-            isolation = self.launcher.isolation.for_session(principal.may_write_anything, sandbox, limits)
+            isolation = self.launcher.isolation.for_session(access.may_loosen_isolation(principal), sandbox, limits)
         await self.lifecycle.ensure_room()
         session_id = "s_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
         created = now_iso()
@@ -397,10 +386,9 @@ class SessionManager:
             async with live.lock:
                 if live.row["state"] == "paused" or self.live.get(session_id) is not live:
                     continue  # paused while this step waited: resume it, then run
-                if live.row["state"] in ENDED_STATES or live.kernel is None:
-                    raise Conflict(f"Session '{session_id}' ended while this step waited to run.",
-                                   code="session_ended", details={"session_id": session_id,
-                                                                 "state": live.row["state"]})
+                if live.row["state"] in states.ENDED or live.kernel is None:
+                    raise states.ended_error(session_id, live.row["state"],
+                                             f"Session '{session_id}' ended while this step waited to run.")
                 self.check_workspace_room(live.row, live.workspace_bytes)
                 if not await live.kernel.is_alive():
                     await self._replace_dead_kernel(live, "before this step")
@@ -546,8 +534,9 @@ class SessionManager:
         if live.current is not None and not live.current.abort.done():
             live.current.abort.set_result("restart")
         async with live.lock:
-            if live.row["state"] in ENDED_STATES:
-                raise Conflict(f"Session '{session_id}' ended before it could be restarted.", code="session_ended")
+            if live.row["state"] in states.ENDED:
+                raise states.ended_error(session_id, live.row["state"], f"Session '{session_id}' ended before it could be "
+                                  "restarted.")
             if live.generation == generation:
                 await self._replace_kernel(live, "kernel_restarted", principal.name,
                                            f"restart requested by {principal.name}")

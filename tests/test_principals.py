@@ -165,3 +165,42 @@ def test_an_agent_cannot_reach_anothers_kernel_by_id_through_either_face(people:
                          ("POST", f"/api/kernels/{kid}/restart"), ("POST", f"/api/kernels/{kid}/interrupt")):
         assert bob.request(method, path).status_code == 404
     assert run(people["clients"]["alice"], people["session"]["id"], "alice_secret")["result"] == "'only alice'"
+
+
+# The policy itself: one table, the rules every face asks (gateway.access) -------------------
+
+POLICY = [  # role, owns the session: may see, may change, may create, may loosen isolation
+    ("agent", True, True, True, True, False),
+    ("agent", False, False, False, True, False),
+    ("reviewer", False, True, False, False, False),
+    ("admin", False, True, True, True, True),
+]
+
+
+@pytest.mark.parametrize("role,owns,sees,changes,creates,loosens", POLICY)
+def test_the_access_policy(role: str, owns: bool, sees: bool, changes: bool, creates: bool, loosens: bool) -> None:
+    from gateway import access
+    from gateway.auth import Principal
+    from gateway.errors import Forbidden, NotFound
+
+    principal = Principal("me", role)
+    row = {"owner": "me" if owns else "someone-else", "origin": "agent"}
+    assert (access.may_see(principal, row["owner"]), access.may_change(principal, row["owner"]),
+            access.may_create(principal), access.may_loosen_isolation(principal)) == (sees, changes, creates, loosens)
+    assert access.may_end_from_jupyter(principal, row) is (role == "admin")
+    assert access.may_end_from_jupyter(principal, {**row, "origin": "jupyter"}) is True
+    if sees:
+        assert access.check_seen(principal, "s_x", row) is row
+    else:
+        with pytest.raises(NotFound):  # a session one may not see does not exist for them
+            access.check_seen(principal, "s_x", row)
+    with pytest.raises(NotFound):
+        access.check_seen(principal, "s_x", None)
+    if changes:
+        access.check_change(principal, "s_x", row)
+    else:
+        with pytest.raises(Forbidden, match="may read session 's_x' but not resume it"):
+            access.check_change(principal, "s_x", row, "resume")
+    if not creates:
+        with pytest.raises(Forbidden, match="cannot fork them"):
+            access.check_create(principal, "fork them")

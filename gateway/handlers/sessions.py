@@ -8,13 +8,13 @@ from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
+from gateway import states
 from gateway.errors import InvalidRequest
 from gateway.inputs import validate_labels, validate_stdin
 from gateway.replay import replay_session
 from gateway.handlers.base import BaseHandler
 
 KEEPALIVE_SECONDS = 5.0
-SESSION_STATES = ("starting", "idle", "busy", "paused", "terminated", "failed")
 
 
 class SessionsHandler(BaseHandler):
@@ -22,8 +22,8 @@ class SessionsHandler(BaseHandler):
 
     async def get(self) -> None:
         state = self.get_query_argument("state", None)
-        if state is not None and state not in SESSION_STATES:
-            raise InvalidRequest(f"'state' must be one of {', '.join(SESSION_STATES)}.", code="invalid_query",
+        if state is not None and state not in states.STATES:
+            raise InvalidRequest(f"'state' must be one of {', '.join(states.STATES)}.", code="invalid_query",
                                  details={"parameter": "state"})
         label = self.get_query_argument("label", None)
         label_pair = None

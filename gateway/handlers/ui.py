@@ -16,11 +16,12 @@ from urllib.parse import quote, urlencode
 import tornado.httputil
 import tornado.web
 
+from gateway import states
 from gateway.auth import Principal
 from gateway.errors import AuthenticationRequired, Forbidden, GatewayError, InvalidRequest
 from gateway.handlers.base import BaseHandler, audit_refusal, request_token
 from gateway.handlers.files import send_file
-from gateway.handlers.sessions import SESSION_STATES, SID
+from gateway.handlers.sessions import SID
 from gateway.inputs import check_arguments
 from gateway.ui_render import render_outputs, shown_values
 
@@ -160,8 +161,8 @@ class SessionsPage(UiHandler):
     def get(self) -> None:
         assert self.principal is not None
         state = self.get_query_argument("state", "") or None
-        if state is not None and state not in SESSION_STATES:
-            raise InvalidRequest(f"'state' must be one of {', '.join(SESSION_STATES)}.", code="invalid_query")
+        if state is not None and state not in states.STATES:
+            raise InvalidRequest(f"'state' must be one of {', '.join(states.STATES)}.", code="invalid_query")
         owner = self.get_query_argument("owner", "").strip() or None
         label_text = self.get_query_argument("label", "").strip()
         label = None
@@ -175,7 +176,7 @@ class SessionsPage(UiHandler):
                                                       limit=PAGE_SIZE, cursor=cursor)
         filters = {k: v for k, v in (("state", state), ("owner", owner), ("label", label_text)) if v}
         next_url = f"/ui/sessions?{urlencode({**filters, 'cursor': listing['next']})}" if listing["next"] else None
-        self.page("ui/sessions.html", sessions=listing["sessions"], states=SESSION_STATES, filters=filters,
+        self.page("ui/sessions.html", sessions=listing["sessions"], states=states.STATES, filters=filters,
                   next_url=next_url, first_url=f"/ui/sessions?{urlencode(filters)}" if cursor else None)
 
 
