@@ -438,6 +438,10 @@ class Helper:
         made = self._kernel_owner(owner)
         if volumes.is_mounted(source):
             volumes.move(source, destination)
+        elif volumes.image_of(source).exists():
+            # The kernel was started on a volume that is no longer mounted there: moving the bare
+            # directory would give the session files its kernel does not see.
+            raise Refused(f"{source} has a volume image but no volume mounted")
         else:
             with safefs.opened(safefs.open_root(source.parent)) as from_parent, \
                     safefs.opened(safefs.open_root(destination.parent)) as to_parent:

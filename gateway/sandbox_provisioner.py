@@ -283,6 +283,8 @@ class SandboxProvisioner(LocalProvisioner):
     async def send_signal(self, signum: int) -> None:
         """Signal an isolated kernel's processes through its cgroup (SIGKILL: all of them, bwrap
         included)."""
+        if isinstance(self.process, AdoptedProcess) and self.process.poll() is not None:
+            return  # gone: its pid and process group may be another's by now
         if not isinstance(self.process, HelperProcess):
             await super().send_signal(signum)
         else:

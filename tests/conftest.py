@@ -125,11 +125,14 @@ def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
 
 @pytest.fixture(scope="session", autouse=True)
 def no_volume_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Workspace volumes of gateways a test killed (and never restarted) are unmounted at the end."""
+    """Workspace volumes of gateways a test killed (and never restarted) are unmounted at the end:
+    those of this run's directories only (another test run may be using its own meanwhile)."""
+    before = set(Path(tempfile.gettempdir()).glob("agw-*"))
     yield
     from gateway import volumes
 
-    for root in (tmp_path_factory.getbasetemp(), *Path(tempfile.gettempdir()).glob("agw-*")):
+    made = set(Path(tempfile.gettempdir()).glob("agw-*")) - before
+    for root in (tmp_path_factory.getbasetemp(), *sorted(made)):
         volumes.release_all(Path(root))
 
 

@@ -58,6 +58,37 @@ def test_a_write_past_the_workspace_limit_fails_in_the_step(isolated: dict[str, 
         client.delete(f"/v1/sessions/{sid}")
 
 
+def test_a_pooled_kernel_whose_volume_went_away_is_not_handed_out(isolated: dict[str, Any]) -> None:
+    """A pooled kernel whose volume is no longer mounted (unmounted behind the gateway's back)
+    would see files other than its session's: it is not bound, the session gets a kernel of its
+    own, and an upload is seen by the kernel."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    gateway: GatewayProcess = isolated["gateway"]
+    pool = gateway.data_dir / "pool"
+
+    def ready() -> list[Path]:  # pooled kernels that have started, on their volumes
+        return [p for p in pool.glob("*") if p.is_dir() and volumes.is_mounted(p)
+                and f"kernel {p.name} started" in gateway.stderr_text()]
+
+    deadline = time.monotonic() + 30
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pooled = ready()
+    assert pooled, "the pool holds no started kernel on a volume"
+    assert subprocess.run(["umount", "--lazy", str(pooled[0])]).returncode == 0
+    assert not volumes.is_mounted(pooled[0])
+    with gateway.client() as client:
+        sid = client.post("/v1/sessions", json={}).json()["id"]
+        workspace = gateway.data_dir / "sessions" / sid / "workspace"
+        assert volumes.is_mounted(workspace)
+        assert client.put(f"/v1/sessions/{sid}/files/seen.txt", content=b"by the kernel").status_code == 201
+        assert run(client, sid, "open('seen.txt').read()")["result"] == "'by the kernel'"
+        client.delete(f"/v1/sessions/{sid}")
+
+
 def test_files_and_limit_survive_pause_restart_and_termination(isolated: dict[str, Any]) -> None:
     gateway: GatewayProcess = isolated["gateway"]
     with gateway.client() as client:
