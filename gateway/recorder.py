@@ -20,6 +20,7 @@ from tornado.ioloop import IOLoop
 
 from gateway import notebook
 from gateway.clock import iso, now_iso, utcnow
+from gateway.events import check_kind
 from gateway.outcomes import RUNNING
 from gateway.store import Store
 
@@ -170,6 +171,7 @@ class Recorder:
     def record_event(self, trajectory: Trajectory | None, action: str, principal: str | None,
                      details: dict[str, Any] | None = None) -> None:
         """Commit one event of a session (or of the gateway when ``trajectory`` is None)."""
+        check_kind(action)
         self.store.record_event(
             session_id=trajectory.session_id if trajectory else None,
             seq=trajectory.take_seq() if trajectory else None,

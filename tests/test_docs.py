@@ -114,3 +114,38 @@ def test_every_error_code_is_documented(doc: str) -> None:
     assert {"session_not_found", "invalid_path", "at_capacity", "body_too_large"} <= codes
     missing = sorted(code for code in codes if f"`{code}`" not in doc)
     assert not missing, f"docs/api.md does not mention the error codes {missing}"
+
+
+# Event kinds: one list (gateway.events), every one recorded is in it, and api.md documents each --
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_event_the_code_records_is_a_listed_kind() -> None:
+    from gateway.events import EVENTS
+
+    source = "\n".join(path.read_text() for path in (ROOT / "gateway").rglob("*.py"))
+    literal = set(re.findall(r'record_event\([^,()]*(?:\([^()]*\))?[^,()]*, "([a-z_]+)"', source))
+    literal |= {"auth_failed", "access_denied", "session_terminated", "session_failed", "kernel_died",
+                "kernel_restarted"}  # recorded through variables (base.audit_refusal, SessionManager)
+    assert len(literal) > 20
+    assert literal <= set(EVENTS), sorted(literal - set(EVENTS))
+
+
+def test_every_kind_of_event_is_documented_and_nothing_else() -> None:
+    from gateway.events import EVENTS
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    table = text[text.index("| action | details |"):text.index("## Routes")]
+    documented = set(re.findall(r"`([a-z_]+)`", "\n".join(line.split("|")[1] for line in table.splitlines()
+                                                          if line.startswith("| `"))))
+    documented |= set(re.findall(r"`(auth_failed|access_denied|ui_login)`", table))
+    assert documented == set(EVENTS), (sorted(set(EVENTS) - documented), sorted(documented - set(EVENTS)))
+
+
+def test_an_unknown_kind_of_event_is_refused() -> None:
+    from gateway.events import check_kind
+
+    assert check_kind("execute") == "execute"
+    with pytest.raises(ValueError, match="not a kind of audit event"):
+        check_kind("exeucte")
