@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 class Lifecycle:
     """Pauses, resumes and forks sessions, and keeps the number of live kernels in bounds."""
 

@@ -37,7 +37,6 @@ from gateway.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class RunningStep:
     """The step a session is executing now; lets interrupt, restart and terminate reach it."""
