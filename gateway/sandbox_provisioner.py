@@ -306,11 +306,6 @@ class SandboxProvisioner(LocalProvisioner):
         """Whether the kernel's memory cgroup recorded an OOM kill (also after cleanup)."""
         return self.last_oom_killed
 
-    def exit_known(self) -> bool:
-        """Whether the exit code of the kernel's process can be known (not for a kernel started
-        by an earlier gateway process)."""
-        return bool(getattr(self.process, "exit_known", True))
-
     async def cleanup(self, restart: bool = False) -> None:
         """Remove the cgroups (killing leftovers); at the final cleanup also the runtime dir."""
         await super().cleanup(restart=restart)
