@@ -214,25 +214,14 @@ class Helper:
         """Take up the launcher of a kernel an earlier helper started (before a crash): ``pid``
         must be a running process whose command line names ``connection_file``. Returns a pidfd
         of it (none when it is gone); signals and polls by ``name`` then work on it."""
-        import psutil
-
         name = _name(name)
         pid = _int(pid, "pid", 2, 1 << 22)
         path = _path(connection_file, "connection_file")
         if not CONNECTION_FILE.fullmatch(path.name):
             raise Refused("a connection file is named kernel-<id>.json")
         safefs.anchored(path)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return {"adopted": False}, []
-        try:
-            process = psutil.Process(pid)
-            found = process.status() != psutil.STATUS_ZOMBIE and str(path) in process.cmdline()
-        except psutil.Error:
-            found = False
-        if not found:
-            os.close(pidfd)
+        pidfd = sandbox.kernel_pidfd(pid, str(path))
+        if pidfd is None:
             return {"adopted": False}, []
         with self.lock:
             self._forget_adopted(name)

@@ -475,6 +475,24 @@ def _limits_plan(spec: SandboxSpec, group: CgroupSet | None) -> tuple[list[tuple
     return rlimits, enforced
 
 
+def kernel_pidfd(pid: int, connection_file: str) -> int | None:
+    """A pidfd of ``pid`` if it is a running process whose command line names
+    ``connection_file`` (a kernel, or its launcher, taken up after a crash: a reused pid is never
+    taken for it); None otherwise."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() != psutil.STATUS_ZOMBIE and connection_file in process.cmdline():
+            return pidfd
+    except psutil.Error:
+        pass
+    os.close(pidfd)
+    return None
+
+
 def setpriv_args(uid: int, gid: int) -> list[str]:
     """Drop to ``uid``/``gid`` with no groups, no capabilities and no way to gain privileges."""
     return [shutil.which("setpriv") or "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",

@@ -35,13 +35,12 @@ from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
-import psutil
 from jupyter_client.provisioning import LocalProvisioner
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
 from gateway import cgroups, host
 from gateway.cgroups import CgroupSet
-from gateway.sandbox import SandboxSpec
+from gateway.sandbox import SandboxSpec, kernel_pidfd
 
 PROVISIONER_NAME = "agent-gateway-sandbox"
 ENTRY_POINT = "gateway.sandbox_provisioner:SandboxProvisioner"
@@ -157,23 +156,6 @@ class AdoptedProcess:
 
 def _pidfd_exited(pidfd: int) -> bool:
     return pidfd < 0 or bool(select.select([pidfd], [], [], 0)[0])
-
-
-def adopt_local(pid: int, connection_file: str) -> AdoptedProcess | None:
-    """The running process ``pid`` if it is the kernel of ``connection_file`` (so a reused pid
-    is never taken for it)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return None
-    try:
-        process = psutil.Process(pid)
-        if process.status() != psutil.STATUS_ZOMBIE and connection_file in process.cmdline():
-            return AdoptedProcess(pid, pidfd)
-    except psutil.Error:
-        pass
-    os.close(pidfd)
-    return None
 
 
 class SandboxProvisioner(LocalProvisioner):
@@ -352,4 +334,6 @@ class SandboxProvisioner(LocalProvisioner):
             if reply.fds:
                 self.process = HelperProcess(self.launch_name, int(self.pid), reply.fds[0])  # type: ignore[assignment]
         else:
-            self.process = adopt_local(int(self.pid), connection_file)  # type: ignore[assignment]
+            pidfd = kernel_pidfd(int(self.pid), connection_file)
+            if pidfd is not None:
+                self.process = AdoptedProcess(int(self.pid), pidfd)  # type: ignore[assignment]
