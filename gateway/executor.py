@@ -100,40 +100,71 @@ async def execute(connection: KernelConnection, code: str, *, timeout: float, ou
                   on_send: Callable[[], None] | None = None,
                   on_start: Callable[[], None] | None = None,
                   input_replies: list[str] | None = None) -> RawExecution:
-    """Run ``code``; returns when the kernel is idle again, the deadline passed, or the kernel died.
-
-    ``is_alive`` and ``interrupt`` are coroutine functions of the kernel that owns the connection.
-    On timeout the kernel is interrupted and given ``interrupt_grace`` seconds to finish.
-    When ``abort`` resolves first (restart, terminate), the wait ends with "aborted".
-    ``on_send`` is called just before the request goes out (if it raises, nothing is sent).
+    """Run ``code`` with a listener of its own (see ``run``) and return what the kernel did.
     Without ``input_replies`` the kernel may not ask for input (``input()`` raises); with them,
-    its input_requests are answered with them in order (then with empty strings).
+    its input_requests are answered with them in order (then with empty strings)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    answer = None if input_replies is None else replier(connection, input_replies)
+    listener = ExecutionListener(OutputCollector(output_limit, sink), done, on_start, answer)
+    ended = await run(connection, listener, code, timeout=timeout, is_alive=is_alive, interrupt=interrupt,
+                      interrupt_grace=interrupt_grace, silent=silent, store_history=store_history, abort=abort,
+                      on_send=on_send)
+    return listener.result(ended)
+
+
+async def run(connection: KernelConnection, listener: ExecutionListener, code: str, *, timeout: float,
+              is_alive: Any, interrupt: Any, interrupt_grace: float, silent: bool = False,
+              store_history: bool = True, abort: asyncio.Future[str] | None = None,
+              on_send: Callable[[], None] | None = None, queue_timeout: float = 0.0) -> str:
+    """Send ``code`` and wait until the kernel is idle again, the time budget is spent, or the
+    kernel died; returns how it ended ("reply", "timeout", "stuck", "died", "aborted").
+
+    The budget of ``timeout`` seconds counts from when the kernel begins the request: one
+    waiting behind requests sent by others (a websocket client's) does not interrupt them. It
+    waits so for at most ``queue_timeout`` seconds in all; then, or when its own time is up,
+    the kernel is interrupted and given ``interrupt_grace`` seconds to finish. When ``abort``
+    resolves first (restart, terminate), the wait ends with "aborted". ``is_alive`` and
+    ``interrupt`` are coroutine functions of the kernel; ``on_send`` is called just before the
+    request goes out (if it raises, nothing is sent).
     """
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    collector = OutputCollector(output_limit, sink)
-    answer = None if input_replies is None else _replier(connection, input_replies)
-    listener = ExecutionListener(collector, done, on_start, answer)
+    begun: list[float] = []
+    first_start = listener.on_start
+
+    def began() -> None:
+        begun.append(loop.time())
+        if first_start is not None:
+            first_start()
+
+    listener.on_start = began
     request = connection.session.msg("execute_request", {
         "code": code, "silent": silent, "store_history": store_history,
-        "user_expressions": {}, "allow_stdin": answer is not None, "stop_on_error": True,
+        "user_expressions": {}, "allow_stdin": listener.answer is not None, "stop_on_error": True,
     })
     msg_id = request["header"]["msg_id"]
     if on_send is not None:
         on_send()
+    sent = loop.time()
+
+    def deadline() -> float:
+        if begun:
+            return min(begun[0] + timeout, sent + max(timeout, queue_timeout))
+        return sent + max(timeout, queue_timeout)
+
     connection.send("shell", request, listener)
     try:
-        ended = await _wait(done, loop.time() + timeout, is_alive, abort)
+        ended = await _wait(listener.done, deadline, is_alive, abort)
         if ended == "timeout":
             await interrupt()
-            after = await _wait(done, loop.time() + interrupt_grace, is_alive, abort)
+            grace = loop.time() + interrupt_grace
+            after = await _wait(listener.done, lambda: grace, is_alive, abort)
             ended = {"reply": "timeout", "timeout": "stuck"}.get(after, after)
     finally:
         connection.forget(msg_id)
-    return listener.result(ended)
+    return ended
 
 
-def _replier(connection: KernelConnection, replies: list[str]) -> Callable[[dict[str, Any]], str]:
+def replier(connection: KernelConnection, replies: list[str]) -> Callable[[dict[str, Any]], str]:
     """Answers each input_request with the next of ``replies`` (an empty string once they run out)."""
     remaining = iter(replies)
 
@@ -146,13 +177,14 @@ def _replier(connection: KernelConnection, replies: list[str]) -> Callable[[dict
     return answer
 
 
-async def _wait(done: asyncio.Future[None], deadline: float, is_alive: Any,
+async def _wait(done: asyncio.Future[None], deadline: Callable[[], float], is_alive: Any,
                 abort: asyncio.Future[str] | None) -> str:
-    """Wait for ``done`` until ``deadline``; "reply", "timeout", "died" or "aborted"."""
+    """Wait for ``done`` until ``deadline()`` (looked at again as the wait goes on); "reply",
+    "timeout", "died" or "aborted"."""
     loop = asyncio.get_running_loop()
     waitables: set[asyncio.Future[Any]] = {done} if abort is None else {done, abort}
     while True:
-        remaining = deadline - loop.time()
+        remaining = deadline() - loop.time()
         if remaining <= 0:
             return "timeout"
         await asyncio.wait(waitables, timeout=min(remaining, LIVENESS_INTERVAL),

@@ -13,7 +13,6 @@ answer to their input() as ``silent_input`` events.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -25,11 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway import access
 from gateway.auth import Principal
 from gateway.clock import now_iso
-from gateway.errors import InsufficientStorage
-from gateway.executor import ExecutionListener
-from gateway.outcomes import step_outcome
-from gateway.outputs import OutputCollector
-from gateway.recorder import StepPlace
+from gateway.errors import GatewayError
+from gateway.steps import Step
 
 if TYPE_CHECKING:
     from gateway.sessions import LiveSession, SessionManager
@@ -89,17 +85,12 @@ class ClientRequest:
     """The listener for one request a websocket client sent: replies go back to that client,
     and an execute_request is also gathered into a recorded step."""
 
-    def __init__(self, hub: "KernelHub", client_id: str, principal: Principal, msg_id: str,
-                 execution: ExecutionListener | None, code: str, place: StepPlace | None,
-                 user_expressions: dict[str, str] | None = None):
+    def __init__(self, hub: "KernelHub", client_id: str, principal: Principal, msg_id: str, step: Step | None):
         self.hub = hub
-        self.place = place
         self.client_id = client_id
         self.principal = principal
         self.msg_id = msg_id
-        self.execution = execution
-        self.code = code
-        self.user_expressions = user_expressions
+        self.step = step  # an execute_request recorded as a step (not a silent one)
         self.prompts: deque[dict[str, Any]] = deque()  # a silent execution's unanswered input requests
 
     def on_message(self, channel: str, msg: dict[str, Any]) -> None:
@@ -107,11 +98,11 @@ class ClientRequest:
             self.hub.to_client(self.client_id, channel, msg, msg["frames"])
             if channel == "stdin" and msg["header"].get("msg_type") == "input_request":
                 self.hub.awaiting_input[str(msg["header"].get("msg_id", ""))] = self
-                if self.execution is None and isinstance(msg.get("content"), dict):
+                if self.step is None and isinstance(msg.get("content"), dict):
                     self.prompts.append(msg["content"])
-        if self.execution is not None:
-            self.execution.on_message(channel, msg)
-            if self.execution.done.done():
+        if self.step is not None:
+            self.step.listener.on_message(channel, msg)
+            if self.step.listener.done.done():
                 self.hub.finish_step(self)
         elif channel in ("shell", "control") and msg["header"].get("msg_type", "").endswith("_reply"):
             self.hub.forget(self.msg_id)
@@ -169,7 +160,7 @@ class KernelHub:
         """Disconnect every client; executions still running are recorded as ``interrupted``
         ("The session was <ended_by> during this step.")."""
         for request in list(self.requests.values()):
-            if request.execution is not None:
+            if request.step is not None:
                 self.finish_step(request, "aborted", aborted_by=ended_by)
         for client in list(self.clients.values()):
             client.refuse(reason)
@@ -232,15 +223,12 @@ class KernelHub:
             self.to_client(client.client_id, channel, *gateway_message(msg_type[:-len("request")] + "reply",
                                                                        refused, header))
             return
-        execution = None
-        code = ""
-        expressions: dict[str, str] = {}
+        step = None
         if msg_type == "execute_request":  # on shell; ipykernel also runs one sent on control
             try:
-                # The same room rule as the agent API's: a full workspace runs nothing more.
-                self.manager.check_workspace_room(self.live.row, self.live.workspace_bytes)
-            except InsufficientStorage as exc:
-                self.refuse_full(client, channel, header, exc)
+                self.manager.runner.admit(self.live)  # the agent API's rules: a full workspace runs nothing more
+            except GatewayError as exc:
+                self.refuse_step(client, channel, header, exc)
                 return
             content = content if isinstance(content, dict) else {}
             code = str(content.get("code", ""))
@@ -253,16 +241,10 @@ class KernelHub:
                 self.manager.recorder.record_event(self.live.trajectory, "silent_execution", client.principal.name,
                                                    details)
             else:
-                done = asyncio.get_running_loop().create_future()
-                collector = OutputCollector(self.manager.settings.max_output_bytes)
-                execution = ExecutionListener(collector, done)
-        place = None
-        if execution is not None:
-            place = StepPlace()
-            execution.on_start = place.begin
-            self.manager.open_step(self.live, place, code, source="jupyter", principal=client.principal.name,
-                                   user_expressions=expressions)
-        request = ClientRequest(self, client.client_id, client.principal, msg_id, execution, code, place, expressions)
+                step = self.manager.runner.prepare(self.live, code, source="jupyter", principal=client.principal.name,
+                                                  user_expressions=expressions)
+                self.manager.runner.sent(step)
+        request = ClientRequest(self, client.client_id, client.principal, msg_id, step)
         self.requests[msg_id] = request
         self.pending_by_client[client.client_id] = self.pending_by_client.get(client.client_id, 0) + 1
         send(request)
@@ -273,13 +255,13 @@ class KernelHub:
         if request is None and self.awaiting_input:
             # ipykernel takes the next reply whatever its parent says: so does the record.
             request = self.awaiting_input.pop(next(iter(self.awaiting_input)))
-        if request is not None and request.execution is None:
+        if request is not None and request.step is None:
             self._record_silent_input(request, content)
             return
-        if request is None or request.execution is None or request.place is None:
+        if request is None or request.step is None:
             return
-        request.execution.input_given(str(content.get("value", "")))
-        self.manager.recorder.record_stdin(self.live.trajectory, request.place.step, request.execution.stdin)
+        request.step.listener.input_given(str(content.get("value", "")))
+        self.manager.recorder.record_stdin(self.live.trajectory, request.step.place.step, request.step.listener.stdin)
 
     def _record_silent_input(self, request: ClientRequest, content: dict[str, Any]) -> None:
         """What a client typed for a silent execution (not a step): an audit event, before the
@@ -290,13 +272,14 @@ class KernelHub:
             "client": request.client_id, "request": request.msg_id, "prompt": str(asked.get("prompt", "")),
             "password": password, "value": None if password else str(content.get("value", ""))})
 
-    def refuse_full(self, client: WebsocketClient, channel: str, header: dict[str, Any],
-                    exc: InsufficientStorage) -> None:
-        """An execute_request while the workspace is over its limit: an error reply, and the
-        refusal in the audit log (as the agent API's 507)."""
+    def refuse_step(self, client: WebsocketClient, channel: str, header: dict[str, Any], exc: GatewayError) -> None:
+        """An execute_request the step rules refuse (a workspace over its limit: the agent API's
+        507): an error reply named after the error's code (``WorkspaceFull``), and the refusal
+        in the audit log."""
         self.manager.recorder.record_event(self.live.trajectory, "access_denied", client.principal.name, {
             "status": exc.status, "code": exc.code, "msg_type": "execute_request", "client": client.client_id})
-        refused = {"status": "error", "ename": "WorkspaceFull", "evalue": exc.message, "traceback": []}
+        ename = "".join(word.capitalize() for word in exc.code.split("_"))
+        refused = {"status": "error", "ename": ename, "evalue": exc.message, "traceback": []}
         self.to_client(client.client_id, channel, *gateway_message("execute_reply", refused, header))
 
     def may_run(self, principal: Principal) -> bool:
@@ -339,19 +322,16 @@ class KernelHub:
         if request.msg_id not in self.requests:
             return
         self.forget(request.msg_id)
-        assert request.execution is not None and request.place is not None
-        raw = request.execution.result(ended)
+        assert request.step is not None
         # A client's KeyboardInterrupt is always an interrupt someone asked for.
-        status, error = step_outcome(raw, aborted_by, True, 0.0, exit_description)
-        self.manager.commit_step(self.live, request.place, request.code, raw, status, error,
-                                 source="jupyter", principal=request.principal.name,
-                                 user_expressions=request.user_expressions)
+        self.manager.runner.complete(request.step, ended, aborted_by=aborted_by, interrupt_requested=True,
+                                    exit_description=exit_description)
 
     def kernel_replaced(self, died: bool, exit_description: str) -> None:
         """The kernel died or is being restarted: unfinished client executions are recorded as
         ``died`` or ``interrupted``, and clients are told the kernel is restarting."""
         for request in list(self.requests.values()):
-            if request.execution is None:
+            if request.step is None:
                 self.forget(request.msg_id)
             elif died:
                 self.finish_step(request, "died", exit_description=exit_description)

@@ -12,6 +12,7 @@ by handing its provisioner's saved info to a new provisioner (``load_provisioner
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -28,8 +29,9 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
-from gateway import host, sandbox, sandbox_provisioner
+from gateway import connection_files, host, sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
+from gateway.connection_files import StagedConnectionManager
 from gateway.errors import InvalidRequest
 from gateway.isolation import Isolation, SessionIsolation, human_bytes, open_for_traversal
 from gateway.placement import Placement
@@ -134,9 +136,10 @@ def kernel_process_under(launcher_pid: int, connection_file: str) -> int | None:
 def successor(manager: AsyncKernelManager) -> AsyncKernelManager:
     """A new manager for the kernel ``manager`` managed, on the same connection file, sockets
     and key, to start its next process with."""
-    fresh = AsyncKernelManager(kernel_name=manager.kernel_name, kernel_spec_manager=manager.kernel_spec_manager,
-                               context=manager.context, connection_file=manager.connection_file,
-                               transport=manager.transport, ip=manager.ip)
+    staged = {"staging_dir": manager.staging_dir} if isinstance(manager, StagedConnectionManager) else {}
+    fresh = type(manager)(kernel_name=manager.kernel_name, kernel_spec_manager=manager.kernel_spec_manager,
+                          context=manager.context, connection_file=manager.connection_file,
+                          transport=manager.transport, ip=manager.ip, **staged)
     fresh.kernel_id = manager.kernel_id
     fresh.shutdown_wait_time = manager.shutdown_wait_time
     fresh.cache_ports = False  # the ports it has, kept: none is picked anew
@@ -358,7 +361,8 @@ class RunningKernel:
                 log.exception("kernel %s: could not be killed", self.label)
         finally:
             self.manager.cleanup_connection_file()
-            Path(self.connection_file).unlink(missing_ok=True)  # also one an earlier gateway process wrote
+            with contextlib.suppress(OSError):  # also one an earlier gateway process wrote (or what is there)
+                Path(self.connection_file).unlink(missing_ok=True)
             for release in self.released:
                 release()
             self.released.clear()
@@ -433,9 +437,15 @@ class KernelLauncher:
         return isolation is not None and isolation.profile != "none" and "kernel_provisioner" not in spec.metadata
 
     def _manager(self, spec_name: str, isolated: bool, **settings: Any) -> AsyncKernelManager:
-        manager = AsyncKernelManager(kernel_name=spec_name, context=self.async_context,
-                                     kernel_spec_manager=self.isolated_specs if isolated else self.launch_specs,
-                                     **settings)
+        """An isolated kernel's connection file lies in a directory the kernel can write: it is
+        staged in the server's own runtime directory and installed there safely."""
+        if isolated:
+            manager: AsyncKernelManager = StagedConnectionManager(
+                kernel_name=spec_name, context=self.async_context, kernel_spec_manager=self.isolated_specs,
+                staging_dir=str(self.runtime_dir), **settings)
+        else:
+            manager = AsyncKernelManager(kernel_name=spec_name, context=self.async_context,
+                                         kernel_spec_manager=self.launch_specs, **settings)
         # A kernel that does not exit within this after a shutdown request is signalled.
         manager.shutdown_wait_time = 1.0
         return manager
@@ -522,8 +532,9 @@ class KernelLauncher:
     async def adopt(self, placement: Placement, *, spec_name: str, cwd: Path, env: dict[str, str],
                     isolation: SessionIsolation | None, timeout: float) -> RunningKernel | None:
         """The kernel ``placement`` describes, started by an earlier gateway process (before a
-        crash), taken up with the same uid, directories, log and limits; None if it is gone or
-        does not answer (then it is stopped)."""
+        crash), taken up with the same uid, directories, log and limits; None if it is gone, does
+        not answer or its connection file cannot be used (then it is stopped, with what is left
+        of it)."""
         connection_file = Path(placement.connection_file)
         if placement.owner is not None and self.isolation is not None and isolation is not None:
             workspace = Path(placement.workspace) if placement.workspace else cwd
@@ -533,25 +544,21 @@ class KernelLauncher:
             kernel = self._plain_kernel(placement.launch_id, spec_name, cwd, env)
         else:
             return None
-        manager = kernel.manager
-        if manager.connection_file != str(connection_file):
-            kernel.abandon()
+        if kernel.manager.connection_file != str(connection_file):
+            await self._give_up(kernel)
             return None
-        try:
-            manager.load_connection_file(str(connection_file))
-        except (OSError, ValueError) as exc:
-            log.warning("kernel %s: its connection file cannot be read (%s)", placement.launch_id, exc)
-            kernel.abandon()
-            return None
-        if kernel.runtime_dir is not None and (manager.transport != "ipc" or
-                                               manager.ip != str(kernel.runtime_dir / "ipc")):
-            # An isolated kernel owns its connection file: its sockets must be where it was started.
-            log.warning("kernel %s: its connection file names sockets outside its runtime directory; stopping it",
-                        placement.launch_id)
-            kernel.abandon()
-            return None
+        try:  # the kernel may have put anything at that name, holding anything
+            self._load_connection(kernel, connection_file)
+            problem = None
+        except Exception as exc:
+            problem = str(exc) or type(exc).__name__
         if not await self._adopt_provisioner(kernel, placement):
-            kernel.abandon()
+            await self._give_up(kernel)
+            return None
+        if problem is not None:
+            log.warning("kernel %s: its connection file cannot be used (%s); stopping it", placement.launch_id,
+                        problem)
+            await kernel.shutdown(now=True)
             return None
         self._open_the_way(kernel)
         try:
@@ -562,6 +569,25 @@ class KernelLauncher:
             await kernel.shutdown(now=True)
             return None
         return kernel
+
+    @staticmethod
+    def _load_connection(kernel: RunningKernel, connection_file: Path) -> None:
+        """Load the connection info of a kernel to adopt from its file, read as a regular file
+        (never through a link); an isolated kernel's must name sockets in its own runtime
+        directory, where they were (the gateway removes files by those names at shutdown)."""
+        info = connection_files.read(connection_file)
+        if kernel.runtime_dir is not None and (info.get("transport") != "ipc" or
+                                               info.get("ip") != str(kernel.runtime_dir / "ipc")):
+            raise ValueError("it names sockets outside the kernel's runtime directory")
+        kernel.manager.load_connection_info(info)
+
+    @staticmethod
+    async def _give_up(kernel: RunningKernel) -> None:
+        """Let go of a kernel that cannot be adopted and whose process was not found: what is
+        left of an isolated one (in its cgroups, its runtime directory) is removed by its name."""
+        if kernel.owner is not None and kernel.runtime_dir is not None:
+            await host.current().call("kernel.release", name=kernel.launch_id, runtime_dir=str(kernel.runtime_dir))
+        kernel.abandon()
 
     @staticmethod
     def _log_path(placement: Placement) -> Path | None:

@@ -18,20 +18,20 @@ from typing import Any
 
 from gateway import access, executor, host, states, volumes
 from gateway.auth import Principal
-from gateway.clock import iso, now_iso, utcnow
-from gateway.errors import (Conflict, GatewayError, InsufficientStorage, InvalidRequest, Unavailable)
+from gateway.clock import now_iso
+from gateway.errors import (Conflict, GatewayError, InvalidRequest, Unavailable)
 from gateway.inputs import check_text, is_text
 from gateway.kernels import KernelLauncher, RunningKernel, validate_env
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.notebook import upload_details
-from gateway.outcomes import step_outcome
-from gateway.outputs import EventSink, summarise
+from gateway.outputs import EventSink
 from gateway.pool import KernelPool, bind
-from gateway.recorder import Recorder, StepPlace, Trajectory, execution_view, expressions_record
+from gateway.recorder import Recorder, Trajectory, execution_view
 from gateway.settings import Settings
+from gateway.steps import StepRunner, check_workspace_room, workspace_limit
 from gateway.store import Store, decode_cursor, encode_cursor
-from gateway.isolation import SessionIsolation, describe_limit, human_bytes, limit_behind
+from gateway.isolation import SessionIsolation
 from gateway.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class SessionManager:
         self.closing = False
         self.pool: KernelPool | None = None
         self.lifecycle = Lifecycle(self)
+        self.runner = StepRunner(self.recorder, metrics, settings.max_output_bytes)
 
     def display_name(self, kernel: str) -> str:
         try:
@@ -385,88 +386,44 @@ class SessionManager:
             async with live.lock:
                 if live.row["state"] == "paused" or self.live.get(session_id) is not live:
                     continue  # paused while this step waited: resume it, then run
-                if live.row["state"] in states.ENDED or live.kernel is None:
-                    raise states.ended_error(session_id, live.row["state"],
-                                             f"Session '{session_id}' ended while this step waited to run.")
-                self.check_workspace_room(live.row, live.workspace_bytes)
+                self.runner.admit(live)
+                assert live.kernel is not None
                 if not await live.kernel.is_alive():
                     await self._replace_dead_kernel(live, "before this step")
                 return await self._run_step(live, principal, code, limit, sink, source, stdin)
 
     async def _run_step(self, live: LiveSession, principal: Principal, code: str, limit: float,
                         sink: EventSink | None, source: str, stdin: list[str] | None) -> dict[str, Any]:
+        """Send one step and wait for it (its time counts from when the kernel begins it: a
+        websocket client's step ahead of it is not interrupted), then record it."""
         kernel = live.kernel
         assert kernel is not None and kernel.connection is not None
-        place = StepPlace()
+        answer = None if stdin is None else executor.replier(kernel.connection, stdin)
+        step = self.runner.prepare(live, code, source=source, principal=principal.name, sink=sink, answer=answer,
+                                  limit=limit)
         running = RunningStep(asyncio.get_running_loop().create_future())
         live.current, live.row["state"] = running, "busy"
         try:
-            raw = await executor.execute(
-                kernel.connection, code, timeout=limit, output_limit=self.settings.max_output_bytes,
-                is_alive=kernel.is_alive, interrupt=kernel.interrupt, interrupt_grace=self.settings.interrupt_grace,
-                sink=sink, abort=running.abort, input_replies=stdin, on_start=place.begin,
-                on_send=lambda: self.open_step(live, place, code, source=source, principal=principal.name))
+            ended = await executor.run(
+                kernel.connection, step.listener, code, timeout=limit, is_alive=kernel.is_alive,
+                interrupt=kernel.interrupt, interrupt_grace=self.settings.interrupt_grace, abort=running.abort,
+                on_send=lambda: self.runner.sent(step), queue_timeout=self.settings.max_timeout)
         finally:
             live.current = None
             if live.row["state"] == "busy":
                 live.row["state"] = "idle"
-        status, error = step_outcome(raw, running.abort.result() if running.abort.done() else None,
-                                     running.interrupt_requested, limit,
-                                     kernel.exit_description() if raw.ended == "died" else "")
-        execution = self.commit_step(live, place, code, raw, status, error, source=source, principal=principal.name)
-        if raw.ended == "died":
-            await self._replace_kernel(live, "kernel_died", principal.name, error["value"] if error else "")
-        elif raw.ended == "stuck":
+        aborted_by = running.abort.result() if running.abort.done() else None
+        execution = self.runner.complete(step, ended, aborted_by=aborted_by,
+                                        interrupt_requested=running.interrupt_requested,
+                                        exit_description=kernel.exit_description() if ended == "died" else "")
+        if ended == "died":
+            error = execution.get("error") or {}
+            await self._replace_kernel(live, "kernel_died", principal.name, error.get("value", ""))
+        elif ended == "stuck":
             await self._replace_kernel(live, "kernel_restarted", principal.name,
                                        "the kernel ignored the interrupt after a timeout")
-        elif raw.ended == "aborted" and running.abort.result() == "restart":
+        elif ended == "aborted" and aborted_by == "restart":
             await self._replace_kernel(live, "kernel_restarted", principal.name, "restart requested during a step")
-        return execution
-
-    def open_step(self, live: LiveSession, place: StepPlace, code: str, *, source: str, principal: str,
-                  user_expressions: dict[str, str] | None = None) -> None:
-        """Take the step's place and record it as ``running``; called by either face just before
-        the execute_request is sent, so nothing the kernel runs goes unrecorded."""
-        place.take(live.trajectory)
-        self.recorder.open_step(live.trajectory, place, code=code, source=source, principal=principal,
-                                user_expressions=user_expressions)
-
-    def commit_step(self, live: LiveSession, place: StepPlace, code: str, raw: executor.RawExecution, status: str,
-                    error: dict[str, Any] | None, *, source: str, principal: str,
-                    user_expressions: dict[str, str] | None = None) -> dict[str, Any]:
-        """Complete the running step of one execution (from either face); returns its Execution view.
-        ``started_at`` is when the kernel began it (when it was sent, if the kernel never began it).
-        The limit rules hold here for both faces: an error a limit caused names it (and a
-        ``limit_exceeded`` event records it), and the workspace is measured afterwards."""
-        assert place.sent_at is not None, "a step is opened before its request is sent"
-        hit = limit_behind(error, live.row.get("isolation"))
-        if hit is not None and error is not None:
-            error["value"] = f"{error['value']} ({describe_limit(hit)})"
-            self.recorder.record_event(live.trajectory, "limit_exceeded", principal, hit)
-        finished = utcnow()
-        started = place.started_at or place.sent_at
-        execution = {
-            "session_id": live.id, "step": place.step, "execution_count": raw.execution_count, "status": status,
-            **summarise(raw.outputs), "outputs": raw.outputs,
-            "started_at": iso(started), "finished_at": iso(finished),
-            "duration_ms": round((finished - started).total_seconds() * 1000, 3), "truncated": raw.truncated,
-        }
-        if error is not None:
-            execution["error"] = error
-        if user_expressions:
-            execution["user_expressions"] = expressions_record(user_expressions, raw.reply,
-                                                               self.settings.max_output_bytes)
-        if raw.stdin:
-            execution["stdin"] = raw.stdin
-        self.recorder.record_step(live.trajectory, execution, code=code, source=source, principal=principal)
-        live.row["steps"] += 1
-        live.row["last_activity"] = execution["finished_at"]
-        self.metrics.observe_step(status, execution["duration_ms"])
-        workspace_limit = self.workspace_limit(live.row)
-        if workspace_limit is not None and live.measuring is None and not live.workspace.is_volume:
-            # Measured off the response path; the next step or upload is refused if it is over.
-            # (A volume needs no measuring: its file system holds the limit during the step.)
-            live.measuring = asyncio.get_running_loop().create_task(self._measure_workspace(live, workspace_limit))
         return execution
 
     def _state_tracker(self, live: LiveSession) -> Any:
@@ -594,39 +551,13 @@ class SessionManager:
             return live.workspace, live.trajectory
         return await self._resting_workspace(session_id), self.trajectory_of(session_id)
 
-    @staticmethod
-    def workspace_limit(row: dict[str, Any]) -> int | None:
-        limits = (row.get("isolation") or {}).get("limits") or {}
-        return limits.get("workspace")
-
-    async def _measure_workspace(self, live: LiveSession, limit: int) -> None:
-        """Measure the workspace after a step; past the limit, record it once."""
-        try:
-            was_over = live.workspace_bytes > limit
-            live.workspace_bytes = await live.workspace.size()
-            if live.workspace_bytes > limit and not was_over:
-                self.recorder.record_event(live.trajectory, "limit_exceeded", None, {
-                    "limit": "workspace", "value": limit, "size": live.workspace_bytes})
-        finally:
-            live.measuring = None
-
-    def check_workspace_room(self, row: dict[str, Any], size: int, adding: int = 0) -> None:
-        """Refuse (507 ``workspace_full``) when the workspace is, or would be, over its limit."""
-        limit = self.workspace_limit(row)
-        if limit is None or size + adding <= limit:
-            return
-        raise InsufficientStorage(
-            f"The session's workspace holds {size + adding} bytes, over its {human_bytes(limit)} limit. Delete "
-            f"files (DELETE /v1/sessions/{row['id']}/files/{{path}}) to run steps or upload again.",
-            details={"limit": "workspace", "limit_bytes": limit, "size_bytes": size + adding})
-
     async def put_file(self, principal: Principal, session_id: str, path: str, received: Path, *, size: int,
                        sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
         workspace, trajectory = await self._files_of(principal, session_id)
         row = self.visible_row(principal, session_id)
-        if self.workspace_limit(row) is not None:
-            self.check_workspace_room(row, await workspace.size(), size)
+        if workspace_limit(row) is not None:
+            check_workspace_room(row, await workspace.size(), size)
         relative = await workspace.install(path, received)
         self.recorder.record_event(trajectory, "file_upload", principal.name,
                                    upload_details(relative, content, size, sha256))
@@ -636,7 +567,7 @@ class SessionManager:
         workspace, trajectory = await self._files_of(principal, session_id)
         kind = await workspace.delete(path)
         live = self.live.get(session_id)
-        if live is not None and self.workspace_limit(live.row) is not None:
+        if live is not None and workspace_limit(live.row) is not None:
             live.workspace_bytes = await workspace.size()
         self.recorder.record_event(trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
         return {"path": path, "deleted": kind}

@@ -287,3 +287,26 @@ def test_a_restart_during_a_client_step_records_it_as_interrupted(gateway, clien
     step = client.get(f"/v1/sessions/{session['id']}/steps").json()["steps"][-1]
     assert step["code"] == "import time\ntime.sleep(30)" and step["source"] == "jupyter"
     assert step["status"] == "interrupted" and "restarted during this step" in step["error"]["value"]
+
+
+def test_an_agent_step_waiting_behind_a_client_step_neither_interrupts_it_nor_times_out(gateway, client,
+                                                                                        session) -> None:
+    """Both faces' steps go through one runner and the kernel runs them in the order sent: an
+    agent step sent while a client's 3 s step runs has its 1.5 s timeout counted from when the
+    kernel begins it, so the client's step is not interrupted and both are recorded in order."""
+    ws = connect(gateway, session["kernel_id"], client_id="long")
+    try:
+        message = execute_request("import time\ntime.sleep(3)\nprint('client done')")
+        ws.send(json.dumps(message))
+        time.sleep(0.5)  # the kernel is running the client's step
+        began = time.monotonic()
+        agent = client.post(f"/v1/sessions/{session['id']}/execute", json={"code": "print('agent')", "timeout": 1.5})
+        waited = time.monotonic() - began
+        mine = collect(ws, message["header"]["msg_id"])
+    finally:
+        ws.close()
+    assert agent.status_code == 200 and agent.json()["status"] == "ok", agent.text
+    assert agent.json()["stdout"] == "agent\n" and waited > 2.0
+    assert stdout_of(mine) == "client done\n"
+    steps = client.get(f"/v1/sessions/{session['id']}/steps").json()["steps"]
+    assert [(s["source"], s["status"]) for s in steps[-2:]] == [("jupyter", "ok"), ("agent", "ok")]

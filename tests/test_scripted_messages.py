@@ -438,6 +438,53 @@ async def test_a_timeout_the_kernel_ignores_ends_as_stuck() -> None:
     assert connection.listeners == {}
 
 
+def start_queued(connection: ScriptedConnection, process: KernelProcess, *, timeout: float,
+                 queue_timeout: float) -> "asyncio.Task[str]":
+    """``executor.run`` of one request that may wait behind others for ``queue_timeout`` s."""
+    listener = ExecutionListener(OutputCollector(10_000), asyncio.get_running_loop().create_future())
+    return asyncio.create_task(executor.run(connection, listener, "queued()", timeout=timeout,
+                                            is_alive=process.is_alive, interrupt=process.interrupt,
+                                            interrupt_grace=0.05, queue_timeout=queue_timeout))
+
+
+@in_loop
+async def test_waiting_behind_another_clients_request_does_not_count_against_the_timeout() -> None:
+    """The kernel runs someone else's request first (no execute_input for this one yet): past
+    this step's own timeout nothing is interrupted; once it begins, it runs to its end."""
+    connection, process = ScriptedConnection(), KernelProcess()
+    task = start_queued(connection, process, timeout=0.1, queue_timeout=5.0)
+    request = await connection.request()
+    await asyncio.sleep(0.4)
+    assert process.interrupts == 0 and not task.done()
+    connection.push(*ran(request, 7))
+    assert (await task, process.interrupts) == ("reply", 0)
+
+
+@in_loop
+async def test_the_time_budget_counts_from_when_the_kernel_begins_the_step() -> None:
+    connection = ScriptedConnection()
+    interrupted_at: list[float] = []
+    process = KernelProcess(on_interrupt=lambda: interrupted_at.append(time.monotonic()))
+    task = start_queued(connection, process, timeout=0.2, queue_timeout=5.0)
+    request = await connection.request()
+    await asyncio.sleep(0.3)
+    began = time.monotonic()
+    connection.push(status(request, "busy"), execute_input(request, 1))
+    assert await task == "stuck"
+    assert len(interrupted_at) == 1 and interrupted_at[0] - began >= 0.19
+
+
+@in_loop
+async def test_a_step_that_never_begins_is_interrupted_after_the_queue_timeout() -> None:
+    connection = ScriptedConnection()
+    interrupted_at: list[float] = []
+    process = KernelProcess(on_interrupt=lambda: interrupted_at.append(time.monotonic()))
+    sent = time.monotonic()
+    task = start_queued(connection, process, timeout=0.05, queue_timeout=0.3)
+    assert await task == "stuck"
+    assert len(interrupted_at) == 1 and 0.29 <= interrupted_at[0] - sent < 1.0
+
+
 @in_loop
 async def test_a_kernel_dying_mid_step_ends_it_as_died(fast_liveness: None) -> None:
     """The liveness check says the kernel is gone: the wait ends "died" long before the deadline,
