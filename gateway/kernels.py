@@ -20,11 +20,12 @@ import re
 import resource
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import psutil
 import zmq
 import zmq.asyncio
+from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
@@ -579,7 +580,7 @@ class KernelLauncher:
         if kernel.runtime_dir is not None and (info.get("transport") != "ipc" or
                                                info.get("ip") != str(kernel.runtime_dir / "ipc")):
             raise ValueError("it names sockets outside the kernel's runtime directory")
-        kernel.manager.load_connection_info(info)
+        kernel.manager.load_connection_info(cast(KernelConnectionInfo, info))
 
     @staticmethod
     async def _give_up(kernel: RunningKernel) -> None:

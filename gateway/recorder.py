@@ -19,17 +19,15 @@ from typing import Any, Callable
 from tornado.ioloop import IOLoop
 
 from gateway import notebook
-from gateway.clock import iso, now_iso, utcnow
+from gateway.clock import now_iso, utcnow
 from gateway.events import check_kind
 from gateway.outcomes import RUNNING
+from gateway.records import StepRecord
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
 RENDER_SPACING = 50
-STEP_VIEW_FIELDS = ("session_id", "step", "execution_count", "status", "stdout", "stderr", "result", "error",
-                    "outputs", "started_at", "finished_at", "duration_ms", "truncated")
-STEP_JSON_EXTRAS = ("user_expressions", "stdin")  # in a step's view only when it had them
 ANCESTRY_MAX = 32  # generations of forks a notebook carries
 
 
@@ -79,20 +77,6 @@ class StepPlace:
             self.started_at = utcnow()
 
 
-def execution_view(row: dict[str, Any], *, with_code: bool = False) -> dict[str, Any]:
-    """The agent API's Execution object from a ``steps`` row (the steps list adds code, source, principal)."""
-    view = {name: row[name] for name in STEP_VIEW_FIELDS}
-    if with_code:
-        view.update(code=row["code"], source=row["source"], principal=row["principal"])
-    view["error"] = json.loads(view["error"]) if view["error"] else None
-    view["outputs"] = json.loads(view["outputs"])
-    view["truncated"] = bool(view["truncated"])
-    for name in STEP_JSON_EXTRAS:
-        if row.get(name):
-            view[name] = json.loads(row[name])
-    return view
-
-
 def expressions_record(expressions: dict[str, str], reply: dict[str, Any] | None,
                        limit: int) -> dict[str, dict[str, Any]]:
     """A step's ``user_expressions``: each expression with the kernel's result from its
@@ -128,37 +112,21 @@ class Recorder:
         self._pending: dict[str, Trajectory] = {}
         self._render_seconds: dict[str, float] = {}
 
-    def open_step(self, trajectory: Trajectory, place: StepPlace, *, code: str, source: str, principal: str,
-                  user_expressions: dict[str, str] | None = None) -> None:
+    def open_step(self, trajectory: Trajectory, record: StepRecord) -> None:
         """Commit a step as ``running`` just before its request goes to the kernel (one INSERT)."""
-        assert place.sent_at is not None
-        self.store.open_step({
-            "session_id": trajectory.session_id, "step": place.step, "seq": place.seq, "code": code,
-            "status": RUNNING, "stdout": "", "stderr": "", "outputs": "[]", "truncated": 0,
-            "started_at": iso(place.sent_at), "source": source, "principal": principal,
-            "user_expressions": json.dumps(expressions_record(user_expressions, None, 0))
-            if user_expressions else None,
-        })
+        assert record.status == RUNNING and record.session_id == trajectory.session_id
+        self.store.open_step(record.row())
 
     def record_stdin(self, trajectory: Trajectory, step: int, stdin: list[dict[str, Any]]) -> None:
         """Keep a running step's input exchanges so far (before the reply reaches the kernel)."""
         self.store.update_step(trajectory.session_id, step, stdin=json.dumps(stdin))
 
-    def record_step(self, trajectory: Trajectory, execution: dict[str, Any], *, code: str, source: str,
-                    principal: str) -> None:
-        """Complete a running step (``execution`` is its Execution view: the row is updated, with
-        its audit event, in one transaction); then schedule the notebook write."""
-        fields = {
-            "execution_count": execution["execution_count"], "status": execution["status"],
-            "stdout": execution["stdout"], "stderr": execution["stderr"], "result": execution["result"],
-            "error": json.dumps(execution["error"]) if execution.get("error") else None,
-            "outputs": json.dumps(execution["outputs"]), "started_at": execution["started_at"],
-            "finished_at": execution["finished_at"], "duration_ms": execution["duration_ms"],
-            "truncated": int(execution["truncated"]),
-            **{name: json.dumps(execution[name]) for name in STEP_JSON_EXTRAS if execution.get(name)},
-        }
-        self.store.finish_step(trajectory.session_id, execution["step"], fields, code=code, source=source,
-                               principal=principal, at=execution["finished_at"], last_activity=execution["finished_at"])
+    def record_step(self, trajectory: Trajectory, record: StepRecord) -> None:
+        """Complete a running step (its row is updated, with its audit event, in one
+        transaction); then schedule the notebook write."""
+        self.store.finish_step(trajectory.session_id, record.step, record.completion(), code=record.code,
+                               source=record.source, principal=record.principal, at=record.finished_at or now_iso(),
+                               last_activity=record.finished_at)
         self.schedule(trajectory)
 
     def record_lost(self, trajectory: Trajectory, row: dict[str, Any], status: str, error: dict[str, Any]) -> None:

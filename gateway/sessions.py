@@ -27,7 +27,8 @@ from gateway.metrics import Metrics
 from gateway.notebook import upload_details
 from gateway.outputs import EventSink
 from gateway.pool import KernelPool, bind
-from gateway.recorder import Recorder, Trajectory, execution_view
+from gateway.recorder import Recorder, Trajectory
+from gateway.records import StepRecord
 from gateway.settings import Settings
 from gateway.steps import StepRunner, check_workspace_room, workspace_limit
 from gateway.store import Store, decode_cursor, encode_cursor
@@ -275,7 +276,10 @@ class SessionManager:
         """
         row, env = live.row, live.row.get("env") or {}
         isolation = self.isolation_of(row)
-        pooled = self.pool is not None and (isolation is None or isolation == self.launcher.isolation_defaults())
+        # A pooled kernel brings a workspace of its own (a volume, under a workspace limit): a
+        # session that has one already (a paused session's) is started on it.
+        pooled = self.pool is not None and (isolation is None or isolation == self.launcher.isolation_defaults()) \
+            and not volumes.image_of(live.workspace.root).exists()
         try:
             kernel = await self.pool.take(row["kernel"], env) if pooled and self.pool is not None else None
             if kernel is not None:
@@ -502,7 +506,7 @@ class SessionManager:
 
     def steps(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
         self.visible_row(principal, session_id)
-        return [execution_view(row, with_code=True) for row in self.store.list_steps(session_id)]
+        return [StepRecord.from_row(row).view(with_code=True) for row in self.store.list_steps(session_id)]
 
     def timeline(self, principal: Principal, session_id: str) -> list[tuple[str, dict[str, Any]]]:
         """Steps and the events that shape a rerun, in recorded order: ("step"|"event", row)."""

@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.outcomes import step_outcome
 from gateway.outputs import EventSink, OutputCollector, summarise
 from gateway.recorder import Recorder, StepPlace, expressions_record
+from gateway.records import StepRecord
 
 if TYPE_CHECKING:
     from gateway.sessions import LiveSession
@@ -40,6 +41,7 @@ class Step:
     place: StepPlace = field(default_factory=StepPlace)
     user_expressions: dict[str, str] = field(default_factory=dict)
     limit: float = 0.0  # its time budget in seconds (an agent's timeout); 0: none (a websocket client's)
+    record: StepRecord | None = None  # once sent
 
 
 def workspace_limit(row: dict[str, Any]) -> int | None:
@@ -90,9 +92,13 @@ class StepRunner:
     def sent(self, step: Step) -> None:
         """Take the step's number and record it as ``running``; called just before its request
         goes out, so nothing the kernel runs goes unrecorded."""
-        step.place.take(step.live.trajectory)
-        self.recorder.open_step(step.live.trajectory, step.place, code=step.code, source=step.source,
-                                principal=step.principal, user_expressions=step.user_expressions or None)
+        trajectory, place = step.live.trajectory, step.place
+        place.take(trajectory)
+        assert place.sent_at is not None
+        expressions = expressions_record(step.user_expressions, None, 0) if step.user_expressions else None
+        step.record = StepRecord(trajectory.session_id, place.step, place.seq, step.code, step.source, step.principal,
+                                 started_at=iso(place.sent_at), user_expressions=expressions)
+        self.recorder.open_step(trajectory, step.record)
 
     def complete(self, step: Step, ended: str, *, aborted_by: str | None = None, interrupt_requested: bool = True,
                  exit_description: str = "") -> dict[str, Any]:
@@ -100,8 +106,8 @@ class StepRunner:
         kernel began it (when it was sent, if the kernel never began it). An error a limit
         caused names it (and a ``limit_exceeded`` event records it); the workspace is measured
         afterwards."""
-        live, place = step.live, step.place
-        assert place.sent_at is not None, "a step is recorded before its request is sent"
+        live, place, record = step.live, step.place, step.record
+        assert record is not None and place.sent_at is not None, "a step is recorded before its request is sent"
         raw = step.listener.result(ended)
         status, error = step_outcome(raw, aborted_by, interrupt_requested, step.limit, exit_description)
         hit = limit_behind(error, live.row.get("isolation"))
@@ -110,23 +116,20 @@ class StepRunner:
             self.recorder.record_event(live.trajectory, "limit_exceeded", step.principal, hit)
         finished = utcnow()
         started = place.started_at or place.sent_at
-        execution = {
-            "session_id": live.id, "step": place.step, "execution_count": raw.execution_count, "status": status,
-            **summarise(raw.outputs), "outputs": raw.outputs,
-            "started_at": iso(started), "finished_at": iso(finished),
-            "duration_ms": round((finished - started).total_seconds() * 1000, 3), "truncated": raw.truncated,
-        }
-        if error is not None:
-            execution["error"] = error
+        summary = summarise(raw.outputs)
+        record.status, record.execution_count, record.outputs = status, raw.execution_count, raw.outputs
+        record.stdout, record.stderr, record.result = summary["stdout"], summary["stderr"], summary["result"]
+        record.error = error if error is not None else summary["error"]
+        record.started_at, record.finished_at = iso(started), iso(finished)
+        record.duration_ms = round((finished - started).total_seconds() * 1000, 3)
+        record.truncated, record.stdin = raw.truncated, raw.stdin or None
         if step.user_expressions:
-            execution["user_expressions"] = expressions_record(step.user_expressions, raw.reply, self.output_limit)
-        if raw.stdin:
-            execution["stdin"] = raw.stdin
-        self.recorder.record_step(live.trajectory, execution, code=step.code, source=step.source,
-                                  principal=step.principal)
+            record.user_expressions = expressions_record(step.user_expressions, raw.reply, self.output_limit)
+        self.recorder.record_step(live.trajectory, record)
+        execution = record.view()
         live.row["steps"] += 1
-        live.row["last_activity"] = execution["finished_at"]
-        self.metrics.observe_step(status, execution["duration_ms"])
+        live.row["last_activity"] = record.finished_at
+        self.metrics.observe_step(status, record.duration_ms)
         limit = workspace_limit(live.row)
         if limit is not None and live.measuring is None and not live.workspace.is_volume:
             # Measured off the response path; the next step or upload is refused if it is over.

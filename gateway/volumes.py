@@ -87,8 +87,9 @@ def move(current: Path, target: Path) -> None:
     """Move a mounted volume (a pooled kernel's) to its session's workspace, image included."""
     if not is_mounted(current):
         raise VolumeError(f"{current} holds no mounted volume")
-    if is_mounted(target):
-        raise VolumeError(f"{target} already holds a volume")
+    if is_mounted(target) or image_of(target).exists():
+        # Its own volume, mounted or not: replacing its image would lose the session's files.
+        raise VolumeError(f"{target} already has a volume")
     target.mkdir(parents=True, exist_ok=True)
     if any(target.iterdir()):
         raise VolumeError(f"{target} is not empty")

@@ -89,6 +89,51 @@ def test_a_pooled_kernel_whose_volume_went_away_is_not_handed_out(isolated: dict
         client.delete(f"/v1/sessions/{sid}")
 
 
+def test_a_volume_is_never_moved_onto_a_workspace_that_has_its_own(tmp_path: Any) -> None:
+    """A pooled kernel's volume moved onto a session's workspace whose own volume is not
+    mounted (a paused session after a clean restart) would replace that volume's image, and
+    the session's files with it: refused, and both images are kept."""
+    why = volumes.support()
+    if why:
+        pytest.skip(f"workspace volumes do not work here: {why}")
+    pooled, session = tmp_path / "pool" / "k" / "workspace", tmp_path / "s" / "workspace"
+    pooled.parent.mkdir(parents=True)
+    session.mkdir(parents=True)
+    volumes.ensure(pooled, 4 << 20, (0, 0))
+    try:
+        volumes.image_of(session).write_bytes(b"the session's own volume")
+        with pytest.raises(volumes.VolumeError, match="already has a volume"):
+            volumes.move(pooled, session)
+        assert volumes.image_of(session).read_bytes() == b"the session's own volume"
+        assert volumes.is_mounted(pooled) and volumes.image_of(pooled).exists()
+    finally:
+        volumes.release(pooled, remove=True)
+
+
+def test_a_session_paused_over_a_clean_restart_resumes_on_its_own_volume(isolated: dict[str, Any]) -> None:
+    """After a clean stop the paused session's volume is unmounted; resumed while the pool has a
+    kernel ready (and before anything mounts its volume again), it gets a kernel of its own on
+    its volume: its files and its variables are there, and no pooled kernel is wasted."""
+    import time
+
+    gateway: GatewayProcess = isolated["gateway"]
+    with gateway.client() as client:
+        sid = client.post("/v1/sessions", json={}).json()["id"]
+        assert run(client, sid, "open('kept.txt', 'w').write('kept'); kept = 8")["status"] == "ok"
+        assert client.post(f"/v1/sessions/{sid}/pause").status_code == 200
+    assert gateway.stop() == 0
+    restarted = isolated["gateway"] = start_gateway(gateway.data_dir, extra_args=isolated["args"])
+    deadline = time.monotonic() + 30
+    while restarted.stderr_text().count(" started (python3") < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the pool's kernel is ready
+    with restarted.client() as client:
+        assert client.post(f"/v1/sessions/{sid}/resume").status_code == 200
+        assert run(client, sid, "kept, open('kept.txt').read()")["result"] == "(8, 'kept')"
+        assert client.get(f"/v1/sessions/{sid}/files/kept.txt").content == b"kept"
+        client.delete(f"/v1/sessions/{sid}")
+    assert "could not be bound" not in restarted.stderr_text()
+
+
 def test_files_and_limit_survive_pause_restart_and_termination(isolated: dict[str, Any]) -> None:
     gateway: GatewayProcess = isolated["gateway"]
     with gateway.client() as client:

@@ -28,7 +28,9 @@ from gateway.metrics import Metrics
 from gateway.notebook import render, step_tags
 from gateway.outcomes import FINAL_STATUSES, RERUN_STATUSES, STATUSES, lost_outcome, step_outcome
 from gateway.outputs import OutputCollector
-from gateway.recorder import execution_view, expressions_record, recorded_replies
+from gateway.recorder import expressions_record, recorded_replies
+from gateway import records
+from gateway.records import StepRecord
 from gateway.replay import SKIPPED_STATUSES
 from gateway.store import Store
 from tests.conftest import GatewayProcess, run, start_gateway
@@ -164,7 +166,7 @@ def test_a_step_is_written_ahead_then_completed_in_place(store: Store) -> None:
     assert store.running_steps() == []
     rows = store.list_steps("s_1")
     assert [(r["seq"], r["status"]) for r in rows] == [(1, "ok"), (2, "lost")]
-    lost = execution_view(rows[1], with_code=True)
+    lost = StepRecord.from_row(rows[1]).view(with_code=True)
     assert lost["finished_at"] is None and lost["error"]["name"] == "GatewayStopped"
     assert lost["stdin"] == [{"prompt": "", "password": False, "value": "v"}] and "user_expressions" not in lost
     session = session_row(store)
@@ -177,6 +179,28 @@ def test_a_step_is_written_ahead_then_completed_in_place(store: Store) -> None:
     assert [c.metadata.gateway.status for c in notebook.cells] == ["ok", "lost"]
     assert notebook.cells[1].metadata.gateway.stdin[0]["value"] == "v"
     assert "skip-execution" in notebook.cells[1].metadata.tags
+
+
+def test_a_step_is_one_record_from_its_running_row_to_its_view(store: Store) -> None:
+    """The record written ahead, read back, completed and read back again is the same typed
+    record each time; its view is the Execution (code, source and principal only in the list)."""
+    record = StepRecord("s_1", 1, 1, "n = input()", "jupyter", "a", started_at="2026-01-01T00:00:01.000000Z",
+                        user_expressions=expressions_record({"n": "n"}, None, 0))
+    store.open_step(record.row())
+    assert StepRecord.from_row(store.list_steps("s_1")[0]) == record
+    record.status, record.execution_count, record.stdout = "error", 3, "asked\n"
+    record.error = {"name": "ValueError", "value": "no", "traceback": "ValueError: no"}
+    record.outputs = [{"output_type": "stream", "name": "stdout", "text": "asked\n"}]
+    record.stdin = [{"prompt": "? ", "password": False, "value": "x"}]
+    record.finished_at, record.duration_ms, record.truncated = "2026-01-01T00:00:02.000000Z", 1000.0, True
+    store.finish_step("s_1", 1, record.completion(), code=record.code, source=record.source, principal="a",
+                      at=record.finished_at, last_activity=record.finished_at)
+    again = StepRecord.from_row(store.list_steps("s_1")[0])
+    assert again == record
+    view = again.view()
+    assert list(view) == [*records.VIEW_FIELDS, "user_expressions", "stdin"]
+    assert (view["error"]["name"], view["truncated"], view["outputs"][0]["text"]) == ("ValueError", True, "asked\n")
+    assert {"code", "source", "principal"} <= set(again.view(with_code=True)) and "code" not in view
 
 
 def test_a_running_step_renders_as_a_cell_that_is_not_rerun(store: Store) -> None:
