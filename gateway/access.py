@@ -11,10 +11,10 @@ they may see but not change is a 403.
 
 from __future__ import annotations
 
-from typing import Any
 
 from gateway.auth import Principal
 from gateway.errors import Forbidden, NotFound
+from gateway.records import SessionRecord
 
 
 def sees_every_session(principal: Principal) -> bool:
@@ -39,22 +39,22 @@ def may_loosen_isolation(principal: Principal) -> bool:
     return principal.role == "admin"
 
 
-def may_end_from_jupyter(principal: Principal, row: dict[str, Any]) -> bool:
+def may_end_from_jupyter(principal: Principal, record: SessionRecord) -> bool:
     """End a session through ``DELETE /api/kernels/{id}``: one created there, or any by an admin."""
-    return row.get("origin") == "jupyter" or principal.role == "admin"
+    return record.origin == "jupyter" or principal.role == "admin"
 
 
-def check_seen(principal: Principal, session_id: str, row: dict[str, Any] | None) -> dict[str, Any]:
-    """``row`` if the principal may see that session; else ``NotFound`` (also for no row)."""
-    if row is None or not may_see(principal, row["owner"]):
+def check_seen(principal: Principal, session_id: str, record: SessionRecord | None) -> SessionRecord:
+    """``record`` if the principal may see that session; else ``NotFound`` (also for none)."""
+    if record is None or not may_see(principal, record.owner):
         raise NotFound(f"There is no session '{session_id}'. List yours with GET /v1/sessions.",
                        code="session_not_found", details={"session_id": session_id})
-    return row
+    return record
 
 
-def check_change(principal: Principal, session_id: str, row: dict[str, Any], verb: str = "change") -> None:
+def check_change(principal: Principal, session_id: str, record: SessionRecord, verb: str = "change") -> None:
     """``Forbidden`` unless the principal may change the session (``verb``: what it asked)."""
-    if not may_change(principal, row["owner"]):
+    if not may_change(principal, record.owner):
         raise Forbidden(f"The {principal.role} '{principal.name}' may read session '{session_id}' but not {verb} it.",
                         details={"session_id": session_id})
 

@@ -283,7 +283,7 @@ class KernelHub:
         self.to_client(client.client_id, channel, *gateway_message("execute_reply", refused, header))
 
     def may_run(self, principal: Principal) -> bool:
-        return access.may_change(principal, self.live.row["owner"])
+        return access.may_change(principal, self.live.record.owner)
 
     def refuse_read_only(self, client: WebsocketClient, channel: str, header: dict[str, Any],
                          content: dict[str, Any] | None) -> None:

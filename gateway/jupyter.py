@@ -69,7 +69,7 @@ class JupyterKernels:
     def model(self, live: LiveSession) -> dict[str, Any]:
         hub = live.hub
         return {
-            "id": live.row["kernel_id"], "name": live.row["kernel"],
+            "id": live.record.kernel_id, "name": live.record.kernel,
             "last_activity": live.active_at,
             "execution_state": live.execution_state,
             "connections": hub.connections if hub is not None else 0,
@@ -78,7 +78,7 @@ class JupyterKernels:
     def _live(self, principal: Principal, kernel_id: str) -> LiveSession:
         session_id = self.sessions.session_id_for_kernel(kernel_id)
         live = self.sessions.live.get(session_id) if session_id else None
-        if live is None or not access.may_see(principal, live.row["owner"]):
+        if live is None or not access.may_see(principal, live.record.owner):
             raise NotFound(f"There is no running kernel '{kernel_id}'.", code="kernel_not_found",
                            details={"kernel_id": kernel_id})
         return live
@@ -90,7 +90,7 @@ class JupyterKernels:
 
     def list(self, principal: Principal) -> list[dict[str, Any]]:
         return [self.model(live) for live in self.sessions.live.values()
-                if access.may_see(principal, live.row["owner"])]
+                if access.may_see(principal, live.record.owner)]
 
     def get(self, principal: Principal, kernel_id: str) -> dict[str, Any]:
         return self.model(self._live(principal, kernel_id))
@@ -113,8 +113,8 @@ class JupyterKernels:
         Returns "terminated" or "released".
         """
         live = self._writable(principal, kernel_id)
-        if live.row.get("origin") == "jupyter" or terminate:
-            if not access.may_end_from_jupyter(principal, live.row):
+        if live.record.origin == "jupyter" or terminate:
+            if not access.may_end_from_jupyter(principal, live.record):
                 raise Forbidden("Only an admin may terminate an agent's session through the Jupyter API; "
                                 "the owner ends it with DELETE /v1/sessions/{id}.")
             await self.sessions.terminate(principal, live.id)
@@ -141,7 +141,7 @@ class JupyterKernels:
         """The hub a websocket client attaches to: the session's owner and admins run code;
         reviewers attach read-only (they see every message and may run nothing)."""
         live = self._live(principal, kernel_id)
-        if access.may_change(principal, live.row["owner"]):
+        if access.may_change(principal, live.record.owner):
             self.sessions.writable(principal, live.id)  # runs code: live, not paused, not ended
         if live.hub is None:
             live.hub = KernelHub(self.sessions, live, self.replay_seconds)

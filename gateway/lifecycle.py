@@ -24,6 +24,7 @@ from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Unavailable
 from gateway.outcomes import RERUN_STATUSES, lost_outcome
 from gateway.recorder import Trajectory, recorded_replies
+from gateway.records import SessionRecord
 from gateway.workspace import Workspace
 
 
@@ -61,12 +62,12 @@ class Lifecycle:
         """Save the session's state and stop its kernel; returns the Session (with ``snapshot``)."""
         manager = self.manager
         if session_id not in manager.live:
-            row = manager.visible_row(principal, session_id)
-            if row["state"] == "paused":
-                return manager.view(row)
+            row = manager.visible(principal, session_id)
+            if row.state == "paused":
+                return row.view()
         live = manager.writable(principal, session_id)
         await self._pause(live, principal.name, reason)
-        return manager.view(live.row)
+        return live.record.view()
 
     async def pause_for_shutdown(self, live: "LiveSession") -> None:
         """Pause at shutdown: a running step gets ``interrupt_grace`` seconds, then is aborted."""
@@ -85,7 +86,7 @@ class Lifecycle:
     async def _pause(self, live: "LiveSession", principal: str | None, reason: str) -> None:
         manager = self.manager
         async with live.lock:
-            if live.row["state"] in states.ENDED or manager.live.get(live.id) is not live:
+            if live.record.state in states.ENDED or manager.live.get(live.id) is not live:
                 return
             directory = self.snapshot_dir(live.id)
             started = time.monotonic()
@@ -114,12 +115,11 @@ class Lifecycle:
             if live.kernel is not None:
                 await live.kernel.shutdown(now=False)
                 live.kernel = None
-            live.row.update(state="paused", snapshot=info)
             live.execution_state = "dead"
-            manager.store.update_session(live.id, state="paused", snapshot=info, steps=live.row["steps"],
-                                         last_activity=live.row["last_activity"])
+            manager.store.save_session(live.record, state="paused", snapshot=info, steps=live.record.steps,
+                                   last_activity=live.record.last_activity)
             manager.live.pop(live.id, None)
-            manager.by_kernel.pop(live.row["kernel_id"], None)
+            manager.by_kernel.pop(live.record.kernel_id, None)
             manager.recorder.record_event(live.trajectory, "session_paused", principal, info)
             manager.recorder.flush(live.id)
         log.info("session %s: paused (%s; %d names saved, %d not)", live.id, reason, len(info["saved"]),
@@ -137,15 +137,15 @@ class Lifecycle:
     async def resume(self, principal: Principal, session_id: str, reason: str = "requested") -> dict[str, Any]:
         """Bring a paused session back with its state; a live session is returned as it is."""
         manager = self.manager
-        row = manager.visible_row(principal, session_id)
+        row = manager.visible(principal, session_id)
         access.check_change(principal, session_id, row, "resume")
         if session_id in manager.live:
-            return manager.view(manager.live[session_id].row)
+            return manager.live[session_id].record.view()
         if session_id in self.resuming:
             await asyncio.shield(self.resuming[session_id])
             return manager.get(principal, session_id)
-        if row["state"] != "paused":
-            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}: only a "
+        if row.state != "paused":
+            raise states.ended_error(session_id, row.state, f"Session '{session_id}' is {row.state}: only a "
                                      "paused session can be resumed.")
         if manager.closing:
             raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
@@ -160,23 +160,22 @@ class Lifecycle:
             raise
         finally:
             self.resuming.pop(session_id, None)
-        return manager.view(manager.live[session_id].row)
+        return manager.live[session_id].record.view()
 
-    async def _resume(self, row: dict[str, Any], principal: str, reason: str) -> None:
+    async def _resume(self, row: SessionRecord, principal: str, reason: str) -> None:
         manager = self.manager
-        await self.ensure_room(resuming=row["id"])
+        await self.ensure_room(resuming=row.id)
         started = time.monotonic()
-        row = manager.store.get_session(row["id"]) or row
-        row["state"] = "starting"
-        live = manager.register(row, manager.trajectory_of(row["id"]))
+        row = manager.store.get_session(row.id) or row
+        row.state = "starting"
+        live = manager.register(row, manager.trajectory_of(row.id))
         await manager.start_kernel(live, principal)
-        outcome = await self.restore(live, self.snapshot_dir(live.id), row.get("snapshot") or {})
+        outcome = await self.restore(live, self.snapshot_dir(live.id), row.snapshot or {})
         outcome["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
         outcome["reason"] = reason
-        snapshot = {**(row.get("snapshot") or {}), "resumed_at": now_iso(), "restored": outcome["restored"],
+        snapshot = {**(row.snapshot or {}), "resumed_at": now_iso(), "restored": outcome["restored"],
                     "not_restored": outcome["not_restored"]}
-        live.row["snapshot"] = snapshot
-        manager.store.update_session(live.id, snapshot=snapshot)
+        manager.store.save_session(live.record, snapshot=snapshot)
         manager.recorder.record_event(live.trajectory, "session_resumed", principal, outcome)
         log.info("session %s: resumed by %s (%s, %.0f ms)", live.id, outcome["strategy"], reason,
                  outcome["duration_ms"])
@@ -232,10 +231,10 @@ class Lifecycle:
     async def fork(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """A new session owned by the caller, with a copy of this one's files and state."""
         manager = self.manager
-        row = manager.visible_row(principal, session_id)
+        row = manager.visible(principal, session_id)
         access.check_create(principal, "fork them")
-        if row["state"] in states.ENDED:
-            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}; fork a "
+        if row.state in states.ENDED:
+            raise states.ended_error(session_id, row.state, f"Session '{session_id}' is {row.state}; fork a "
                                      "live or paused session.")
         staging = manager.sessions_dir / session_id / "forks" / uuid.uuid4().hex
         parent_step = manager.store.next_positions(session_id)[0] - 1
@@ -258,9 +257,9 @@ class Lifecycle:
                 if snapshots.exists(self.snapshot_dir(session_id)):
                     shutil.copytree(self.snapshot_dir(session_id), staging / "snapshot")
                 await Workspace(staging / "workspace").copy_from(manager.sessions_dir / session_id / "workspace")
-                saved = row.get("snapshot") or {}
-            child_view = await manager.create(principal, kernel=row["kernel"], labels=row.get("labels") or {},
-                                              env=row.get("env") or {}, parent=(session_id, parent_step),
+                saved = row.snapshot or {}
+            child_view = await manager.create(principal, kernel=row.kernel, labels=row.labels,
+                                              env=row.env, parent=(session_id, parent_step),
                                               isolation=manager.isolation_of(row))
             child = manager.live[child_view["id"]]
             await child.workspace.copy_from(staging / "workspace")
@@ -274,7 +273,7 @@ class Lifecycle:
                              else manager.trajectory_of(session_id))
         manager.recorder.record_event(parent_trajectory, "session_forked", principal.name,
                                       {"child": child_view["id"], "step": parent_step})
-        view = manager.view(child.row)
+        view = child.record.view()
         view["restored"] = outcome["restored"]
         view["not_restored"] = outcome["not_restored"]
         return view
@@ -290,23 +289,23 @@ class Lifecycle:
             running.setdefault(step["session_id"], []).append(step)
         await self._clear_leftovers()
         for row in manager.store.sessions_in_states(states.LIVE):
-            trajectory = manager.trajectory_of(row["id"])
-            workspace = manager.sessions_dir / row["id"] / "workspace"
-            if row.get("parent_session_id") and not manager.store.has_event(row["id"], "state_restored"):
+            trajectory = manager.trajectory_of(row.id)
+            workspace = manager.sessions_dir / row.id / "workspace"
+            if row.parent_session_id and not manager.store.has_event(row.id, "state_restored"):
                 # A fork the crash cut short: it never got its parent's state (its kernel, if
                 # it still runs, is stopped below as no session's).
                 reason = (f"The gateway stopped while this session was being forked from "
-                          f"'{row['parent_session_id']}': it did not get that session's state. Fork it again.")
-                manager.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
+                          f"'{row.parent_session_id}': it did not get that session's state. Fork it again.")
+                manager.store.save_session(row, state="failed", reason=reason, ended_at=now_iso())
                 manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
-                row["steps"] += self._record_lost(trajectory, running.pop(row["id"], []), False)
-                log.warning("session %s: failed; a crash cut its fork short", row["id"])
+                row.steps += self._record_lost(trajectory, running.pop(row.id, []), False)
+                log.warning("session %s: failed; a crash cut its fork short", row.id)
                 continue
             placement = recorded_placement(row)
             kernel = None if placement is None else await manager.launcher.adopt(
-                placement, spec_name=row["kernel"], cwd=workspace, env=row.get("env") or {},
+                placement, spec_name=row.kernel, cwd=workspace, env=row.env,
                 isolation=manager.isolation_of(row), timeout=min(10.0, self.settings.kernel_start_timeout))
-            row["steps"] += self._record_lost(trajectory, running.pop(row["id"], []), kernel is not None)
+            row.steps += self._record_lost(trajectory, running.pop(row.id, []), kernel is not None)
             if kernel is not None:
                 live = manager.register(row, trajectory)
                 manager.attach_kernel(live, kernel)
@@ -314,20 +313,20 @@ class Lifecycle:
                     await snapshots.clear_exchange(kernel)
                 manager.recorder.record_event(trajectory, "session_reattached", None,
                                            {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
-                log.warning("session %s: reattached its kernel (pid %s) after a crash", row["id"], kernel.pid)
+                log.warning("session %s: reattached its kernel (pid %s) after a crash", row.id, kernel.pid)
                 continue
-            if snapshots.exists(self.snapshot_dir(row["id"])):
-                info = {**(row.get("snapshot") or {}), "reason": "crash",
+            if snapshots.exists(self.snapshot_dir(row.id)):
+                info = {**(row.snapshot or {}), "reason": "crash",
                         "note": "The kernel was lost in a crash of the gateway; resuming restores the snapshot "
                                 "of the last pause, so later changes to variables are gone (files are kept)."}
-                manager.store.update_session(row["id"], state="paused", snapshot=info)
+                manager.store.save_session(row, state="paused", snapshot=info)
                 manager.recorder.record_event(trajectory, "session_paused", None, info)
                 continue
             reason = ("The gateway stopped unexpectedly while this session was live, and its kernel is gone. "
                       "Its files and recorded steps are kept.")
-            manager.store.update_session(row["id"], state="failed", reason=reason, ended_at=now_iso())
+            manager.store.save_session(row, state="failed", reason=reason, ended_at=now_iso())
             manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
-            log.warning("session %s: failed; its kernel did not survive the crash", row["id"])
+            log.warning("session %s: failed; its kernel did not survive the crash", row.id)
         for session_id, steps in running.items():  # sessions that were not live: no kernel to find
             self._record_lost(manager.trajectory_of(session_id), steps, False)
         claimed = {live.kernel.connection_file for live in manager.live.values() if live.kernel is not None}
@@ -368,7 +367,7 @@ class Lifecycle:
         unpausable: set[str] = set()  # idle sessions whose state could not be saved: they stay live
         while len(manager.live) + len(self.resuming) - (resuming in self.resuming) >= limit:
             idle = [live for live in manager.live.values()
-                    if live.row["state"] == "idle" and not live.lock.locked() and live.kernel is not None
+                    if live.record.state == "idle" and not live.lock.locked() and live.kernel is not None
                     and not (live.hub is not None and live.hub.connections) and live.id not in unpausable]
             if not idle:
                 raise Unavailable(
@@ -388,7 +387,7 @@ class Lifecycle:
             threshold = iso(utcnow() - timedelta(seconds=self.settings.idle_pause_seconds))
             for live in list(manager.live.values()):
                 active = live.active_at
-                if (live.row["state"] == "idle" and not live.lock.locked() and active < threshold
+                if (live.record.state == "idle" and not live.lock.locked() and active < threshold
                         and not (live.hub is not None and live.hub.connections)
                         and self.pause_failed.get(live.id) != active):
                     try:
@@ -398,7 +397,7 @@ class Lifecycle:
         if self.settings.retention_days > 0:
             threshold = iso(utcnow() - timedelta(days=self.settings.retention_days))
             for row in manager.store.sessions_ended_before(threshold):
-                directory = manager.sessions_dir / row["id"]
+                directory = manager.sessions_dir / row.id
                 removed = [name for name in ("workspace", "snapshot", "uploads") if (directory / name).exists()]
                 if not removed:
                     continue
@@ -409,7 +408,7 @@ class Lifecycle:
                     for name in removed:
                         await helper.call("tree.remove", path=str(directory / name))
                 except OSError as exc:
-                    log.warning("session %s: its files could not be removed by retention: %s", row["id"], exc)
+                    log.warning("session %s: its files could not be removed by retention: %s", row.id, exc)
                     continue
-                manager.recorder.record_event(manager.trajectory_of(row["id"]), "workspace_removed", None,
+                manager.recorder.record_event(manager.trajectory_of(row.id), "workspace_removed", None,
                                               {"removed": removed, "retention_days": self.settings.retention_days})

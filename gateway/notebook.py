@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from gateway.outcomes import NOT_RUN, RUNNING, UNFINISHED_STATUSES
+from gateway.records import SessionRecord
 
 INLINE_UPLOAD_LIMIT = 256 * 1024
 NBFORMAT, NBFORMAT_MINOR = 4, 5
@@ -123,20 +124,20 @@ def _markdown(cell_id: str, text: str, meta: dict[str, Any]) -> dict[str, Any]:
     return {"cell_type": "markdown", "id": cell_id, "metadata": meta, "source": text}
 
 
-def render(session: dict[str, Any], display_name: str, timeline: Iterable[tuple[str, Any]],
+def render(session: SessionRecord, display_name: str, timeline: Iterable[tuple[str, Any]],
            inherited: Iterable[Inherited] = ()) -> str:
     """The whole notebook as JSON text (``application/x-ipynb+json``). A fork's notebook starts
     with its ancestors' cells up to each fork point (``inherited``, oldest first), each marked
     with ``gateway.inherited_from``, then a cell saying where the session itself begins."""
     parent = None
-    if session.get("parent_session_id"):
-        parent = {"session_id": session["parent_session_id"], "step": session.get("parent_step")}
+    if session.parent_session_id:
+        parent = {"session_id": session.parent_session_id, "step": session.parent_step}
     metadata = {
-        "kernelspec": {"name": session["kernel"], "display_name": display_name,
-                       "language": (session.get("language_info") or {}).get("name", "python")},
-        "language_info": session.get("language_info") or {"name": "python"},
-        "gateway": {"session_id": session["id"], "owner": session["owner"], "kernel": session["kernel"],
-                    "created_at": session["created_at"], "parent": parent},
+        "kernelspec": {"name": session.kernel, "display_name": display_name,
+                       "language": (session.language_info or {}).get("name", "python")},
+        "language_info": session.language_info or {"name": "python"},
+        "gateway": {"session_id": session.id, "owner": session.owner, "kernel": session.kernel,
+                    "created_at": session.created_at, "parent": parent},
     }
     cells: list[str] = []
     ancestors = list(inherited)

@@ -11,21 +11,20 @@ reattached) is stopped.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from gateway import host
 from gateway.placement import Placement
+from gateway.records import SessionRecord
 
 
-def recorded_placement(row: dict[str, Any]) -> Placement | None:
-    """Where the session's kernel ran, as its row keeps it; a session stored before placements
-    were has only the pid and connection file of an unisolated kernel."""
-    placement = Placement.from_dict(row.get("placement"))
-    if placement is not None or not row.get("connection_file") or not row.get("kernel_pid"):
+def recorded_placement(record: SessionRecord) -> Placement | None:
+    """Where the session's kernel ran, as its record keeps it; a session stored before
+    placements were has only the pid and connection file of an unisolated kernel."""
+    placement = Placement.from_dict(record.placement)
+    if placement is not None or not record.connection_file or not record.kernel_pid:
         return placement
-    connection_file = str(row["connection_file"])
-    return Placement(Path(connection_file).stem.removeprefix("kernel-"), "none", connection_file,
-                     pid=int(row["kernel_pid"]))
+    return Placement(Path(record.connection_file).stem.removeprefix("kernel-"), "none", record.connection_file,
+                     pid=int(record.kernel_pid))
 
 
 async def kill_isolated(connection_file: Path) -> None:

@@ -22,7 +22,7 @@ from gateway import notebook
 from gateway.clock import now_iso, utcnow
 from gateway.events import check_kind
 from gateway.outcomes import RUNNING
-from gateway.records import StepRecord
+from gateway.records import SessionRecord, StepRecord
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -152,22 +152,23 @@ class Recorder:
         """The trajectory notebook, rendered from the store now."""
         session = self.store.get_session(session_id)
         assert session is not None
-        return notebook.render(session, self.display_name(session["kernel"]), self.store.timeline(session_id),
+        return notebook.render(session, self.display_name(session.kernel), self.store.timeline(session_id),
                                self.ancestry(session))
 
-    def ancestry(self, session: dict[str, Any]) -> list[notebook.Inherited]:
+    def ancestry(self, session: SessionRecord) -> list[notebook.Inherited]:
         """A fork's ancestors' trajectories up to each fork point, the oldest first, so that its
         notebook re-runs on its own (at most ``ANCESTRY_MAX`` generations)."""
         inherited: list[notebook.Inherited] = []
-        child = session
-        while child.get("parent_session_id") and len(inherited) < ANCESTRY_MAX:
-            parent_id = str(child["parent_session_id"])
-            point = self.store.fork_point(parent_id, str(child["id"]))
-            if point is None or self.store.get_session(parent_id) is None:
+        child: SessionRecord | None = session
+        while child is not None and child.parent_session_id and len(inherited) < ANCESTRY_MAX:
+            parent_id = child.parent_session_id
+            point = self.store.fork_point(parent_id, child.id)
+            parent = self.store.get_session(parent_id)
+            if point is None or parent is None:
                 break
-            inherited.append(notebook.Inherited(parent_id, child.get("parent_step"),
+            inherited.append(notebook.Inherited(parent_id, child.parent_step,
                                                 list(self.store.timeline(parent_id, before_seq=point))))
-            child = self.store.get_session(parent_id) or {}
+            child = parent
         return list(reversed(inherited))
 
     # the notebook file ------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""The typed record of one step, from its write-ahead row to the API's Execution.
+"""The typed records of sessions and steps, from the store's rows to the API's views.
+
+A session is one ``SessionRecord``: made at create, kept by its live session while it runs
+(changed only with the store, through ``SessionManager.update``), read back from the store,
+and shown to callers (``view``: the API's Session object).
 
 A step is one ``StepRecord`` all its life: made ``running`` just before its request is sent
-(``running``; ``row`` is what the store inserts), completed when it ends (``completion`` is
-what the store updates), read back from the store (``from_row``), and shown to callers
-(``view``: the agent API's Execution, and the steps list's entries with ``with_code``). Its
-JSON columns are encoded and decoded here only.
+(``row`` is what the store inserts), completed when it ends (``completion`` is what the store
+updates), read back from the store (``from_row``), and shown to callers (``view``: the agent
+API's Execution, and the steps list's entries with ``with_code``). Its JSON columns are
+encoded and decoded here only.
 """
 
 from __future__ import annotations
@@ -19,6 +23,63 @@ VIEW_FIELDS = ("session_id", "step", "execution_count", "status", "stdout", "std
                "started_at", "finished_at", "duration_ms", "truncated")
 EXTRAS = ("user_expressions", "stdin")  # in a step's view only when it had them
 JSON_COLUMNS = ("error", "outputs", *EXTRAS)
+
+
+@dataclass
+class SessionRecord:
+    """One session as the store keeps it (JSON columns decoded)."""
+
+    id: str
+    kernel_id: str
+    kernel: str  # its kernel spec's name
+    state: str  # one of ``states.STATES``
+    owner: str
+    created_at: str
+    last_activity: str
+    steps: int = 0  # finished steps
+    labels: dict[str, str] = field(default_factory=dict)
+    origin: str = "agent"  # "agent", or "jupyter" for a session created through /api/kernels
+    env: dict[str, str] = field(default_factory=dict)
+    parent_session_id: str | None = None
+    parent_step: int | None = None
+    reason: str | None = None  # why it ended (or failed)
+    ended_at: str | None = None
+    language_info: dict[str, Any] | None = None
+    snapshot: dict[str, Any] | None = None  # its last pause: what was saved, how it resumes
+    isolation: dict[str, Any] | None = None  # the profile and limits its kernels run under
+    placement: dict[str, Any] | None = None  # where its kernel runs (``gateway.placement``)
+    kernel_pid: int | None = None  # of a session stored before placements were
+    connection_file: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> SessionRecord:
+        """The record of a ``sessions`` row (its JSON columns decoded by the store)."""
+        values = {name: row[name] for name in cls.__dataclass_fields__ if name in row.keys()}
+        values["labels"] = values.get("labels") or {}
+        values["env"] = values.get("env") or {}
+        return cls(**values)
+
+    def row(self) -> dict[str, Any]:
+        """The ``sessions`` row to insert (the store encodes its JSON columns)."""
+        return dict(self.__dict__)
+
+    def view(self) -> dict[str, Any]:
+        """The API's Session object."""
+        parent = None
+        if self.parent_session_id:
+            parent = {"session_id": self.parent_session_id, "step": self.parent_step}
+        view: dict[str, Any] = {
+            "id": self.id, "kernel_id": self.kernel_id, "kernel": self.kernel, "state": self.state,
+            "owner": self.owner, "labels": self.labels, "created_at": self.created_at,
+            "last_activity": self.last_activity, "steps": self.steps, "parent": parent,
+        }
+        if self.reason:
+            view["reason"] = self.reason
+        if self.snapshot:
+            view["snapshot"] = self.snapshot
+        if self.isolation:
+            view["isolation"] = self.isolation
+        return view
 
 
 @dataclass

@@ -93,14 +93,14 @@ def judge(original: dict[str, Any], replayed: dict[str, Any], normalisers: list[
 async def replay_session(manager: "SessionManager", principal: Principal, session_id: str,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Rerun ``session_id``'s trajectory in a new session owned by ``principal``; the report."""
-    row = manager.visible_row(principal, session_id)
+    row = manager.visible(principal, session_id)
     access.check_create(principal, "replay them (a replay is a new session)")
     normalisers = NORMALISERS + [(str(a), str(b)) for a, b in manager.settings.replay_normalisers]
     steps = manager.store.list_steps(session_id)
     events = [e for e in manager.store.list_events(session_id) if e["action"] in FILE_EVENTS]
     last_step = steps[-1]["step"] if steps else 0
-    child = await manager.create(principal, kernel=row["kernel"], env=row.get("env") or {},
-                                 labels={**(row.get("labels") or {}), "replay_of": session_id},
+    child = await manager.create(principal, kernel=row.kernel, env=row.env,
+                                 labels={**row.labels, "replay_of": session_id},
                                  parent=(session_id, last_step), isolation=manager.isolation_of(row))
     child_id = child["id"]
     timeline = sorted([("step", s["seq"], s) for s in steps] + [("event", e["seq"], e) for e in events],

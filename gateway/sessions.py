@@ -28,7 +28,7 @@ from gateway.notebook import upload_details
 from gateway.outputs import EventSink
 from gateway.pool import KernelPool, bind
 from gateway.recorder import Recorder, Trajectory
-from gateway.records import StepRecord
+from gateway.records import SessionRecord, StepRecord
 from gateway.settings import Settings
 from gateway.steps import StepRunner, check_workspace_room, workspace_limit
 from gateway.store import Store, decode_cursor, encode_cursor
@@ -50,7 +50,7 @@ class RunningStep:
 class LiveSession:
     """A session whose kernel this process runs."""
 
-    row: dict[str, Any]
+    record: SessionRecord
     kernel: RunningKernel | None
     trajectory: Trajectory
     workspace: Workspace
@@ -65,12 +65,12 @@ class LiveSession:
 
     @property
     def id(self) -> str:
-        return str(self.row["id"])
+        return self.record.id
 
     @property
     def active_at(self) -> str:
         """When the session last did anything: its last step or its kernel's last message."""
-        return max(self.row["last_activity"], self.last_message_at)
+        return max(self.record.last_activity, self.last_message_at)
 
 
 class SessionManager:
@@ -131,61 +131,42 @@ class SessionManager:
         next_step, next_seq = self.store.next_positions(session_id)
         return Trajectory(session_id, self.sessions_dir / session_id, next_step, next_seq)
 
-    def visible_row(self, principal: Principal, session_id: str) -> dict[str, Any]:
-        """The session's current row if the principal may see it; else ``NotFound``."""
+    def visible(self, principal: Principal, session_id: str) -> SessionRecord:
+        """The session's current record if the principal may see it; else ``NotFound``."""
         live = self.live.get(session_id)
-        return access.check_seen(principal, session_id, live.row if live is not None else
+        return access.check_seen(principal, session_id, live.record if live is not None else
                                  self.store.get_session(session_id))
 
-    def changeable(self, principal: Principal, session_id: str) -> dict[str, Any]:
-        """The row of a live or paused session the principal may change (404, 403, 409 ended)."""
-        row = self.visible_row(principal, session_id)
+    def changeable(self, principal: Principal, session_id: str) -> SessionRecord:
+        """The record of a live or paused session the principal may change (404, 403, 409 ended)."""
+        row = self.visible(principal, session_id)
         access.check_change(principal, session_id, row)
-        if row["state"] in states.ENDED:
-            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}: it runs nothing "
-                              f"more. {row.get('reason') or ''} Create a new session to continue.".replace("  ", " "))
+        if row.state in states.ENDED:
+            raise states.ended_error(session_id, row.state, f"Session '{session_id}' is {row.state}: it runs nothing "
+                              f"more. {row.reason or ''} Create a new session to continue.".replace("  ", " "))
         return row
 
     def writable(self, principal: Principal, session_id: str) -> LiveSession:
         """A live session the principal may act on (404 unseen, 403 read-only, 409 ended or paused)."""
         row = self.changeable(principal, session_id)
         live = self.live.get(session_id)
-        if live is None and row["state"] == "paused":
+        if live is None and row.state == "paused":
             raise Conflict(f"Session '{session_id}' is paused. Resume it (POST /v1/sessions/{session_id}/resume), "
                            "or send a step, which resumes it.", code="session_paused",
                            details={"session_id": session_id, "state": "paused"})
-        if live is None or live.row["state"] in states.ENDED:
-            raise states.ended_error(session_id, row["state"], f"Session '{session_id}' is {row['state']}: it runs nothing "
-                              f"more. {row.get('reason') or ''} Create a new session to continue.".replace("  ", " "))
+        if live is None or live.record.state in states.ENDED:
+            raise states.ended_error(session_id, row.state, f"Session '{session_id}' is {row.state}: it runs nothing "
+                              f"more. {row.reason or ''} Create a new session to continue.".replace("  ", " "))
         return live
 
     def session_id_for_kernel(self, kernel_id: str) -> str | None:
         if kernel_id in self.by_kernel:
             return self.by_kernel[kernel_id]
         row = self.store.get_session_by_kernel(kernel_id)
-        return row["id"] if row else None
-
-    @staticmethod
-    def view(row: dict[str, Any]) -> dict[str, Any]:
-        """The API's Session object."""
-        parent = None
-        if row.get("parent_session_id"):
-            parent = {"session_id": row["parent_session_id"], "step": row.get("parent_step")}
-        view = {
-            "id": row["id"], "kernel_id": row["kernel_id"], "kernel": row["kernel"], "state": row["state"],
-            "owner": row["owner"], "labels": row.get("labels") or {}, "created_at": row["created_at"],
-            "last_activity": row["last_activity"], "steps": row["steps"], "parent": parent,
-        }
-        if row.get("reason"):
-            view["reason"] = row["reason"]
-        if row.get("snapshot"):
-            view["snapshot"] = row["snapshot"]
-        if row.get("isolation"):
-            view["isolation"] = row["isolation"]
-        return view
+        return row.id if row else None
 
     def get(self, principal: Principal, session_id: str) -> dict[str, Any]:
-        return self.view(self.visible_row(principal, session_id))
+        return self.visible(principal, session_id).view()
 
     def list_sessions(self, principal: Principal, *, state: str | None = None, label: tuple[str, str] | None = None,
              owner: str | None = None, limit: int = 50, cursor: str | None = None) -> dict[str, Any]:
@@ -203,19 +184,19 @@ class SessionManager:
         else:
             rows, next_cursor = self.store.list_sessions(owner=owner, state=state, label=label, limit=limit,
                                                          cursor=cursor)
-        views = [self.view(self.live[r["id"]].row if r["id"] in self.live else r) for r in rows]
+        views = [(self.live[r.id].record if r.id in self.live else r).view() for r in rows]
         return {"sessions": views, "next": next_cursor}
 
     def _list_live(self, *, owner: str | None, state: str, label: tuple[str, str] | None, limit: int,
-                   cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+                   cursor: str | None) -> tuple[list[SessionRecord], str | None]:
         after = decode_cursor(cursor) if cursor else None
-        rows = sorted((live.row for live in self.live.values()
-                       if live.row["state"] == state and (owner is None or live.row["owner"] == owner)
-                       and (label is None or (live.row.get("labels") or {}).get(label[0]) == label[1])
-                       and (after is None or (live.row["created_at"], live.row["id"]) < after)),
-                      key=lambda row: (row["created_at"], row["id"]), reverse=True)
+        rows = sorted((live.record for live in self.live.values()
+                       if live.record.state == state and (owner is None or live.record.owner == owner)
+                       and (label is None or live.record.labels.get(label[0]) == label[1])
+                       and (after is None or (live.record.created_at, live.record.id) < after)),
+                      key=lambda row: (row.created_at, row.id), reverse=True)
         if len(rows) > limit:
-            return rows[:limit], encode_cursor(rows[limit - 1]["created_at"], rows[limit - 1]["id"])
+            return rows[:limit], encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id)
         return rows, None
 
     # create, terminate ------------------------------------------------------------------
@@ -237,22 +218,19 @@ class SessionManager:
         await self.lifecycle.ensure_room()
         session_id = "s_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
         created = now_iso()
-        row: dict[str, Any] = {
-            "id": session_id, "kernel_id": str(uuid.uuid4()), "kernel": kernel, "state": "starting",
-            "owner": principal.name, "labels": labels or {}, "created_at": created, "last_activity": created,
-            "steps": 0, "origin": origin, "env": env,
-            "parent_session_id": parent[0] if parent else None, "parent_step": parent[1] if parent else None,
-            "isolation": isolation.view() if isolation is not None else None,
-        }
+        row = SessionRecord(
+            session_id, str(uuid.uuid4()), kernel, "starting", principal.name, created, created,
+            labels=dict(labels or {}), origin=origin, env=env, parent_session_id=parent[0] if parent else None,
+            parent_step=parent[1] if parent else None, isolation=isolation.view() if isolation is not None else None)
         self.store.insert_session(row)
         trajectory = Trajectory(session_id, self.sessions_dir / session_id, next_step=0 if setup else 1)
         live = self.register(row, trajectory)
         self.recorder.record_event(trajectory, "session_created", principal.name, {
-            "kernel": kernel, "labels": row["labels"], "env_names": sorted(env), "origin": origin,
-            **({"isolation": row["isolation"]} if row["isolation"] else {}),
+            "kernel": kernel, "labels": row.labels, "env_names": sorted(env), "origin": origin,
+            **({"isolation": row.isolation} if row.isolation else {}),
             **({"parent": {"session_id": parent[0], "step": parent[1]}} if parent else {})})
         await self.start_kernel(live, principal.name)
-        log.info("session %s: created by %s (kernel %s)", session_id, principal.name, row["kernel_id"])
+        log.info("session %s: created by %s (kernel %s)", session_id, principal.name, row.kernel_id)
         if setup:
             try:
                 await self.execute(principal, session_id, setup)
@@ -261,12 +239,12 @@ class SessionManager:
                 if self.live.get(session_id) is live:
                     await self.end(live, principal.name, "failed", f"The setup code could not be run: {exc}")
                 raise
-        return self.view(row)
+        return row.view()
 
-    def register(self, row: dict[str, Any], trajectory: Trajectory) -> LiveSession:
+    def register(self, row: SessionRecord, trajectory: Trajectory) -> LiveSession:
         live = LiveSession(row, None, trajectory, Workspace(trajectory.directory / "workspace"))
-        self.live[row["id"]] = live
-        self.by_kernel[row["kernel_id"]] = row["id"]
+        self.live[row.id] = live
+        self.by_kernel[row.kernel_id] = row.id
         return live
 
     async def start_kernel(self, live: LiveSession, principal: str | None) -> None:
@@ -274,14 +252,14 @@ class SessionManager:
 
         On failure the session is ended as ``failed`` and ``Unavailable`` raised.
         """
-        row, env = live.row, live.row.get("env") or {}
+        row, env = live.record, live.record.env
         isolation = self.isolation_of(row)
         # A pooled kernel brings a workspace of its own (a volume, under a workspace limit): a
         # session that has one already (a paused session's) is started on it.
         pooled = self.pool is not None and (isolation is None or isolation == self.launcher.isolation_defaults()) \
             and not volumes.image_of(live.workspace.root).exists()
         try:
-            kernel = await self.pool.take(row["kernel"], env) if pooled and self.pool is not None else None
+            kernel = await self.pool.take(row.kernel, env) if pooled and self.pool is not None else None
             if kernel is not None:
                 try:
                     await bind(kernel, live.workspace.root, env, self.settings.kernel_start_timeout)
@@ -292,7 +270,7 @@ class SessionManager:
                     kernel = None
             if kernel is None:
                 kernel = await self.launcher.start(
-                    kernel_id=str(uuid.uuid4()), spec_name=row["kernel"], cwd=live.workspace.root, env=env,
+                    kernel_id=str(uuid.uuid4()), spec_name=row.kernel, cwd=live.workspace.root, env=env,
                     ready_timeout=self.settings.kernel_start_timeout, isolation=isolation)
         except Exception as exc:
             reason = f"The kernel could not be started: {exc}"
@@ -303,20 +281,18 @@ class SessionManager:
         self.attach_kernel(live, kernel)
 
     @staticmethod
-    def isolation_of(row: dict[str, Any]) -> SessionIsolation | None:
-        return SessionIsolation.from_view(row["isolation"]) if row.get("isolation") else None
+    def isolation_of(row: SessionRecord) -> SessionIsolation | None:
+        return SessionIsolation.from_view(row.isolation) if row.isolation else None
 
     def attach_kernel(self, live: LiveSession, kernel: RunningKernel) -> None:
         """Make ``kernel`` the session's, and record where it runs (for reattaching after a crash)."""
         live.kernel = kernel
         live.workspace.owner = kernel.owner
         kernel.observers.append(self._state_tracker(live))
-        row = live.row
-        row["state"] = live.execution_state = "idle"
-        row["language_info"] = kernel.kernel_info.get("language_info") or row.get("language_info")
-        self.store.update_session(live.id, state="idle", language_info=row["language_info"],
-                                  kernel_pid=kernel.pid, connection_file=kernel.connection_file,
-                                  placement=kernel.placement().to_dict())
+        live.execution_state = "idle"
+        language_info = kernel.kernel_info.get("language_info") or live.record.language_info
+        self.store.save_session(live.record, state="idle", language_info=language_info, kernel_pid=kernel.pid,
+                                connection_file=kernel.connection_file, placement=kernel.placement().to_dict())
 
     async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Shut the kernel down (a paused session has none); the trajectory and workspace stay."""
@@ -327,7 +303,7 @@ class SessionManager:
         live = self.live.get(session_id)
         if live is not None:
             await self.end(live, principal.name, "terminated", reason)
-            return self.view(live.row)
+            return live.record.view()
         self.store.update_session(session_id, state="terminated", reason=reason, ended_at=now_iso())
         self.recorder.record_event(self.trajectory_of(session_id), "session_terminated", principal.name,
                                    {"reason": reason})
@@ -343,24 +319,23 @@ class SessionManager:
             await asyncio.sleep(0.05)
         if live.current is not None and not live.current.abort.done():
             live.current.abort.set_result(state)
-        live.row["state"] = state
+        live.record.state = state
         async with live.lock:
             await self._close(live, principal, state, reason)
 
     async def _close(self, live: LiveSession, principal: str | None, state: str, reason: str) -> None:
         """Stop the kernel and record the end; the caller holds the session's lock."""
-        live.row["state"] = state
+        live.record.state = state
         live.execution_state = "dead"
         if live.hub is not None:
             live.hub.close_all(f"the session was {state}", state)
         if live.kernel is not None:
             await live.kernel.shutdown(now=state == "failed")
         ended = now_iso()
-        live.row.update(reason=reason, ended_at=ended)
-        self.store.update_session(live.id, state=state, reason=reason, ended_at=ended)
+        self.store.save_session(live.record, state=state, reason=reason, ended_at=ended)
         self.recorder.record_event(live.trajectory, f"session_{state}", principal, {"reason": reason})
         self.live.pop(live.id, None)
-        self.by_kernel.pop(live.row["kernel_id"], None)
+        self.by_kernel.pop(live.record.kernel_id, None)
         self.recorder.flush(live.id)
         self.recorder.forget(live.id)
         log.info("session %s: %s (%s)", live.id, state, reason)
@@ -384,11 +359,11 @@ class SessionManager:
         step's input() calls in order; without it input() raises in the kernel."""
         limit = self.check_timeout(timeout)
         while True:
-            if session_id not in self.live and self.visible_row(principal, session_id)["state"] == "paused":
+            if session_id not in self.live and self.visible(principal, session_id).state == "paused":
                 await self.lifecycle.resume(principal, session_id, reason="execute")
             live = self.writable(principal, session_id)
             async with live.lock:
-                if live.row["state"] == "paused" or self.live.get(session_id) is not live:
+                if live.record.state == "paused" or self.live.get(session_id) is not live:
                     continue  # paused while this step waited: resume it, then run
                 self.runner.admit(live)
                 assert live.kernel is not None
@@ -406,7 +381,7 @@ class SessionManager:
         step = self.runner.prepare(live, code, source=source, principal=principal.name, sink=sink, answer=answer,
                                   limit=limit)
         running = RunningStep(asyncio.get_running_loop().create_future())
-        live.current, live.row["state"] = running, "busy"
+        live.current, live.record.state = running, "busy"
         try:
             ended = await executor.run(
                 kernel.connection, step.listener, code, timeout=limit, is_alive=kernel.is_alive,
@@ -414,8 +389,8 @@ class SessionManager:
                 on_send=lambda: self.runner.sent(step), queue_timeout=self.settings.max_timeout)
         finally:
             live.current = None
-            if live.row["state"] == "busy":
-                live.row["state"] = "idle"
+            if live.record.state == "busy":
+                live.record.state = "idle"
         aborted_by = running.abort.result() if running.abort.done() else None
         execution = self.runner.complete(step, ended, aborted_by=aborted_by,
                                         interrupt_requested=running.interrupt_requested,
@@ -456,11 +431,11 @@ class SessionManager:
             await live.kernel.restart(self.settings.kernel_start_timeout)
             # A restarted process starts where the kernel was first started (for a pooled kernel,
             # the pool's directory): bind it to the session again.
-            await bind(live.kernel, live.workspace.root, live.row.get("env") or {}, self.settings.kernel_start_timeout)
+            await bind(live.kernel, live.workspace.root, live.record.env, self.settings.kernel_start_timeout)
             live.execution_state = "idle"
             live.workspace.owner = live.kernel.owner  # a restart may give the kernel another uid
-            self.store.update_session(live.id, kernel_pid=live.kernel.pid, connection_file=live.kernel.connection_file,
-                                      placement=live.kernel.placement().to_dict())
+            self.store.save_session(live.record, kernel_pid=live.kernel.pid, connection_file=live.kernel.connection_file,
+                                    placement=live.kernel.placement().to_dict())
             live.generation += 1
             if action == "kernel_died":
                 self.recorder.record_event(live.trajectory, "kernel_restarted", None,
@@ -494,39 +469,39 @@ class SessionManager:
         if live.current is not None and not live.current.abort.done():
             live.current.abort.set_result("restart")
         async with live.lock:
-            if live.row["state"] in states.ENDED:
-                raise states.ended_error(session_id, live.row["state"], f"Session '{session_id}' ended before it could be "
+            if live.record.state in states.ENDED:
+                raise states.ended_error(session_id, live.record.state, f"Session '{session_id}' ended before it could be "
                                   "restarted.")
             if live.generation == generation:
                 await self._replace_kernel(live, "kernel_restarted", principal.name,
                                            f"restart requested by {principal.name}")
-        return self.view(live.row)
+        return live.record.view()
 
     # trajectory and files ---------------------------------------------------------------
 
     def steps(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
-        self.visible_row(principal, session_id)
+        self.visible(principal, session_id)
         return [StepRecord.from_row(row).view(with_code=True) for row in self.store.list_steps(session_id)]
 
     def timeline(self, principal: Principal, session_id: str) -> list[tuple[str, dict[str, Any]]]:
         """Steps and the events that shape a rerun, in recorded order: ("step"|"event", row)."""
-        self.visible_row(principal, session_id)
+        self.visible(principal, session_id)
         return [(kind, dict(row)) for kind, row in self.store.timeline(session_id)]
 
     def events(self, principal: Principal, session_id: str) -> list[dict[str, Any]]:
-        self.visible_row(principal, session_id)
+        self.visible(principal, session_id)
         events = self.store.list_events(session_id)
         for event in events:
             event["details"].pop("content_b64", None)
         return events
 
     def notebook(self, principal: Principal, session_id: str) -> str:
-        self.visible_row(principal, session_id)
+        self.visible(principal, session_id)
         return self.recorder.notebook_text(session_id)
 
     async def workspace(self, principal: Principal, session_id: str) -> Workspace:
         """The workspace of a session the principal may read (live or ended)."""
-        self.visible_row(principal, session_id)
+        self.visible(principal, session_id)
         live = self.live.get(session_id)
         return live.workspace if live else await self._resting_workspace(session_id)
 
@@ -559,7 +534,7 @@ class SessionManager:
                        sha256: str, content: bytes | None) -> dict[str, Any]:
         """Install a received upload at ``path`` and record it."""
         workspace, trajectory = await self._files_of(principal, session_id)
-        row = self.visible_row(principal, session_id)
+        row = self.visible(principal, session_id)
         if workspace_limit(row) is not None:
             check_workspace_room(row, await workspace.size(), size)
         relative = await workspace.install(path, received)
@@ -571,7 +546,7 @@ class SessionManager:
         workspace, trajectory = await self._files_of(principal, session_id)
         kind = await workspace.delete(path)
         live = self.live.get(session_id)
-        if live is not None and workspace_limit(live.row) is not None:
+        if live is not None and workspace_limit(live.record) is not None:
             live.workspace_bytes = await workspace.size()
         self.recorder.record_event(trajectory, "file_delete", principal.name, {"path": path, "kind": kind})
         return {"path": path, "deleted": kind}
@@ -584,9 +559,9 @@ class SessionManager:
     async def watch_kernels(self) -> None:
         """Replace kernels that died between steps (called periodically by the server)."""
         for live in list(self.live.values()):
-            if live.kernel is None or live.lock.locked() or live.row["state"] != "idle":
+            if live.kernel is None or live.lock.locked() or live.record.state != "idle":
                 continue
             if not await live.kernel.is_alive():
                 async with live.lock:
-                    if live.kernel is not None and live.row["state"] == "idle" and not await live.kernel.is_alive():
+                    if live.kernel is not None and live.record.state == "idle" and not await live.kernel.is_alive():
                         await self._replace_dead_kernel(live, "between steps")

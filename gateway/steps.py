@@ -23,7 +23,7 @@ from gateway.metrics import Metrics
 from gateway.outcomes import step_outcome
 from gateway.outputs import EventSink, OutputCollector, summarise
 from gateway.recorder import Recorder, StepPlace, expressions_record
-from gateway.records import StepRecord
+from gateway.records import SessionRecord, StepRecord
 
 if TYPE_CHECKING:
     from gateway.sessions import LiveSession
@@ -44,20 +44,20 @@ class Step:
     record: StepRecord | None = None  # once sent
 
 
-def workspace_limit(row: dict[str, Any]) -> int | None:
+def workspace_limit(record: SessionRecord) -> int | None:
     """The session's workspace limit in bytes, if it has one."""
-    limits = (row.get("isolation") or {}).get("limits") or {}
+    limits = (record.isolation or {}).get("limits") or {}
     return limits.get("workspace")
 
 
-def check_workspace_room(row: dict[str, Any], size: int, adding: int = 0) -> None:
+def check_workspace_room(record: SessionRecord, size: int, adding: int = 0) -> None:
     """Refuse (507 ``workspace_full``) when the workspace is, or would be, over its limit."""
-    limit = workspace_limit(row)
+    limit = workspace_limit(record)
     if limit is None or size + adding <= limit:
         return
     raise InsufficientStorage(
         f"The session's workspace holds {size + adding} bytes, over its {human_bytes(limit)} limit. Delete "
-        f"files (DELETE /v1/sessions/{row['id']}/files/{{path}}) to run steps or upload again.",
+        f"files (DELETE /v1/sessions/{record.id}/files/{{path}}) to run steps or upload again.",
         details={"limit": "workspace", "limit_bytes": limit, "size_bytes": size + adding})
 
 
@@ -72,10 +72,10 @@ class StepRunner:
     def admit(self, live: "LiveSession") -> None:
         """Raise unless a step may be sent to the session now: it runs a kernel, and its
         workspace is within its limit (the caller's right to change it is checked before)."""
-        if live.row["state"] in states.ENDED or live.kernel is None:
-            raise states.ended_error(live.id, live.row["state"],
+        if live.record.state in states.ENDED or live.kernel is None:
+            raise states.ended_error(live.id, live.record.state,
                                      f"Session '{live.id}' ended while this step waited to run.")
-        check_workspace_room(live.row, live.workspace_bytes)
+        check_workspace_room(live.record, live.workspace_bytes)
 
     def prepare(self, live: "LiveSession", code: str, *, source: str, principal: str,
                 user_expressions: dict[str, str] | None = None, sink: EventSink | None = None,
@@ -110,7 +110,7 @@ class StepRunner:
         assert record is not None and place.sent_at is not None, "a step is recorded before its request is sent"
         raw = step.listener.result(ended)
         status, error = step_outcome(raw, aborted_by, interrupt_requested, step.limit, exit_description)
-        hit = limit_behind(error, live.row.get("isolation"))
+        hit = limit_behind(error, live.record.isolation)
         if hit is not None and error is not None:
             error["value"] = f"{error['value']} ({describe_limit(hit)})"
             self.recorder.record_event(live.trajectory, "limit_exceeded", step.principal, hit)
@@ -127,10 +127,10 @@ class StepRunner:
             record.user_expressions = expressions_record(step.user_expressions, raw.reply, self.output_limit)
         self.recorder.record_step(live.trajectory, record)
         execution = record.view()
-        live.row["steps"] += 1
-        live.row["last_activity"] = record.finished_at
+        live.record.steps += 1
+        live.record.last_activity = record.finished_at
         self.metrics.observe_step(status, record.duration_ms)
-        limit = workspace_limit(live.row)
+        limit = workspace_limit(live.record)
         if limit is not None and live.measuring is None and not live.workspace.is_volume:
             # Measured off the response path; the next step or upload is refused if it is over.
             # (A volume needs no measuring: its file system holds the limit during the step.)

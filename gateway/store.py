@@ -18,6 +18,7 @@ from sqlite_utils.migrations import Migrations
 
 from gateway.audit import GENESIS, event_hash
 from gateway.errors import InvalidRequest
+from gateway.records import SessionRecord
 
 migrations = Migrations("agent_gateway")
 
@@ -172,12 +173,20 @@ class Store:
 
     # sessions ---------------------------------------------------------------------------
 
-    def insert_session(self, row: dict[str, Any]) -> None:
-        row = _encode(row, SESSION_JSON_COLUMNS)
+    def insert_session(self, record: SessionRecord) -> None:
+        row = _encode(record.row(), SESSION_JSON_COLUMNS)
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self.conn:
             self.conn.execute(f"INSERT INTO sessions ({columns}) VALUES ({marks})", list(row.values()))
+
+    def save_session(self, record: SessionRecord, **fields: Any) -> None:
+        """Change fields of a session's record and of its row together."""
+        for name, value in fields.items():
+            if name not in SessionRecord.__dataclass_fields__:
+                raise AttributeError(f"a session has no field {name!r}")
+            setattr(record, name, value)
+        self.update_session(record.id, **fields)
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         fields = _encode(fields, SESSION_JSON_COLUMNS)
@@ -185,17 +194,17 @@ class Store:
         with self.conn:
             self.conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?", [*fields.values(), session_id])
 
-    def get_session(self, session_id: str) -> dict[str, Any] | None:
+    def get_session(self, session_id: str) -> SessionRecord | None:
         row = self.conn.execute("SELECT * FROM sessions WHERE id = ?", [session_id]).fetchone()
-        return _decode(dict(row), SESSION_JSON_COLUMNS) if row else None
+        return _session(row) if row else None
 
-    def get_session_by_kernel(self, kernel_id: str) -> dict[str, Any] | None:
+    def get_session_by_kernel(self, kernel_id: str) -> SessionRecord | None:
         row = self.conn.execute("SELECT * FROM sessions WHERE kernel_id = ?", [kernel_id]).fetchone()
-        return _decode(dict(row), SESSION_JSON_COLUMNS) if row else None
+        return _session(row) if row else None
 
     def list_sessions(self, *, owner: str | None = None, state: str | None = None,
                       label: tuple[str, str] | None = None, limit: int = 50,
-                      cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+                      cursor: str | None = None) -> tuple[list[SessionRecord], str | None]:
         """Newest first, one page; returns the rows and the cursor of the next page."""
         where: list[str] = []
         params: list[Any] = []
@@ -214,22 +223,22 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
-        rows = [_decode(dict(r), SESSION_JSON_COLUMNS) for r in self.conn.execute(sql, params)]
+        rows = [_session(r) for r in self.conn.execute(sql, params)]
         next_cursor = None
         if len(rows) > limit:
             rows = rows[:limit]
-            next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"])
+            next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
         return rows, next_cursor
 
-    def sessions_in_states(self, states: tuple[str, ...]) -> list[dict[str, Any]]:
+    def sessions_in_states(self, states: tuple[str, ...]) -> list[SessionRecord]:
         marks = ", ".join("?" for _ in states)
         rows = self.conn.execute(f"SELECT * FROM sessions WHERE state IN ({marks})", list(states))
-        return [_decode(dict(r), SESSION_JSON_COLUMNS) for r in rows]
+        return [_session(r) for r in rows]
 
-    def sessions_ended_before(self, moment: str) -> list[dict[str, Any]]:
+    def sessions_ended_before(self, moment: str) -> list[SessionRecord]:
         rows = self.conn.execute("SELECT * FROM sessions WHERE state IN ('terminated', 'failed') AND ended_at < ?",
                                  [moment])
-        return [_decode(dict(r), SESSION_JSON_COLUMNS) for r in rows]
+        return [_session(r) for r in rows]
 
     def next_positions(self, session_id: str) -> tuple[int, int]:
         """The next step number and the next sequence number of a session (for reattaching). A
@@ -369,6 +378,10 @@ class Store:
 
 def _encode(row: dict[str, Any], json_columns: tuple[str, ...]) -> dict[str, Any]:
     return {k: (json.dumps(v) if k in json_columns and v is not None else v) for k, v in row.items()}
+
+
+def _session(row: sqlite3.Row) -> SessionRecord:
+    return SessionRecord.from_row(_decode(dict(row), SESSION_JSON_COLUMNS))
 
 
 def _decode(row: dict[str, Any], json_columns: tuple[str, ...]) -> dict[str, Any]:

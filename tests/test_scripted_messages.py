@@ -34,6 +34,7 @@ from gateway.metrics import Metrics
 from gateway.outcomes import (FINAL_STATUSES, NOT_RUN, RERUN_STATUSES, STATUSES, UNFINISHED_STATUSES,
                               step_outcome)
 from gateway.outputs import TRUNCATION_NOTE, OutputCollector, summarise
+from gateway.records import SessionRecord
 from gateway.sessions import LiveSession, SessionManager
 from gateway.settings import Settings
 from gateway.store import Store
@@ -848,10 +849,9 @@ def scene(tmp_path: Path) -> Iterator[Scene]:
     settings = Settings(data_dir=str(tmp_path / "data"), notebook_write_delay=3600.0, max_output_bytes=1000)
     store = Store(settings.data_path / "gateway.db")
     manager = SessionManager(settings, store, KernelLauncher(tmp_path / "runtime"), Metrics())
-    row: dict[str, Any] = {"id": "s_scripted", "kernel_id": str(uuid.uuid4()), "kernel": "python3", "state": "idle",
-                           "owner": ADA.name, "labels": {}, "created_at": DATE, "last_activity": DATE, "steps": 0}
+    row = SessionRecord("s_scripted", str(uuid.uuid4()), "python3", "idle", ADA.name, DATE, DATE)
     store.insert_session(row)
-    live = manager.register(row, manager.trajectory_of(row["id"]))
+    live = manager.register(row, manager.trajectory_of(row.id))
     kernel = SessionKernel()
     live.kernel = kernel  # type: ignore[assignment]
     yield Scene(manager, live, kernel.connection, KernelHub(manager, live, replay_seconds=60.0))
@@ -900,7 +900,7 @@ async def test_a_client_execution_is_recorded_as_a_step_before_and_after_it_runs
     assert [msg_type for _, msg_type, _ in a.seen()] == ["status", "execute_input", "stream", "execute_result",
                                                           "execute_reply", "status"]
     assert scene.events("execute") == [{"step": 1, "code": "print('hi'); 6 * 7", "status": "ok", "source": "jupyter"}]
-    assert scene.live.row["steps"] == 1 and scene.hub.requests == {}
+    assert scene.live.record.steps == 1 and scene.hub.requests == {}
 
 
 @pytest.mark.parametrize("kernel_reply, expected", [
@@ -1130,7 +1130,7 @@ async def test_messages_that_are_not_requests_are_forwarded_without_a_listener(s
 
 @in_loop
 async def test_a_full_workspace_refuses_an_execution(scene: Scene) -> None:
-    scene.live.row["isolation"] = {"limits": {"workspace": 10}}
+    scene.live.record.isolation = {"limits": {"workspace": 10}}
     scene.live.workspace_bytes = 11
     a = scene.client("a")
     request = scene.send(a, execute_request("write_more()"))

@@ -30,7 +30,7 @@ from gateway.outcomes import FINAL_STATUSES, RERUN_STATUSES, STATUSES, lost_outc
 from gateway.outputs import OutputCollector
 from gateway.recorder import expressions_record, recorded_replies
 from gateway import records
-from gateway.records import StepRecord
+from gateway.records import SessionRecord, StepRecord
 from gateway.replay import SKIPPED_STATUSES
 from gateway.store import Store
 from tests.conftest import GatewayProcess, run, start_gateway
@@ -132,14 +132,13 @@ def test_user_expressions_are_paired_with_their_results_and_large_ones_cut() -> 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     db = Store(tmp_path / "gateway.db")
-    db.insert_session({"id": "s_1", "kernel_id": "k", "kernel": "python3", "state": "idle", "owner": "a",
-                       "labels": {}, "created_at": "2026-01-01T00:00:00.000000Z",
-                       "last_activity": "2026-01-01T00:00:00.000000Z", "steps": 0})
+    db.insert_session(SessionRecord("s_1", "k", "python3", "idle", "a", "2026-01-01T00:00:00.000000Z",
+                                    "2026-01-01T00:00:00.000000Z"))
     yield db
     db.close()
 
 
-def session_row(store: Store) -> dict[str, Any]:
+def session_row(store: Store) -> SessionRecord:
     row = store.get_session("s_1")
     assert row is not None
     return row
@@ -156,7 +155,7 @@ def test_a_step_is_written_ahead_then_completed_in_place(store: Store) -> None:
     store.open_step(running_row(2, "y = input()"))
     store.update_step("s_1", 2, stdin=json.dumps([{"prompt": "", "password": False, "value": "v"}]))
     assert [(r["step"], r["status"]) for r in store.running_steps()] == [(1, "running"), (2, "running")]
-    assert session_row(store)["steps"] == 0  # the counter counts finished steps
+    assert session_row(store).steps == 0  # the counter counts finished steps
     store.finish_step("s_1", 1, {"status": "ok", "execution_count": 1, "finished_at": "2026-01-01T00:00:02.000000Z"},
                       code="x = 1", source="jupyter", principal="a", at="2026-01-01T00:00:02.000000Z",
                       last_activity="2026-01-01T00:00:02.000000Z")
@@ -170,7 +169,7 @@ def test_a_step_is_written_ahead_then_completed_in_place(store: Store) -> None:
     assert lost["finished_at"] is None and lost["error"]["name"] == "GatewayStopped"
     assert lost["stdin"] == [{"prompt": "", "password": False, "value": "v"}] and "user_expressions" not in lost
     session = session_row(store)
-    assert session["steps"] == 2 and session["last_activity"] == "2026-01-01T00:00:02.000000Z"
+    assert session.steps == 2 and session.last_activity == "2026-01-01T00:00:02.000000Z"
     audit = [(e["seq"], e["details"]["status"]) for e in store.list_events("s_1") if e["action"] == "execute"]
     assert audit == [(1, "ok"), (2, "lost")]
     text = render(session_row(store), "Python 3", store.timeline("s_1"))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.records import SessionRecord
 from gateway.store import Store
 
 OUTPUTS = json.dumps([{"output_type": "execute_result", "data": {"text/plain": "2"}, "metadata": {},
@@ -56,8 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="steps timed on each side")
     args = parser.parse_args()
     store = Store(Path(tempfile.mkdtemp()) / "gateway.db")
-    store.insert_session({"id": "s_bench", "kernel_id": "k", "kernel": "python3", "state": "idle", "owner": "bench",
-                          "labels": {}, "created_at": "2026", "last_activity": "2026", "steps": 0})
+    store.insert_session(SessionRecord("s_bench", "k", "python3", "idle", "bench", "2026", "2026"))
     with_audit: list[float] = []
     without: list[float] = []
     step = 0
