@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -279,8 +279,7 @@ class Lifecycle:
         return view
 
     async def recover(self) -> None:
-        """At start, after a crash: reattach the kernels of sessions that were live; a session
-        whose kernel is gone goes back to its last snapshot (paused) or is failed, with the reason.
+        """At start, after a crash: bring back each session that was live (``_recover_session``).
         Steps left ``running`` are recorded as ``lost``, saying whether their kernel was reattached.
         Kernel processes that no session claims are stopped."""
         manager = self.manager
@@ -289,44 +288,7 @@ class Lifecycle:
             running.setdefault(step["session_id"], []).append(step)
         await self._clear_leftovers()
         for row in manager.store.sessions_in_states(states.LIVE):
-            trajectory = manager.trajectory_of(row.id)
-            workspace = manager.sessions_dir / row.id / "workspace"
-            if row.parent_session_id and not manager.store.has_event(row.id, "state_restored"):
-                # A fork the crash cut short: it never got its parent's state (its kernel, if
-                # it still runs, is stopped below as no session's).
-                reason = (f"The gateway stopped while this session was being forked from "
-                          f"'{row.parent_session_id}': it did not get that session's state. Fork it again.")
-                manager.store.save_session(row, state="failed", reason=reason, ended_at=now_iso())
-                manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
-                row.steps += self._record_lost(trajectory, running.pop(row.id, []), False)
-                log.warning("session %s: failed; a crash cut its fork short", row.id)
-                continue
-            placement = recorded_placement(row)
-            kernel = None if placement is None else await manager.launcher.adopt(
-                placement, spec_name=row.kernel, cwd=workspace, env=row.env,
-                isolation=manager.isolation_of(row), timeout=min(10.0, self.settings.kernel_start_timeout))
-            row.steps += self._record_lost(trajectory, running.pop(row.id, []), kernel is not None)
-            if kernel is not None:
-                live = manager.register(row, trajectory)
-                manager.attach_kernel(live, kernel)
-                if kernel.exchange_dir is not None:  # a pause or fork the crash cut short left files there
-                    await snapshots.clear_exchange(kernel)
-                manager.recorder.record_event(trajectory, "session_reattached", None,
-                                           {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
-                log.warning("session %s: reattached its kernel (pid %s) after a crash", row.id, kernel.pid)
-                continue
-            if snapshots.exists(self.snapshot_dir(row.id)):
-                info = {**(row.snapshot or {}), "reason": "crash",
-                        "note": "The kernel was lost in a crash of the gateway; resuming restores the snapshot "
-                                "of the last pause, so later changes to variables are gone (files are kept)."}
-                manager.store.save_session(row, state="paused", snapshot=info)
-                manager.recorder.record_event(trajectory, "session_paused", None, info)
-                continue
-            reason = ("The gateway stopped unexpectedly while this session was live, and its kernel is gone. "
-                      "Its files and recorded steps are kept.")
-            manager.store.save_session(row, state="failed", reason=reason, ended_at=now_iso())
-            manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
-            log.warning("session %s: failed; its kernel did not survive the crash", row.id)
+            await self._recover_session(row, running.pop(row.id, []))
         for session_id, steps in running.items():  # sessions that were not live: no kernel to find
             self._record_lost(manager.trajectory_of(session_id), steps, False)
         claimed = {live.kernel.connection_file for live in manager.live.values() if live.kernel is not None}
@@ -337,6 +299,87 @@ class Lifecycle:
         if stopped:
             log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
         manager.recorder.flush()
+
+    async def _recover_session(self, row: SessionRecord, running: list[dict[str, Any]]) -> None:
+        """One session that was live when the gateway stopped, brought back as one of: failed (a
+        fork cut short), paused as it was (a resume cut short), live on its reattached kernel,
+        or paused to go on with a new kernel (its kernel is gone)."""
+        manager = self.manager
+        trajectory = manager.trajectory_of(row.id)
+        if row.parent_session_id and not manager.store.has_event(row.id, "state_restored"):
+            # A fork the crash cut short: it never got its parent's state (its kernel, if it
+            # still runs, is stopped afterwards as no session's).
+            reason = (f"The gateway stopped while this session was being forked from "
+                      f"'{row.parent_session_id}': it did not get that session's state. Fork it again.")
+            manager.store.save_session(row, state="failed", reason=reason, ended_at=now_iso())
+            manager.recorder.record_event(trajectory, "session_failed", None, {"reason": reason})
+            row.steps += self._record_lost(trajectory, running, False)
+            log.warning("session %s: failed; a crash cut its fork short", row.id)
+            return
+        if row.snapshot and "resumed_at" not in row.snapshot and snapshots.exists(self.snapshot_dir(row.id)):
+            # A resume the crash cut short: its kernel may not hold the state yet. The session
+            # is paused again as it was (its kernel is stopped as no session's); the next step
+            # resumes it from the same snapshot.
+            info = {**row.snapshot, "note": "A resume was cut short by a crash of the gateway; the next step or "
+                                            "resume restores the same snapshot."}
+            row.steps += self._record_lost(trajectory, running, False)
+            manager.store.save_session(row, state="paused", snapshot=info)
+            manager.recorder.record_event(trajectory, "session_paused", None, {**info, "reason": "crash"})
+            log.warning("session %s: a crash cut its resume short; paused again", row.id)
+            return
+        placement = recorded_placement(row)
+        kernel = None if placement is None else await manager.launcher.adopt(
+            placement, spec_name=row.kernel, cwd=manager.sessions_dir / row.id / "workspace", env=row.env,
+            isolation=manager.isolation_of(row), timeout=min(10.0, self.settings.kernel_start_timeout))
+        row.steps += self._record_lost(trajectory, running, kernel is not None)
+        if kernel is None and self._snapshot_is_current(row.id):
+            # Taken after everything the kernel ran (a pause the crash cut after the kernel was
+            # stopped): the session is paused on it.
+            info = {**(row.snapshot or {}), "reason": "crash",
+                    "note": "The kernel was lost in a crash of the gateway; resuming restores the snapshot "
+                            "taken before it (files are kept)."}
+            manager.store.save_session(row, state="paused", snapshot=info)
+            manager.recorder.record_event(trajectory, "session_paused", None, info)
+            return
+        if kernel is None:
+            self._pause_without_kernel(row, trajectory)
+            return
+        live = manager.register(row, trajectory)
+        manager.attach_kernel(live, kernel)
+        if kernel.exchange_dir is not None:  # a pause or fork the crash cut short left files there
+            await snapshots.clear_exchange(kernel)
+        manager.recorder.record_event(trajectory, "session_reattached", None,
+                                      {"kernel_pid": kernel.pid, "reason": "the gateway restarted after a crash"})
+        log.warning("session %s: reattached its kernel (pid %s) after a crash", row.id, kernel.pid)
+
+    def _snapshot_is_current(self, session_id: str) -> bool:
+        """Whether the session's snapshot was taken after its kernel last ran a step, restarted
+        or died (one from an earlier pause, older than what the session ran since, is not)."""
+        directory = self.snapshot_dir(session_id)
+        if not snapshots.exists(directory):
+            return False
+        taken = iso(datetime.fromtimestamp((directory / "snapshot.json").stat().st_mtime, timezone.utc))
+        changed = self.manager.store.last_kernel_change(session_id)
+        return changed is None or taken >= changed
+
+    def _pause_without_kernel(self, row: SessionRecord, trajectory: Trajectory) -> None:
+        """A session whose kernel did not survive the crash goes on, as after a kernel's death,
+        with a new kernel at its next step or resume: its files are kept, and its trajectory and
+        snapshot say that its variables are gone (a snapshot of an earlier pause, older than what
+        it ran since, is removed, not restored; with ``snapshot_fallback_replay`` the steps are
+        re-run instead)."""
+        message = ("The kernel was gone when the gateway restarted after a crash: the session goes on with a new "
+                   "kernel at its next step; variables and imports are gone, files are kept.")
+        self.manager.recorder.record_event(trajectory, "kernel_died", None, {"message": message})
+        shutil.rmtree(self.snapshot_dir(row.id), ignore_errors=True)
+        info: dict[str, Any] = {"paused_at": now_iso(), "reason": "crash", "saved": [], "bytes": 0, "unsaved": [],
+                                "error": "the kernel was lost in a crash of the gateway", "note": message}
+        if self.settings.snapshot_fallback_replay:
+            info.update(fallback="replay", note="The kernel was lost in a crash of the gateway; resuming re-runs the "
+                                                "session's recorded steps (files are kept).")
+        self.manager.store.save_session(row, state="paused", snapshot=info)
+        self.manager.recorder.record_event(trajectory, "session_paused", None, info)
+        log.warning("session %s: its kernel did not survive the crash; paused, to go on with a new one", row.id)
 
     async def _clear_leftovers(self) -> None:
         """What a crash left half-made: fork staging copies and partial snapshot files."""

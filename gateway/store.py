@@ -337,6 +337,14 @@ class Store:
             "AND json_extract(details, '$.child') = ? LIMIT 1", [parent_id, child_id]).fetchone()
         return int(row[0]) if row else None
 
+    def last_kernel_change(self, session_id: str) -> str | None:
+        """When the session's kernel state last changed: its last step began, or its kernel was
+        restarted or died (None if neither ever happened)."""
+        step = self.conn.execute("SELECT MAX(started_at) FROM steps WHERE session_id = ?", [session_id]).fetchone()[0]
+        event = self.conn.execute("SELECT MAX(at) FROM events WHERE session_id = ? AND action IN "
+                                  "('kernel_restarted', 'kernel_died')", [session_id]).fetchone()[0]
+        return max((moment for moment in (step, event) if moment), default=None)
+
     def has_event(self, session_id: str, action: str) -> bool:
         """Whether the session's trajectory holds an event of this kind."""
         return self.conn.execute("SELECT 1 FROM events WHERE session_id = ? AND action = ? LIMIT 1",

@@ -130,11 +130,13 @@ def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path
     assert not running(kernel_pid)
 
 
-def test_a_crash_with_the_kernel_gone_too_fails_the_session_with_a_reason(tmp_path: Path) -> None:
+def test_a_crash_with_the_kernel_gone_too_goes_on_with_a_new_kernel_and_says_so(tmp_path: Path) -> None:
+    """As when a kernel dies between steps: the session is not lost; its next step runs in a new
+    kernel, its files are kept, and its trajectory and resume say the variables are gone."""
     proc = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
     with proc.client() as client:
         sid = client.post("/v1/sessions", json={}).json()["id"]
-        run(client, sid, "x = 1")
+        run(client, sid, "x = 1\nopen('kept.txt', 'w').write('kept')")
         kernel_pid = kernel_host_pid(proc.data_dir, sid)
     proc.stop(signal.SIGKILL)
     os.kill(kernel_pid, signal.SIGKILL)
@@ -142,9 +144,16 @@ def test_a_crash_with_the_kernel_gone_too_fails_the_session_with_a_reason(tmp_pa
     try:
         with restarted.client() as client:
             session = client.get(f"/v1/sessions/{sid}").json()
-            assert session["state"] == "failed" and "stopped unexpectedly" in session["reason"]
-            assert [s["code"] for s in client.get(f"/v1/sessions/{sid}/steps").json()["steps"]][0] == "x = 1"
-            assert client.post(f"/v1/sessions/{sid}/execute", json={"code": "1"}).status_code == 409
+            assert session["state"] == "paused" and session["snapshot"]["reason"] == "crash", session
+            assert "variables and imports are gone" in session["snapshot"]["note"]
+            resumed = client.post(f"/v1/sessions/{sid}/resume").json()
+            assert resumed["snapshot"]["not_restored"] == [{"name": "*", "type": "namespace"}], resumed
+            assert run(client, sid, "'x' in dir(), open('kept.txt').read()")["result"] == "(False, 'kept')"
+            assert [s["code"] for s in client.get(f"/v1/sessions/{sid}/steps").json()["steps"]][0].startswith("x = 1")
+            events = [e["action"] for e in client.get(f"/v1/sessions/{sid}/events").json()["events"]]
+            assert "kernel_died" in events and "session_paused" in events and "session_failed" not in events
+            notebook = client.get(f"/v1/sessions/{sid}/notebook").text
+            assert "The kernel was gone when the gateway restarted after a crash" in notebook
     finally:
         assert restarted.stop() == 0
 
