@@ -4,6 +4,7 @@ Table-driven over the route lists, so a new route cannot be added unprotected.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -182,13 +183,14 @@ def test_the_access_policy(role: str, owns: bool, sees: bool, changes: bool, cre
     from gateway import access
     from gateway.auth import Principal
     from gateway.errors import Forbidden, NotFound
+    from gateway.records import SessionRecord
 
     principal = Principal("me", role)
-    row = {"owner": "me" if owns else "someone-else", "origin": "agent"}
-    assert (access.may_see(principal, row["owner"]), access.may_change(principal, row["owner"]),
+    row = SessionRecord("s_x", "k", "python3", "idle", "me" if owns else "someone-else", "2026", "2026")
+    assert (access.may_see(principal, row.owner), access.may_change(principal, row.owner),
             access.may_create(principal), access.may_loosen_isolation(principal)) == (sees, changes, creates, loosens)
     assert access.may_end_from_jupyter(principal, row) is (role == "admin")
-    assert access.may_end_from_jupyter(principal, {**row, "origin": "jupyter"}) is True
+    assert access.may_end_from_jupyter(principal, dataclasses.replace(row, origin="jupyter")) is True
     if sees:
         assert access.check_seen(principal, "s_x", row) is row
     else:

@@ -158,6 +158,52 @@ def test_a_crash_with_the_kernel_gone_too_goes_on_with_a_new_kernel_and_says_so(
         assert restarted.stop() == 0
 
 
+def test_a_kernel_lost_in_a_crash_never_brings_back_an_older_snapshot(tmp_path: Path) -> None:
+    """A session paused (x = 1), resumed and changed (x = 2) keeps the first pause's snapshot on
+    disk; when its kernel is lost in a crash, the session does not go back to x = 1 (a state it
+    no longer had): it goes on with a new kernel, and says so."""
+    proc = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    with proc.client() as client:
+        sid = client.post("/v1/sessions", json={}).json()["id"]
+        run(client, sid, "x = 1")
+        assert client.post(f"/v1/sessions/{sid}/pause").status_code == 200
+        assert run(client, sid, "x = 2; x")["result"] == "2"  # resumed from the snapshot, then changed
+        kernel_pid = kernel_host_pid(proc.data_dir, sid)
+    proc.stop(signal.SIGKILL)
+    os.kill(kernel_pid, signal.SIGKILL)
+    restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    try:
+        with restarted.client() as client:
+            assert client.get(f"/v1/sessions/{sid}").json()["snapshot"]["saved"] == []
+            assert run(client, sid, "'x' in dir()")["result"] == "False"
+    finally:
+        assert restarted.stop() == 0
+
+
+def test_a_resume_cut_short_by_a_crash_is_paused_again_on_its_snapshot(tmp_path: Path) -> None:
+    """The moment a resume was cut (its session recorded live, its kernel not yet given the
+    snapshot) is set up in the store as a crash leaves it: the session is paused again, and its
+    next step restores the same snapshot."""
+    import sqlite3
+
+    proc = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    with proc.client() as client:
+        sid = client.post("/v1/sessions", json={}).json()["id"]
+        run(client, sid, "x = 41")
+        assert client.post(f"/v1/sessions/{sid}/pause").status_code == 200
+    assert proc.stop() == 0
+    with sqlite3.connect(proc.data_dir / "gateway.db") as db:
+        db.execute("UPDATE sessions SET state = 'idle' WHERE id = ?", [sid])
+    restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    try:
+        with restarted.client() as client:
+            session = client.get(f"/v1/sessions/{sid}").json()
+            assert session["state"] == "paused" and "cut short" in session["snapshot"]["note"], session
+            assert run(client, sid, "x + 1")["result"] == "42"
+    finally:
+        assert restarted.stop() == 0
+
+
 def test_a_stop_while_the_pool_is_still_starting_kernels_leaves_none_behind(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc = start_gateway(data)  # the pool starts its kernels just after the server listens
