@@ -73,6 +73,12 @@ class LiveSession:
         return max(self.record.last_activity, self.last_message_at)
 
 
+def _ended(row: SessionRecord) -> Conflict:
+    """The 409 for a request to a session that has ended, saying why."""
+    return states.ended_error(row.id, row.state, f"Session '{row.id}' is {row.state}: it runs nothing more. "
+                              f"{row.reason or ''} Create a new session to continue.".replace("  ", " "))
+
+
 class SessionManager:
     """Creates, runs and ends sessions. One per server; its methods are what handlers call."""
 
@@ -142,8 +148,7 @@ class SessionManager:
         row = self.visible(principal, session_id)
         access.check_change(principal, session_id, row)
         if row.state in states.ENDED:
-            raise states.ended_error(session_id, row.state, f"Session '{session_id}' is {row.state}: it runs nothing "
-                              f"more. {row.reason or ''} Create a new session to continue.".replace("  ", " "))
+            raise _ended(row)
         return row
 
     def writable(self, principal: Principal, session_id: str) -> LiveSession:
@@ -155,8 +160,7 @@ class SessionManager:
                            "or send a step, which resumes it.", code="session_paused",
                            details={"session_id": session_id, "state": "paused"})
         if live is None or live.record.state in states.ENDED:
-            raise states.ended_error(session_id, row.state, f"Session '{session_id}' is {row.state}: it runs nothing "
-                              f"more. {row.reason or ''} Create a new session to continue.".replace("  ", " "))
+            raise _ended(row)
         return live
 
     def session_id_for_kernel(self, kernel_id: str) -> str | None:

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import kernel_host_pid, run, running, start_gateway
+from tests.conftest import GatewayProcess, kernel_host_pid, run, running, start_gateway
 
 
 def wait_gone(pids: set[int], timeout: float = 15) -> set[int]:
@@ -130,6 +130,14 @@ def test_after_a_crash_kernels_are_reattached_and_nothing_is_lost(tmp_path: Path
     assert not running(kernel_pid)
 
 
+def crash_taking_the_kernel(proc: GatewayProcess, sid: str) -> GatewayProcess:
+    """kill -9 of the gateway and of the session's kernel; the gateway started again."""
+    kernel_pid = kernel_host_pid(proc.data_dir, sid)
+    proc.stop(signal.SIGKILL)
+    os.kill(kernel_pid, signal.SIGKILL)
+    return start_gateway(proc.data_dir, extra_args=("--pool-size", "0"))
+
+
 def test_a_crash_with_the_kernel_gone_too_goes_on_with_a_new_kernel_and_says_so(tmp_path: Path) -> None:
     """As when a kernel dies between steps: the session is not lost; its next step runs in a new
     kernel, its files are kept, and its trajectory and resume say the variables are gone."""
@@ -137,10 +145,7 @@ def test_a_crash_with_the_kernel_gone_too_goes_on_with_a_new_kernel_and_says_so(
     with proc.client() as client:
         sid = client.post("/v1/sessions", json={}).json()["id"]
         run(client, sid, "x = 1\nopen('kept.txt', 'w').write('kept')")
-        kernel_pid = kernel_host_pid(proc.data_dir, sid)
-    proc.stop(signal.SIGKILL)
-    os.kill(kernel_pid, signal.SIGKILL)
-    restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    restarted = crash_taking_the_kernel(proc, sid)
     try:
         with restarted.client() as client:
             session = client.get(f"/v1/sessions/{sid}").json()
@@ -168,10 +173,7 @@ def test_a_kernel_lost_in_a_crash_never_brings_back_an_older_snapshot(tmp_path: 
         run(client, sid, "x = 1")
         assert client.post(f"/v1/sessions/{sid}/pause").status_code == 200
         assert run(client, sid, "x = 2; x")["result"] == "2"  # resumed from the snapshot, then changed
-        kernel_pid = kernel_host_pid(proc.data_dir, sid)
-    proc.stop(signal.SIGKILL)
-    os.kill(kernel_pid, signal.SIGKILL)
-    restarted = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0"))
+    restarted = crash_taking_the_kernel(proc, sid)
     try:
         with restarted.client() as client:
             assert client.get(f"/v1/sessions/{sid}").json()["snapshot"]["saved"] == []
