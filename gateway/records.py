@@ -118,19 +118,24 @@ class StepRecord:
         return cls(**values)
 
     def row(self) -> dict[str, Any]:
-        """The ``steps`` row to insert, its JSON columns encoded."""
+        """The ``steps`` row to insert (columns without a value are left out), JSON encoded."""
         return {"session_id": self.session_id, "step": self.step, "seq": self.seq, "code": self.code,
-                "source": self.source, "principal": self.principal, **self.completion()}
+                "source": self.source, "principal": self.principal,
+                **{name: value for name, value in self.completion().items() if value is not None}}
 
     def completion(self) -> dict[str, Any]:
-        """The columns a step's end sets (all but its identity), JSON columns encoded."""
-        return {
+        """The columns a step's end sets (all but its identity; ``user_expressions`` and
+        ``stdin`` only when it had them), JSON columns encoded."""
+        columns = {
             "status": self.status, "execution_count": self.execution_count, "stdout": self.stdout,
             "stderr": self.stderr, "result": self.result, "error": _encoded(self.error),
             "outputs": json.dumps(self.outputs), "started_at": self.started_at, "finished_at": self.finished_at,
             "duration_ms": self.duration_ms, "truncated": int(self.truncated),
-            "user_expressions": _encoded(self.user_expressions), "stdin": _encoded(self.stdin),
         }
+        for name in EXTRAS:
+            if getattr(self, name):
+                columns[name] = json.dumps(getattr(self, name))
+        return columns
 
     def view(self, *, with_code: bool = False) -> dict[str, Any]:
         """The agent API's Execution (with ``with_code``: also its code, source and principal)."""
