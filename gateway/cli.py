@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  "in a new session and report step by step; exit 1 if any step diverged.")
     replay.add_argument("target")
     _client_arguments(replay)
+    run = commands.add_parser("run", help="Execute a notebook's code cells on a gateway session and write the "
+                              "executed notebook (as `jupyter execute` does locally); exit 1 if a cell failed.")
+    run.add_argument("notebook")
+    run.add_argument("--session", default=None, help="run in this session (kept) instead of a new one")
+    run.add_argument("--kernel", default=None, help="the new session's kernel (default: the notebook's kernelspec)")
+    run.add_argument("--output", default=None, help="where to write the executed notebook "
+                     "(default NAME.executed.ipynb beside it)")
+    run.add_argument("--inplace", action="store_true", help="overwrite the notebook")
+    run.add_argument("--timeout", type=float, default=None, help="seconds each cell may run (default: the server's)")
+    run.add_argument("--allow-errors", action="store_true", help="go on past failing cells")
+    run.add_argument("--keep", action="store_true", help="do not terminate the new session at the end")
+    _client_arguments(run)
     for action, text in (("pause", "Pause a session: save its state, stop its kernel."),
                          ("resume", "Resume a paused session with its state.")):
         command = commands.add_parser(action, help=text)
@@ -92,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lifecycle_command(args)
     if args.command == "replay":
         return replay_command(args)
+    if args.command == "run":
+        return run_command(args)
     if args.command == "doctor":
         return doctor_command(args)
     local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output", "init")
@@ -241,6 +255,38 @@ def replay_command(args: argparse.Namespace) -> int:
         return 2
     print_report(report)
     return 0 if report["reproduced"] else 1
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import nbformat
+
+    from gateway.client import Gateway, GatewayError
+    from gateway.run_notebook import print_progress, run
+
+    target = _gateway_target(args)
+    if target is None:
+        return 2
+    source = Path(args.notebook)
+    output = source if args.inplace else Path(args.output or source.with_name(f"{source.stem}.executed.ipynb"))
+    try:
+        with Gateway(target[0], target[1]) as gateway:
+            outcome = run(gateway, source, session_id=args.session, kernel=args.kernel, timeout=args.timeout,
+                          allow_errors=args.allow_errors, keep=args.keep, on_cell=print_progress)
+    except (GatewayError, OSError, ValueError) as exc:
+        print(f"agent-gateway run: {exc}", file=sys.stderr)
+        return 2
+    nbformat.write(outcome.notebook, str(output))
+    print(f"{output} ({outcome.executed} cells run in session {outcome.session_id})")
+    if outcome.failed is not None:
+        index, step = outcome.failed
+        error = step.error
+        print(f"agent-gateway run: cell {index} failed ({step.status}: "
+              f"{error.name + ': ' + error.value if error else 'no error'}); the notebook is written up to it.",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def lifecycle_command(args: argparse.Namespace) -> int:

@@ -196,3 +196,21 @@ def write_atomically(path: Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def read_file(path: Path) -> Any:
+    """A notebook file read with nbformat (an older format upgraded to v4) and validated.
+    Raises ``ValueError`` for anything that is not a valid notebook, whatever nbformat raised
+    (a wrong type in a field makes its converters fail with ``TypeError``, for example), and
+    ``OSError`` for a file that cannot be read."""
+    import nbformat
+
+    try:
+        node = nbformat.read(str(path), as_version=4)
+        nbformat.validate(node)
+    except OSError:
+        raise
+    except Exception as exc:  # nbformat's readers and converters raise many kinds
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path} is not a valid notebook: {first}") from None
+    return node

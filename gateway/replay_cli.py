@@ -53,14 +53,9 @@ def replay_notebook(url: str, token: str, path: Path) -> dict[str, Any]:
     """Replay an exported trajectory notebook in a new session. It is read with nbformat: an
     older notebook format is upgraded to v4, and one that is not a valid notebook is refused
     (``ValueError``) before anything is created."""
-    import nbformat
+    from gateway.notebook import read_file
 
-    try:
-        node = nbformat.read(str(path), as_version=4)
-        nbformat.validate(node)
-    except (nbformat.ValidationError, ValueError) as exc:
-        raise ValueError(f"{path} is not a valid notebook: {str(exc).splitlines()[0]}") from None
-    notebook = json.loads(json.dumps(node))  # plain data, with multi-line strings whole
+    notebook = json.loads(json.dumps(read_file(path)))  # plain data, with multi-line strings whole
     meta = notebook.get("metadata", {}).get("gateway", {})
     kernel = notebook.get("metadata", {}).get("kernelspec", {}).get("name", "python3")
     session = call("POST", f"{url}/v1/sessions", token, {"kernel": kernel, "labels": {

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import nbformat
 
 from tests.conftest import GatewayProcess, error_code, run
@@ -73,11 +74,16 @@ def test_replaying_an_exported_notebook_answers_its_input(gateway: GatewayProces
     assert "step    1  reproduced" in done.stdout and "1 reproduced, 0 different" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize("content", [
+    json.dumps({"cells": "not a list", "nbformat": 4, "nbformat_minor": 5, "metadata": {}}),
+    json.dumps({"cells": 1}),  # no version: nbformat's v2 converter fails with a TypeError
+    "[]", "not json", "",
+])
 def test_replaying_a_file_that_is_not_a_notebook_creates_nothing(gateway: GatewayProcess, client: httpx.Client,
-                                                                 tmp_path: Path) -> None:
+                                                                 tmp_path: Path, content: str) -> None:
     before = len(client.get("/v1/sessions", params={"limit": 500}).json()["sessions"])
     bogus = tmp_path / "bogus.ipynb"
-    bogus.write_text(json.dumps({"cells": "not a list", "nbformat": 4, "nbformat_minor": 5, "metadata": {}}))
+    bogus.write_text(content)
     env = {**os.environ, "AGENT_GATEWAY_TOKEN": gateway.token}
     done = subprocess.run([sys.executable, "-m", "gateway", "replay", str(bogus), "--gateway-url", gateway.url],
                           capture_output=True, text=True, timeout=120, env=env, check=False)
