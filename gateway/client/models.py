@@ -9,42 +9,42 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+class _Text:
+    """One text format of a result's MIME bundle (None when it has none)."""
+
+    def __init__(self, mime: str):
+        self.mime = mime
+
+    def __get__(self, result: Result, owner: type | None = None) -> str | None:
+        value = result.data.get(self.mime)
+        return "".join(value) if isinstance(value, list) else value
+
+
+class _Image(_Text):
+    """One image format of a result's MIME bundle, decoded from base64."""
+
+    def __get__(self, result: Result, owner: type | None = None) -> bytes | None:  # type: ignore[override]
+        value = super().__get__(result, owner)
+        return base64.b64decode(value) if value is not None else None
+
+
 @dataclass(frozen=True)
 class Result:
     """One rich output: the step's value (``is_main_result``) or something it displayed, as a
-    MIME bundle; the properties give each format (None when absent)."""
+    MIME bundle; ``text``, ``html``, ``markdown``, ``svg``, ``latex``, ``json``, ``png`` and
+    ``jpeg`` give each format (None when absent)."""
 
     data: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
     is_main_result: bool = False
 
-    @property
-    def text(self) -> str | None:
-        return self._text("text/plain")
-
-    @property
-    def html(self) -> str | None:
-        return self._text("text/html")
-
-    @property
-    def markdown(self) -> str | None:
-        return self._text("text/markdown")
-
-    @property
-    def svg(self) -> str | None:
-        return self._text("image/svg+xml")
-
-    @property
-    def latex(self) -> str | None:
-        return self._text("text/latex")
-
-    @property
-    def png(self) -> bytes | None:
-        return self._image("image/png")
-
-    @property
-    def jpeg(self) -> bytes | None:
-        return self._image("image/jpeg")
+    text = _Text("text/plain")
+    html = _Text("text/html")
+    markdown = _Text("text/markdown")
+    svg = _Text("image/svg+xml")
+    latex = _Text("text/latex")
+    png = _Image("image/png")
+    jpeg = _Image("image/jpeg")
 
     @property
     def json(self) -> Any:
@@ -53,14 +53,6 @@ class Result:
     def formats(self) -> list[str]:
         """The MIME types the output has."""
         return sorted(self.data)
-
-    def _text(self, mime: str) -> str | None:
-        value = self.data.get(mime)
-        return "".join(value) if isinstance(value, list) else value
-
-    def _image(self, mime: str) -> bytes | None:
-        value = self._text(mime)
-        return base64.b64decode(value) if value is not None else None
 
 
 @dataclass(frozen=True)
