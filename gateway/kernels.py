@@ -552,7 +552,7 @@ class KernelLauncher:
             self._load_connection(kernel, connection_file)
             problem = None
         except Exception as exc:
-            problem = str(exc) or type(exc).__name__
+            problem = repr(exc)[:300]  # what it says may come from the kernel: quoted, bounded
         if not await self._adopt_provisioner(kernel, placement):
             await self._give_up(kernel)
             return None
