@@ -1,4 +1,5 @@
-"""The command line: ``agent-gateway serve`` and ``agent-gateway token create``. The one synchronous edge."""
+"""The command line: ``agent-gateway serve``, the operators' commands (``token``, ``audit``, ``doctor``) and the
+clients of a running gateway (``pause``, ``resume``, ``replay``, ``run``, ``attach``). The one synchronous edge."""
 
 from __future__ import annotations
 
