@@ -119,8 +119,17 @@ def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
     try:
         yield state
     finally:
-        assert state["gateway"].stop() == 0
+        code = state["gateway"].stop()
+        # A test that failed between a kill -9 and the restart leaves that gateway's kernels
+        # running: they are stopped here, so that a failure does not leak processes.
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if str(base) in " ".join(process.info["cmdline"] or []):
+                    process.kill()
+            except psutil.Error:
+                continue
         shutil.rmtree(base, ignore_errors=True)
+        assert code == 0, f"the gateway exited with {code}"
 
 
 @pytest.fixture(scope="session", autouse=True)
