@@ -44,6 +44,7 @@ class RunningStep:
 
     abort: asyncio.Future[str]
     interrupt_requested: bool = False
+    begun: asyncio.Event = field(default_factory=asyncio.Event)  # the kernel reported execute_input
 
 
 @dataclass
@@ -385,6 +386,14 @@ class SessionManager:
         step = self.runner.prepare(live, code, source=source, principal=principal.name, sink=sink, answer=answer,
                                   limit=limit)
         running = RunningStep(asyncio.get_running_loop().create_future())
+        place_begin = step.listener.on_start
+
+        def begun() -> None:
+            if place_begin is not None:
+                place_begin()
+            running.begun.set()
+
+        step.listener.on_start = begun
         live.current, live.record.state = running, "busy"
         try:
             ended = await executor.run(
@@ -462,6 +471,13 @@ class SessionManager:
         running = live.current
         if running is not None and live.kernel is not None:
             running.interrupt_requested = True
+            if not running.begun.is_set():
+                # Sent, not begun yet: an interrupt now would find the kernel idle and be lost.
+                began: asyncio.Future[Any] = asyncio.ensure_future(running.begun.wait())
+                waiting: set[asyncio.Future[Any]] = {began, running.abort}
+                await asyncio.wait(waiting, timeout=self.settings.interrupt_grace,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                began.cancel()
             await live.kernel.interrupt()
         self.recorder.record_event(live.trajectory, "interrupt", principal.name, {"step_running": running is not None})
         return {"session_id": session_id, "interrupted": running is not None}
