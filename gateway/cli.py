@@ -1,5 +1,5 @@
 """The command line: ``agent-gateway serve``, the operators' commands (``token``, ``audit``, ``doctor``) and the
-clients of a running gateway (``pause``, ``resume``, ``replay``, ``run``, ``attach``). The one synchronous edge."""
+clients of a running gateway (``pause``, ``resume``, ``replay``, ``run``, ``attach``, ``mcp``). The one synchronous edge."""
 
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(action, help=text)
         command.add_argument("session_id")
         _client_arguments(command)
+    mcp = commands.add_parser("mcp", help="Serve the gateway's MCP tools over stdio (for desktop MCP clients), "
+                              "forwarding each call to the gateway's /mcp with the token.")
+    _client_arguments(mcp)
     doctor = commands.add_parser("doctor", help="Report which kernel isolation profiles work on this machine, and why not.")
     doctor.add_argument("--json", action="store_true", help="print the facts as JSON")
     return parser
@@ -97,8 +100,23 @@ def _client_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--token", default=None, help="a gateway token (env AGENT_GATEWAY_TOKEN)")
 
 
+EXTRA_OF_COMMAND = {"mcp": "mcp"}  # the extra each command needs; all others: server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("gateway"):
+            raise
+        extra = EXTRA_OF_COMMAND.get(args.command, "server")
+        print(f"agent-gateway {args.command}: this needs the '{extra}' extra (the module '{exc.name}' is missing): "
+              f"pip install 'agent-kernel-gateway[{extra}]'", file=sys.stderr)
+        return 2
+
+
+def dispatch(args: argparse.Namespace) -> int:
     if args.command == "attach":
         return attach_command(args)
     if args.command in ("pause", "resume"):
@@ -109,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(args)
     if args.command == "doctor":
         return doctor_command(args)
+    if args.command == "mcp":
+        return mcp_command(args)
     local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output", "init")
     overrides = {k: v for k, v in vars(args).items() if k not in local}
     settings = Settings.resolve(overrides)
@@ -287,6 +307,22 @@ def run_command(args: argparse.Namespace) -> int:
               f"{error.name + ': ' + error.value if error else 'no error'}); the notebook is written up to it.",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def mcp_command(args: argparse.Namespace) -> int:
+    import anyio
+
+    from gateway.mcp_stdio import serve_stdio
+
+    target = _gateway_target(args)
+    if target is None:
+        return 2
+    try:
+        anyio.run(serve_stdio, *target)
+    except OSError as exc:
+        print(f"agent-gateway mcp: cannot reach the gateway at {target[0]}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

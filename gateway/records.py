@@ -90,7 +90,7 @@ class StepRecord:
     step: int
     seq: int
     code: str
-    source: str  # "agent", "jupyter", "replay"
+    source: str  # "agent", "jupyter", "mcp", "replay"
     principal: str | None
     started_at: str  # when the kernel began it; when it was sent, until then
     status: str = RUNNING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -10,7 +11,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import tornado.web
 from tornado.httpserver import HTTPServer
@@ -20,7 +21,7 @@ from tornado.netutil import bind_sockets
 from gateway import __version__, host, privileges
 from gateway.audit import RateLimit
 from gateway.auth import TokenAuthority
-from gateway.handlers import files, jupyter, kernel_ws, ops, sessions, ui
+from gateway.handlers import files, jupyter, kernel_ws, mcp, ops, sessions, ui
 from gateway.handlers.base import NotFoundHandler, log_request
 from gateway.isolation import Isolation
 from gateway.jupyter import JupyterKernels
@@ -30,6 +31,9 @@ from gateway.pool import KernelPool
 from gateway.sessions import SessionManager
 from gateway.settings import Settings
 from gateway.store import Store
+
+if TYPE_CHECKING:
+    from gateway.mcp_server import McpFace
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class Gateway:
     jupyter: JupyterKernels
     cookie_secret: str = field(default="", repr=False)
     refusals: RateLimit = field(default_factory=RateLimit)
+    mcp: "McpFace | None" = None  # set once the server knows its address (``serving_mcp``)
 
     @classmethod
     def open(cls, settings: Settings) -> "Gateway":
@@ -97,7 +102,8 @@ def load_cookie_secret(path: Path) -> str:
 
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The tornado application with every route of the gateway."""
-    routes = [*ops.routes, *sessions.routes, *files.routes, *jupyter.routes, *kernel_ws.routes, *ui.routes]
+    routes = [*ops.routes, *sessions.routes, *files.routes, *jupyter.routes, *kernel_ws.routes, *mcp.routes,
+              *ui.routes]
     kwargs = {"gateway": gateway}
     return tornado.web.Application(
         [(pattern, handler, kwargs) for pattern, handler in routes],
@@ -120,6 +126,20 @@ def ensure_admin_token(gateway: Gateway, announce: Callable[[str], None]) -> Non
         return
     token = gateway.auth.create("admin", "admin")
     announce(f"Created the admin token (shown only this once; only its hash is stored):\n\n    {token}\n")
+
+
+@contextlib.asynccontextmanager
+async def serving_mcp(gateway: Gateway, base_url: str) -> AsyncIterator[None]:
+    """The MCP face at ``/mcp`` for as long as the server runs."""
+    from gateway.mcp_server import McpFace
+
+    face = McpFace(gateway, gateway.settings.public_url or base_url)
+    async with face.running():
+        gateway.mcp = face
+        try:
+            yield
+        finally:
+            gateway.mcp = None
 
 
 def serve(settings: Settings) -> None:
@@ -187,7 +207,8 @@ async def run(settings: Settings, announce: Callable[[str], None] = print) -> No
     if gateway.sessions.pool is not None:
         gateway.sessions.pool.fill()
     try:
-        await stop.wait()
+        async with serving_mcp(gateway, f"http://{host}:{port}"):
+            await stop.wait()
     finally:
         log.info("shutting down: stopping sessions")
         watcher.stop()

@@ -75,6 +75,7 @@ def _boolean(text: str) -> bool:
 REGISTRY: tuple[Setting, ...] = (
     Setting("host", "127.0.0.1", str, "Interface to listen on."),
     Setting("port", 8765, int, "TCP port to listen on."),
+    Setting("public_url", None, str, "The gateway's URL as its clients reach it (behind a proxy, say), e.g. https://gw.example.com; default: the address it listens on. Names the MCP face's OAuth resource."),
     Setting("data_dir", "./gateway-data", str, "Directory holding the database, workspaces and notebooks."),
     Setting("token", None, str, "Admin token to accept (instead of one generated on first start). Never logged; serve keeps only its SHA-256, and restarts itself without the token in its environment or command line."),
     Setting("token_sha256", None, str, "The SHA-256 (hex) of an admin token to accept: what serve passes itself in place of the token."),
@@ -120,6 +121,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8765
+    public_url: str | None = None
     data_dir: str = "./gateway-data"
     token: str | None = field(default=None, repr=False)
     token_sha256: str | None = field(default=None, repr=False)

@@ -35,7 +35,7 @@ class Step:
 
     live: "LiveSession"
     code: str
-    source: str  # "agent", "jupyter", "replay"
+    source: str  # "agent", "jupyter", "mcp", "replay"
     principal: str
     listener: ExecutionListener
     place: StepPlace = field(default_factory=StepPlace)

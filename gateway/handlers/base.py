@@ -282,12 +282,18 @@ def audit_refusal(handler: tornado.web.RequestHandler, error: GatewayError) -> N
     gateway = getattr(handler, "gateway", None)
     if gateway is None:
         return
+    principal = getattr(handler, "principal", None)
+    record_refusal(gateway, principal, error, {"method": handler.request.method, "path": handler.request.path,
+                                               "remote_ip": handler.request.remote_ip})
+
+
+def record_refusal(gateway: "Gateway", principal: Principal | None, error: GatewayError,
+                   where: dict[str, Any]) -> None:
+    """The audit event of a refusal, on any face (rate-limited)."""
     dropped = gateway.refusals.allow()
     if dropped is None:
         return
-    principal = getattr(handler, "principal", None)
-    details = {"status": error.status, "code": error.code, "method": handler.request.method,
-               "path": handler.request.path, "remote_ip": handler.request.remote_ip}
+    details = {"status": error.status, "code": error.code, **where}
     if dropped:
         details["dropped_before"] = dropped
     action = "auth_failed" if error.status == 401 else "access_denied"
