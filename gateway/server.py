@@ -100,13 +100,14 @@ def load_cookie_secret(path: Path) -> str:
         return secret
 
 
+ROUTES = [*ops.routes, *sessions.routes, *files.routes, *jupyter.routes, *kernel_ws.routes, *mcp.routes, *ui.routes]
+
+
 def make_app(gateway: Gateway) -> tornado.web.Application:
     """The tornado application with every route of the gateway."""
-    routes = [*ops.routes, *sessions.routes, *files.routes, *jupyter.routes, *kernel_ws.routes, *mcp.routes,
-              *ui.routes]
     kwargs = {"gateway": gateway}
     return tornado.web.Application(
-        [(pattern, handler, kwargs) for pattern, handler in routes],
+        [(pattern, handler, kwargs) for pattern, handler in ROUTES],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,
         log_function=log_request,

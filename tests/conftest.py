@@ -135,14 +135,26 @@ def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
 @pytest.fixture(scope="session", autouse=True)
 def no_volume_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Workspace volumes of gateways a test killed (and never restarted) are unmounted at the end:
-    those of this run's directories only (another test run may be using its own meanwhile)."""
-    before = set(Path(tempfile.gettempdir()).glob("agw-*"))
-    yield
+    those under the directories this run made only (another test run, started or not before
+    this one, may be using its own meanwhile)."""
+    made: list[Path] = []
+    make = tempfile.mkdtemp
+
+    def recorded(*args: Any, **kwargs: Any) -> str:
+        path = make(*args, **kwargs)
+        made.append(Path(path))
+        return path
+
+    tempfile.mkdtemp = recorded  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        tempfile.mkdtemp = make
     from gateway import volumes
 
-    made = set(Path(tempfile.gettempdir()).glob("agw-*")) - before
-    for root in (tmp_path_factory.getbasetemp(), *sorted(made)):
-        volumes.release_all(Path(root))
+    for root in (tmp_path_factory.getbasetemp(), *made):
+        if root.name.startswith("agw-") or root == tmp_path_factory.getbasetemp():
+            volumes.release_all(root)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any, Iterator
 
 import httpx
@@ -176,3 +177,35 @@ def test_only_reads_are_retried() -> None:
             client.create_session()
         assert refused.value.code == "at_capacity" and sent[-1] == "POST /v1/sessions"
         assert sent.count("POST /v1/sessions") == 1
+
+
+def test_the_tool_declarations_are_the_toolbox_calls() -> None:
+    """Each tool's declared arguments are exactly the parameters of the call that carries it out,
+    and its required ones are those without a default."""
+    import inspect
+
+    from gateway.client.tools import TOOLS, Toolbox, anthropic_tools, openai_tools
+
+    toolbox = Toolbox(Gateway("http://127.0.0.1:9", "t"))
+    for tool in TOOLS:
+        signature = inspect.signature(toolbox._calls[tool.name])
+        assert list(signature.parameters) == list(tool.parameters["properties"]), tool.name
+        assert [n for n, p in signature.parameters.items() if p.default is inspect.Parameter.empty] \
+            == tool.parameters["required"], tool.name
+    assert [t["type"] for t in openai_tools()] == ["function"] * len(TOOLS)
+    assert all(set(t) == {"name", "description", "input_schema"} for t in anthropic_tools())
+
+
+def test_a_tool_call_is_answered_with_json_even_when_it_fails(gateway: GatewayProcess) -> None:
+    from gateway.client.tools import Toolbox
+
+    with Gateway(gateway.url, gateway.token) as client:
+        toolbox = Toolbox(client)
+        created = toolbox.call("create_session", "{}")
+        ran = toolbox.call("run_code", json.dumps({"session_id": created["session_id"], "code": "1/0"}))
+        assert ran["status"] == "error" and ran["error"]["name"] == "ZeroDivisionError"
+        assert toolbox.call("run_code", "{not json")["error"]["code"] == "invalid_arguments"
+        assert toolbox.call("run_code", {"session_id": "s_nope", "code": "1"})["error"]["code"] == "session_not_found"
+        assert toolbox.call("read_file", {"session_id": created["session_id"], "path": "x",
+                                          "extra": 1})["error"]["code"] == "invalid_arguments"
+        assert toolbox.call("terminate_session", {"session_id": created["session_id"]})["state"] == "terminated"

@@ -21,9 +21,14 @@ def concrete(pattern: str, session_id: str) -> str:
 
 
 ALL_ROUTES = [pattern for pattern, _ in (*ops.routes, *sessions.routes, *files.routes)]
+PUBLIC = [pattern for pattern, handler in (*ops.routes, *sessions.routes, *files.routes) if handler.public]
 
 
-@pytest.mark.parametrize("pattern", [p for p in ALL_ROUTES if p != r"/v1/health"])
+def test_only_health_and_the_api_document_are_public() -> None:
+    assert PUBLIC == [r"/v1/health", r"/v1/openapi\.json"]
+
+
+@pytest.mark.parametrize("pattern", [p for p in ALL_ROUTES if p not in PUBLIC])
 def test_every_route_but_health_requires_a_token(gateway: GatewayProcess, pattern: str) -> None:
     path = concrete(pattern, "s_whatever")
     with httpx.Client(base_url=gateway.url) as anonymous:

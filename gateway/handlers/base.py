@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 import tornado.web
 from tornado.iostream import StreamClosedError
 
+from gateway.api_spec import Body, Param
 from gateway.auth import Principal
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.inputs import check_arguments, decoded, parse_json
@@ -181,8 +182,9 @@ class BaseHandler(tornado.web.RequestHandler):
         raw = self.body_bytes()
         return parse_json(raw) if raw.strip() else {}
 
-    def json_body(self, fields: dict[str, type | tuple[type, ...]], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    def json_body(self, body: Body) -> dict[str, Any]:
         """The body as a JSON object whose fields are all known and of the right types."""
+        fields, required = body.types, body.required
         data = self.json_value()
         if not isinstance(data, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
@@ -198,17 +200,16 @@ class BaseHandler(tornado.web.RequestHandler):
             expected = fields[name]
             if value is None:
                 continue
-            if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
-                ok = False
-            else:
-                ok = isinstance(value, expected)
-            if not ok:
-                names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+                names = " or ".join(t.__name__ for t in expected)
                 raise InvalidRequest(f"The field '{name}' must be of type {_json_type(names)}.",
                                      code="invalid_field", details={"field": name})
         return data
 
-    def int_query(self, name: str, default: int, low: int, high: int) -> int:
+    def int_query(self, param: Param) -> int:
+        """A whole-number query parameter within its declared bounds."""
+        name, default, low, high = param.name, param.default, param.minimum, param.maximum
+        assert isinstance(default, int) and low is not None and high is not None
         raw = self.get_query_argument(name, None)
         if raw is None:
             return default

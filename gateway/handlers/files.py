@@ -10,12 +10,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from gateway.api_spec import CURSOR, NO_BODY, Operation, Param, limit_param
 from gateway.handlers.base import BaseHandler
 from gateway.handlers.sessions import SID
 from gateway.notebook import INLINE_UPLOAD_LIMIT
 from gateway.workspace import DEFAULT_PAGE, MAX_PAGE, Workspace, workspace_parts
 
 CHUNK = 256 * 1024
+FILE_LIMIT = limit_param(DEFAULT_PAGE, MAX_PAGE)
 
 
 async def send_file(handler: BaseHandler, workspace: Workspace, relative: str) -> None:
@@ -43,10 +45,13 @@ async def send_file(handler: BaseHandler, workspace: Workspace, relative: str) -
 class FileListHandler(BaseHandler):
     """GET /v1/sessions/{id}/files[?path=dir&limit=N&cursor=C]: one page of the files."""
 
+    operations = {"get": Operation("One page of the workspace's regular files, in path order", "FileList",
+                                   query=(Param("path", "a directory of the workspace"), FILE_LIMIT, CURSOR))}
+
     async def get(self, session_id: str) -> None:
         assert self.principal is not None
         workspace = await self.gateway.sessions.workspace(self.principal, session_id)
-        limit = self.int_query("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        limit = self.int_query(FILE_LIMIT)
         page = await workspace.list(self.get_query_argument("path", None),
                                     cursor=self.get_query_argument("cursor", None), limit=limit)
         self.set_header("Content-Type", "application/json")
@@ -87,6 +92,12 @@ class UploadSink:
 
 class FileHandler(BaseHandler):
     """GET downloads raw bytes; PUT uploads the raw body; DELETE removes a file or directory."""
+
+    operations = {
+        "get": Operation("Download a file's bytes", None, media_type="application/octet-stream"),
+        "put": Operation("Upload the raw body to a file (replacing it)", "FileWritten", status=201, body=None),
+        "delete": Operation("Delete a file or a directory", "FileDeleted", body=NO_BODY),
+    }
 
     def body_limit(self) -> int:
         if self.request.method == "PUT":

@@ -5,10 +5,13 @@ from __future__ import annotations
 import mimetypes
 
 from gateway import __version__
+from gateway.api_spec import Body, Field
 from gateway.handlers.base import BaseHandler
 
 KID = r"(?P<kernel_id>[0-9a-fA-F-]{1,64})"
 SPEC = r"(?P<name>[A-Za-z0-9._-]{1,128})"
+NEW_KERNEL = Body((Field("name", (str,), "the kernel spec"), Field("env", (dict,), "KERNEL_* variables"),
+                   Field("path", (str,), "ignored: kernels start in their session's workspace")))
 
 
 class ApiHandler(BaseHandler):
@@ -42,7 +45,7 @@ class KernelsHandler(BaseHandler):
 
     async def post(self) -> None:
         assert self.principal is not None
-        body = self.json_body({"name": str, "env": dict, "path": str})
+        body = self.json_body(NEW_KERNEL)
         model = await self.gateway.jupyter.start(self.principal, body.get("name"), body.get("env"))
         self.set_header("Location", f"/api/kernels/{model['id']}")
         self.write_json(model, status=201)

@@ -9,6 +9,7 @@ from typing import Any
 from tornado.ioloop import PeriodicCallback
 
 from gateway import states
+from gateway.api_spec import CURSOR, NO_BODY, Body, Field, Operation, Param, limit_param
 from gateway.errors import InvalidRequest
 from gateway.inputs import validate_labels, validate_stdin
 from gateway.replay import replay_session
@@ -16,9 +17,36 @@ from gateway.handlers.base import BaseHandler
 
 KEEPALIVE_SECONDS = 5.0
 
+SESSION_LIMIT = limit_param(50, 500)
+NEW_SESSION = Body((
+    Field("kernel", (str,), "kernel spec name (GET /api/kernelspecs); default python3"),
+    Field("labels", (dict,), "at most 64 string keys (up to 128 characters) to string values (up to 1024)",
+          schema={"additionalProperties": {"type": "string"}}),
+    Field("env", (dict,), "extra environment variables for the kernel (only the names are recorded)",
+          schema={"additionalProperties": {"type": "string"}}),
+    Field("setup", (str,), "code run once before the first step, recorded as step 0"),
+    Field("sandbox", (str,), "isolation profile: none, process or sandbox (admins only, other than the server's)"),
+    Field("limits", (dict,), "resource limits: memory, cpu, pids, file_size, workspace"),
+))
+STEP = Body((
+    Field("code", (str,), "the code to run", required=True),
+    Field("timeout", (int, float), "seconds the step may run (> 0; capped at the server's maximum)",
+          schema={"exclusiveMinimum": 0}),
+    Field("stdin", (list,), "answers to the step's input() calls, in order", schema={"items": {"type": "string"}}),
+))
+
 
 class SessionsHandler(BaseHandler):
     """GET lists the caller's sessions; POST creates one."""
+
+    operations = {
+        "get": Operation("List the caller's sessions, newest first", "SessionList", query=(
+            Param("state", "only sessions in this state", enum=tuple(states.STATES)),
+            Param("label", "key:value: sessions with this label"),
+            Param("owner", "only this principal's sessions"), SESSION_LIMIT, CURSOR)),
+        "post": Operation("Create a session: a kernel, a workspace and a trajectory", "Session", status=201,
+                          body=NEW_SESSION),
+    }
 
     async def get(self) -> None:
         state = self.get_query_argument("state", None)
@@ -36,10 +64,10 @@ class SessionsHandler(BaseHandler):
         assert self.principal is not None
         self.write_json(self.gateway.sessions.list_sessions(
             self.principal, state=state, label=label_pair, owner=self.get_query_argument("owner", None),
-            limit=self.int_query("limit", 50, 1, 500), cursor=self.get_query_argument("cursor", None)))
+            limit=self.int_query(SESSION_LIMIT), cursor=self.get_query_argument("cursor", None)))
 
     async def post(self) -> None:
-        body = self.json_body({"kernel": str, "labels": dict, "env": dict, "setup": str, "sandbox": str, "limits": dict})
+        body = self.json_body(NEW_SESSION)
         labels = validate_labels(body.get("labels"))
         assert self.principal is not None
         session = await self.gateway.sessions.create(
@@ -51,6 +79,9 @@ class SessionsHandler(BaseHandler):
 
 class SessionHandler(BaseHandler):
     """GET one session; DELETE terminates it."""
+
+    operations = {"get": Operation("One session", "Session"),
+                  "delete": Operation("Terminate the session: its kernel stopped, its records kept", "Session")}
 
     async def get(self, session_id: str) -> None:
         assert self.principal is not None
@@ -65,6 +96,8 @@ class ExecuteHandler(BaseHandler):
     """POST runs one step; ``Accept: application/x-ndjson`` streams its outputs."""
 
     client_gone = False
+    operations = {"post": Operation("Run one step and record it (NDJSON lines as it runs with "
+                                    "Accept: application/x-ndjson)", "Execution", body=STEP, streams=True)}
 
     def on_connection_close(self) -> None:
         self.client_gone = True
@@ -74,7 +107,7 @@ class ExecuteHandler(BaseHandler):
         assert self.principal is not None
         sessions = self.gateway.sessions
         sessions.get(self.principal, session_id)  # an unknown session is a 404 before any body error
-        body = self.json_body({"code": str, "timeout": (int, float), "stdin": list}, required=("code",))
+        body = self.json_body(STEP)
         stdin = validate_stdin(body.get("stdin"))
         if "application/x-ndjson" not in self.request.headers.get("Accept", ""):
             execution = await sessions.execute(self.principal, session_id, body["code"], timeout=body.get("timeout"),
@@ -114,26 +147,36 @@ def _ignore_closed(future: Any) -> None:
 
 
 class InterruptHandler(BaseHandler):
+    operations = {"post": Operation("Interrupt the running step", "Interrupted")}
+
     async def post(self, session_id: str) -> None:
-        self.json_body({})
+        self.json_body(NO_BODY)
         assert self.principal is not None
         self.write_json(await self.gateway.sessions.interrupt(self.principal, session_id))
 
 
 class RestartHandler(BaseHandler):
+    operations = {"post": Operation("A new kernel in the same workspace", "Session")}
+
     async def post(self, session_id: str) -> None:
-        self.json_body({})
+        self.json_body(NO_BODY)
         assert self.principal is not None
         self.write_json(await self.gateway.sessions.restart(self.principal, session_id))
 
 
 class StepsHandler(BaseHandler):
+    operations = {"get": Operation("The recorded steps, in order", "StepList")}
+
     async def get(self, session_id: str) -> None:
         assert self.principal is not None
         self.write_json({"steps": self.gateway.sessions.steps(self.principal, session_id)})
 
 
 class NotebookHandler(BaseHandler):
+    operations = {"get": Operation("The trajectory as an nbformat 4 notebook", "Notebook",
+                                   media_type="application/x-ipynb+json",
+                                   query=(Param("download", "present: as an attachment"),))}
+
     async def get(self, session_id: str) -> None:
         assert self.principal is not None
         text = self.gateway.sessions.notebook(self.principal, session_id)
@@ -144,28 +187,37 @@ class NotebookHandler(BaseHandler):
 
 
 class EventsHandler(BaseHandler):
+    operations = {"get": Operation("The session's audit events", "EventList")}
+
     async def get(self, session_id: str) -> None:
         assert self.principal is not None
         self.write_json({"events": self.gateway.sessions.events(self.principal, session_id)})
 
 
 class PauseHandler(BaseHandler):
+    operations = {"post": Operation("Save the state and stop the kernel", "Session")}
+
     async def post(self, session_id: str) -> None:
-        self.json_body({})
+        self.json_body(NO_BODY)
         assert self.principal is not None
         self.write_json(await self.gateway.sessions.lifecycle.pause(self.principal, session_id))
 
 
 class ResumeHandler(BaseHandler):
+    operations = {"post": Operation("Bring a paused session back with its state", "Session")}
+
     async def post(self, session_id: str) -> None:
-        self.json_body({})
+        self.json_body(NO_BODY)
         assert self.principal is not None
         self.write_json(await self.gateway.sessions.lifecycle.resume(self.principal, session_id))
 
 
 class ForkHandler(BaseHandler):
+    operations = {"post": Operation("A new session with a copy of this one's files and state", "Session",
+                                     status=201)}
+
     async def post(self, session_id: str) -> None:
-        self.json_body({})
+        self.json_body(NO_BODY)
         assert self.principal is not None
         child = await self.gateway.sessions.lifecycle.fork(self.principal, session_id)
         self.set_header("Location", f"/v1/sessions/{child['id']}")
@@ -176,8 +228,11 @@ class ReplayHandler(BaseHandler):
     """POST reruns the trajectory in a new session and reports step by step; with
     ``Accept: application/x-ndjson`` a line per step as it goes, then ``done`` with the report."""
 
+    operations = {"post": Operation("Rerun the trajectory in a new session; a report per step", "ReplayReport",
+                                    status=201, streams=True)}
+
     async def post(self, session_id: str) -> None:
-        self.json_body({})
+        self.json_body(NO_BODY)
         assert self.principal is not None
         if "application/x-ndjson" not in self.request.headers.get("Accept", ""):
             self.write_json(await replay_session(self.gateway.sessions, self.principal, session_id), status=201)
