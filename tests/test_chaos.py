@@ -116,7 +116,7 @@ class Worker(threading.Thread):
             answer = client.post(f"{base}/fork")
             assert answer.status_code == 201, (op, sid, answer.text)
             self.sessions[answer.json()["id"]] = Expected(expected.counter, dict(expected.files))
-            expected.paused = False
+            # a paused parent stays paused: its fork is made from its snapshot
         self.in_flight = None
 
 
