@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
 import contextlib
 import functools
 import hashlib
@@ -366,12 +367,14 @@ class McpFace:
             with os.fdopen(fd, "rb") as handle:
                 data = handle.read(max_bytes)
             self.note(principal, session_id, "read_file", changes=False, path=path)
-            try:
-                return {"path": path, "size": info.st_size, "encoding": "utf-8", "content": data.decode("utf-8"),
-                        "truncated": info.st_size > len(data)}
+            truncated = info.st_size > len(data)
+            try:  # text cut at max_bytes keeps its whole characters (a character cut in two is left out)
+                text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not truncated)
+                return {"path": path, "size": info.st_size, "encoding": "utf-8", "content": text,
+                        "truncated": truncated}
             except UnicodeDecodeError:
                 return {"path": path, "size": info.st_size, "encoding": "base64",
-                        "content": base64.b64encode(data).decode("ascii"), "truncated": info.st_size > len(data)}
+                        "content": base64.b64encode(data).decode("ascii"), "truncated": truncated}
 
         @tool(description="Write a file into the session's workspace (replacing it), from text or base64.")
         @reports_gateway_errors

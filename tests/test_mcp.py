@@ -196,6 +196,29 @@ def test_a_step_outliving_the_call_returns_a_handle_to_wait_on_or_interrupt(gate
     asyncio.run(scenario())
 
 
+def test_files_through_mcp_keep_to_the_workspace_and_to_whole_characters(gateway: GatewayProcess) -> None:
+    """The files tools use the workspace's own confinement: a link the kernel made to a host
+    file, or a path out of the workspace, is refused; text cut at max_bytes stays text."""
+    async def scenario() -> None:
+        async with http_client(gateway) as client:
+            session_id = data(await call(client, "create_session"))["id"]
+            data(await call(client, "execute", session_id=session_id,
+                            code="import os\nos.symlink('/etc/passwd', 'out')\nos.symlink('/etc', 'up')\n"
+                                 "open('t.txt', 'w', encoding='utf-8').write('é' * 10)"))
+            for tool, arguments in (("read_file", {"path": "out"}), ("read_file", {"path": "up/passwd"}),
+                                    ("read_file", {"path": "../../../etc/passwd"}),
+                                    ("write_file", {"path": "up/evil", "content": "x"}),
+                                    ("list_files", {"path": "up"})):
+                refused = await client.call_tool(tool, {"session_id": session_id, **arguments})
+                assert error_of(refused)["code"] in ("invalid_path", "file_not_found"), (tool, arguments)
+                assert "root:" not in str(refused.content)
+            cut = data(await call(client, "read_file", session_id=session_id, path="t.txt", max_bytes=5))
+            assert (cut["encoding"], cut["content"], cut["truncated"], cut["size"]) == ("utf-8", "éé", True, 20)
+            data(await call(client, "terminate_session", session_id=session_id))
+
+    asyncio.run(scenario())
+
+
 def test_pause_resume_and_fork_keep_the_state(gateway: GatewayProcess) -> None:
     async def scenario() -> None:
         async with http_client(gateway) as client:
