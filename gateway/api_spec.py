@@ -119,7 +119,10 @@ COMPONENTS: dict[str, dict[str, Any]] = {
                                "labels": {"type": "object", "additionalProperties": _TEXT},
                                "created_at": _TEXT, "last_activity": _TEXT, "steps": {"type": "integer"},
                                "parent": {"type": ["object", "null"]}, "isolation": _OBJECT,
-                               "snapshot": _OBJECT}},
+                               "snapshot": _OBJECT, "environment": {
+                                   "type": "object", "required": ["name", "hash", "python", "packages"],
+                                   "properties": {"name": _TEXT, "hash": _TEXT, "python": _TEXT,
+                                                  "packages": {"type": "integer"}}}}},
     "SessionList": {"type": "object", "required": ["sessions", "next"], "properties": {
         "sessions": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}, "next": _NULLABLE_TEXT}},
     "Execution": {"type": "object", "required": ["session_id", "step", "status", "stdout", "stderr", "result",

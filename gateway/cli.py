@@ -9,7 +9,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from gateway import __version__
+from gateway import __version__, env_cli
 from gateway.settings import REGISTRY, Settings
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp = commands.add_parser("mcp", help="Serve the gateway's MCP tools over stdio (for desktop MCP clients), "
                               "forwarding each call to the gateway's /mcp with the token.")
     _client_arguments(mcp)
+    env_cli.add_parser(commands)
     doctor = commands.add_parser("doctor", help="Report which kernel isolation profiles work on this machine, and why not.")
     doctor.add_argument("--json", action="store_true", help="print the facts as JSON")
     return parser
@@ -129,6 +130,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return doctor_command(args)
     if args.command == "mcp":
         return mcp_command(args)
+    if args.command == "env":
+        root = Settings.resolve({"envs_dir": args.envs_dir} if args.envs_dir else {}).envs_path
+        return env_cli.run(args, root)
     local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output", "init")
     overrides = {k: v for k, v in vars(args).items() if k not in local}
     settings = Settings.resolve(overrides)

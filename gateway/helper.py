@@ -34,11 +34,12 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from gateway import cgroups, helper_wire, safefs, sandbox, volumes
+from gateway import cgroups, environments, helper_wire, safefs, sandbox, volumes
 from gateway.cgroups import CgroupSet
 from gateway.clock import iso
 from gateway.host import HelperConfig
@@ -157,8 +158,9 @@ class Helper:
 
     def op_kernel__prepare(self, name: Any, profile: Any, workspace: Any, runtime_dir: Any, uid: Any,
                            limits: Any, hostname: Any = "sandbox",
-                           cgroup_parent: Any = cgroups.DEFAULT_PARENT) -> dict[str, Any]:
-        """Make the kernel's directories and cgroups; remember the plan for ``kernel.launch``."""
+                           cgroup_parent: Any = cgroups.DEFAULT_PARENT, environment: Any = None) -> dict[str, Any]:
+        """Make the kernel's directories and cgroups; remember the plan for ``kernel.launch``.
+        ``environment`` names a built environment (its directory) the kernel runs in."""
         name = _name(name)
         if profile not in ("process", "sandbox"):
             raise Refused("profile must be process or sandbox")
@@ -170,11 +172,23 @@ class Helper:
                            limits=self._limits(limits), hostname=_text(hostname, "hostname", 64),
                            cgroup_parent=_name(cgroup_parent),
                            server_gid=self.config.server_owner[1] if self.config.server_owner else None)
+        if environment is not None:
+            spec = replace(spec, environment=_text(environment, "environment", 80),
+                           interpreter=sandbox.environment_interpreter(self._environment(environment), profile))
         plan = sandbox.prepare(spec)
         with self.lock:
             self.plans[name] = plan
         return {"enforced": plan.enforced, "interpreter": plan.interpreter.to_dict(),
                 "cgroup": plan.cgroup.name if plan.cgroup else None}
+
+    def _environment(self, name: Any) -> environments.Environment:
+        """A built environment under the configured root, checked (``environments.trusted``)."""
+        if self.config.environments is None:
+            raise Refused("this helper has no kernel environments")
+        try:
+            return environments.trusted(Path(self.config.environments), _text(name, "environment", 80))
+        except environments.EnvironmentProblem as exc:
+            raise Refused(f"environment {name}: {exc}") from None
 
     def op_kernel__launch(self, name: Any, argv: Any, env: Any, connection_file: Any,
                           log_file: Any = None) -> tuple[dict[str, Any], list[int]]:

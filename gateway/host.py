@@ -51,6 +51,7 @@ class HelperConfig:
     kernel_uids: tuple[int, int] = (1_000_000, 10_000)  # first, count
     sandbox: str = "auto"  # the profile asked for; the helper probes and chooses before taking requests
     data_dir: str | None = None
+    environments: str | None = None  # the root of the kernel environments (gateway.environments)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -61,7 +62,7 @@ class HelperConfig:
         return cls(anchors=tuple(raw["anchors"]),
                    server_owner=tuple(raw["server_owner"]) if raw["server_owner"] else None,  # type: ignore[arg-type]
                    kernel_uids=tuple(raw["kernel_uids"]), sandbox=raw["sandbox"],  # type: ignore[arg-type]
-                   data_dir=raw["data_dir"])
+                   data_dir=raw["data_dir"], environments=raw.get("environments"))
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway import access
 from gateway.auth import Principal
-from gateway.errors import Forbidden, NotFound
+from gateway.errors import Forbidden, NotFound, Unavailable
 from gateway.hub import KernelHub
 from gateway.sessions import LiveSession, SessionManager
 
@@ -41,10 +41,23 @@ class JupyterKernels:
             "name": name,
             "spec": {
                 "argv": list(spec.argv), "display_name": spec.display_name, "language": spec.language,
-                "interrupt_mode": spec.interrupt_mode, "env": {}, "metadata": dict(spec.metadata or {}),
+                "interrupt_mode": spec.interrupt_mode, "env": {},
+                "metadata": {**dict(spec.metadata or {}), **self._environment_metadata(name)},
             },
             "resources": resources,
         }
+
+    def _environment_metadata(self, name: str) -> dict[str, Any]:
+        """``environment``: the identity of the environment the spec's kernels run in (with its
+        packages), or ``{"name", "built": false}``; nothing for a spec that defines none."""
+        launcher = self.sessions.launcher
+        try:
+            environment = launcher.environment_of(name)
+        except Unavailable as exc:
+            if exc.code != "environment_not_built":
+                return {}
+            return {"environment": {"name": name, "built": False, "build": f"agent-gateway env build {name}"}}
+        return {"environment": {**environment.identity(), "built": True}} if environment else {}
 
     def specs(self) -> dict[str, Any]:
         names = self.sessions.launcher.spec_names()

@@ -33,7 +33,8 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 from gateway import connection_files, host, sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
 from gateway.connection_files import StagedConnectionManager
-from gateway.errors import InvalidRequest
+from gateway.environments import DEFAULT_ROOT, Environment, EnvironmentNotBuilt, Environments, read
+from gateway.errors import InvalidRequest, Unavailable
 from gateway.isolation import Isolation, SessionIsolation, human_bytes, open_for_traversal
 from gateway.placement import Placement
 
@@ -106,10 +107,11 @@ def validate_env(env: Any) -> dict[str, str]:
 
 class ProvisionedSpecs(KernelSpecManager):
     """The gateway's kernel specs as its kernels are launched: a spec without a provisioner of
-    its own gets the gateway's; for isolated kernels, interrupts are messages (a signal cannot
-    reach into the sandbox)."""
+    its own gets the gateway's, and its Python is its environment's; for isolated kernels,
+    interrupts are messages (a signal cannot reach into the sandbox)."""
 
     message_interrupts = False
+    environments: Environments | None = None
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         spec = super().get_kernel_spec(kernel_name)
@@ -117,6 +119,9 @@ class ProvisionedSpecs(KernelSpecManager):
             spec.metadata = {**spec.metadata, **sandbox_provisioner.spec_metadata()}
             if self.message_interrupts:
                 spec.interrupt_mode = "message"
+            environment = self.environments.for_spec(Path(spec.resource_dir)) if self.environments else None
+            if environment is not None and spec.argv and os.path.basename(spec.argv[0]) in sandbox.PYTHON_NAMES:
+                spec.argv = [environment.executable, *spec.argv[1:]]
         return spec
 
 
@@ -168,6 +173,7 @@ class RunningKernel:
         self.launch: dict[str, Any] = {}  # the arguments of start_kernel: a restart starts it so again
         self.provisioner_info: dict[str, Any] = {}  # its provisioner's own record (for adopting it)
         self._found: tuple[int, psutil.Process] | None = None  # (launcher pid, ipykernel) of an isolated kernel
+        self.environment: Environment | None = None  # the environment it runs in (None: the spec's own provisioner)
 
     @property
     def profile(self) -> str:
@@ -246,7 +252,8 @@ class RunningKernel:
         return Placement(self.launch_id, self.profile, self.connection_file, pid=self.pid, uid=uid, gid=gid,
                          runtime_dir=str(self.runtime_dir) if self.runtime_dir else None,
                          log_file=str(self.log_file) if self.log_file else None, cgroup=cgroup,
-                         workspace=str(workspace) if workspace else None, provisioner=self.provisioner_info)
+                         workspace=str(workspace) if workspace else None, provisioner=self.provisioner_info,
+                         environment=self.environment.path.name if self.environment else None)
 
     async def note_provisioner(self) -> None:
         """Keep the provisioner's record of the process just started (see ``placement``)."""
@@ -373,8 +380,10 @@ class KernelLauncher:
     """Starts kernels from the gateway's specs, and adopts those an earlier gateway process
     started. One per server."""
 
-    def __init__(self, runtime_dir: Path, context: zmq.Context | None = None, isolation: Isolation | None = None):
+    def __init__(self, runtime_dir: Path, context: zmq.Context | None = None, isolation: Isolation | None = None,
+                 environments: Environments | None = None):
         self.runtime_dir = runtime_dir
+        self.environments = environments or Environments(Path(DEFAULT_ROOT).resolve())
         runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(runtime_dir, 0o700)
         self.isolation = isolation
@@ -384,11 +393,12 @@ class KernelLauncher:
             os.chmod(isolation.runtime_root, 0o711 if isolation.profile == "process" else 0o700)
         self.context = context or shared_zmq_context()
         self.async_context = zmq.asyncio.Context.shadow(self.context.underlying)
-        directories = [str(kernels_dir())]
+        directories = [str(path) for path in self.environments.spec_dirs()]
         self.specs = KernelSpecManager(kernel_dirs=directories, ensure_native_kernel=False)  # as written
         self.launch_specs = ProvisionedSpecs(kernel_dirs=directories, ensure_native_kernel=False)
         self.isolated_specs = ProvisionedSpecs(kernel_dirs=directories, ensure_native_kernel=False)
         self.isolated_specs.message_interrupts = True
+        self.launch_specs.environments = self.isolated_specs.environments = self.environments
 
     def isolation_defaults(self) -> SessionIsolation | None:
         return self.isolation.defaults if self.isolation is not None else None
@@ -409,6 +419,24 @@ class KernelLauncher:
             raise InvalidRequest(f"There is no kernel named '{name}'. Available kernels: {', '.join(available)}.",
                                  code="unknown_kernel", details={"kernel": name, "available": available}) from None
 
+    def environment_of(self, spec_name: str) -> Environment | None:
+        """The environment a new kernel of ``spec_name`` runs in; None for a spec whose own
+        provisioner places its kernels. The gateway never runs a kernel in its own environment:
+        a local Python spec without a built environment is refused, saying what to do."""
+        spec = self.get_spec(spec_name)
+        if "kernel_provisioner" in spec.metadata:
+            return None
+        try:
+            environment = self.environments.for_spec(Path(spec.resource_dir))
+        except EnvironmentNotBuilt as exc:
+            raise Unavailable(str(exc), code="environment_not_built",
+                              details={"kernel": spec_name, "build": f"agent-gateway env build {spec_name}"}) from None
+        if environment is None and spec.argv and os.path.basename(spec.argv[0]) in sandbox.PYTHON_NAMES:
+            raise Unavailable(f"Kernel spec '{spec_name}' defines no environment (a requirements.lock beside its "
+                              "kernel.json), and kernels do not run in the gateway's own.",
+                              code="environment_not_defined", details={"kernel": spec_name})
+        return environment
+
     def build_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
         env.update(extra)
@@ -423,13 +451,16 @@ class KernelLauncher:
         sockets, and ``cwd`` is the workspace its sandbox shows.
         """
         spec = self.get_spec(spec_name)
+        environment = self.environment_of(spec_name)
         if isolation is None and self.isolation is not None:
             isolation = self.isolation.defaults
         if self._runs_isolated(spec, isolation):
             assert isolation is not None
-            kernel = await self._isolated_kernel(kernel_id, spec_name, cwd, env, isolation, uid=None)
+            kernel = await self._isolated_kernel(kernel_id, spec_name, cwd, env, isolation, uid=None,
+                                                 environment=environment)
         else:
             kernel = self._plain_kernel(kernel_id, spec_name, cwd, env)
+            kernel.environment = environment
         await self._launch(kernel, ready_timeout)
         return kernel
 
@@ -468,7 +499,7 @@ class KernelLauncher:
 
     async def _isolated_kernel(self, kernel_id: str, spec_name: str, cwd: Path, env: dict[str, str],
                                isolation: SessionIsolation, uid: int | None,
-                               log_file: Path | None = None) -> RunningKernel:
+                               log_file: Path | None = None, environment: Environment | None = None) -> RunningKernel:
         """A kernel under its own uid (``uid``: the one it has, when adopted; else a new one),
         with what it is launched with (not yet started)."""
         assert self.isolation is not None
@@ -486,7 +517,9 @@ class KernelLauncher:
         kernel.released.append(lambda: uids.release(kernel_id))
         kernel.log_file = log_file or kernel_log(cwd, kernel_id)
         launch = sandbox.SandboxSpec(isolation.profile, kernel_id, cwd, runtime, uid=uid, gid=uid,
-                                     limits=isolation.kernel_limits(), log_file=kernel.log_file)
+                                     limits=isolation.kernel_limits(), log_file=kernel.log_file,
+                                     environment=environment.path.name if environment else None)
+        kernel.environment = environment
         kernel.launch = {"env": self.build_env(env), "independent": True, "sandbox": launch}
         return kernel
 
@@ -540,9 +573,11 @@ class KernelLauncher:
         if placement.owner is not None and self.isolation is not None and isolation is not None:
             workspace = Path(placement.workspace) if placement.workspace else cwd
             kernel = await self._isolated_kernel(placement.launch_id, spec_name, workspace, env, isolation,
-                                                 uid=placement.owner[0], log_file=self._log_path(placement))
+                                                 uid=placement.owner[0], log_file=self._log_path(placement),
+                                                 environment=self._placed_environment(placement))
         elif placement.owner is None and connection_file.parent == self.runtime_dir:
             kernel = self._plain_kernel(placement.launch_id, spec_name, cwd, env)
+            kernel.environment = self._placed_environment(placement)
         else:
             return None
         if kernel.manager.connection_file != str(connection_file):
@@ -589,6 +624,12 @@ class KernelLauncher:
         if kernel.owner is not None and kernel.runtime_dir is not None:
             await host.current().call("kernel.release", name=kernel.launch_id, runtime_dir=str(kernel.runtime_dir))
         kernel.abandon()
+
+    def _placed_environment(self, placement: Placement) -> Environment | None:
+        """The environment an adopted kernel was started in (a restart starts it there again)."""
+        if placement.environment is None or "/" in placement.environment:
+            return None
+        return read(self.environments.root / placement.environment)
 
     @staticmethod
     def _log_path(placement: Placement) -> Path | None:

@@ -137,7 +137,8 @@ def render(session: SessionRecord, display_name: str, timeline: Iterable[tuple[s
                        "language": (session.language_info or {}).get("name", "python")},
         "language_info": session.language_info or {"name": "python"},
         "gateway": {"session_id": session.id, "owner": session.owner, "kernel": session.kernel,
-                    "created_at": session.created_at, "parent": parent},
+                    "created_at": session.created_at, "parent": parent,
+                    **({"environment": session.environment} if session.environment else {})},
     }
     cells: list[str] = []
     ancestors = list(inherited)

@@ -1,8 +1,8 @@
 """Turns a kernel's iopub messages for one execution into nbformat outputs.
 
 Called by the executor for every iopub message of a step. Consecutive stream outputs are
-coalesced, carriage returns and backspaces resolved, ANSI codes stripped from tracebacks,
-and everything past the per-step output budget is cut and marked.
+coalesced, carriage returns and backspaces resolved, ANSI escape codes stripped (from streams,
+plain-text results and tracebacks: agents and reviewers see text, not terminal colours), and everything past the per-step output budget is cut and marked.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 import re
 from typing import Any, Callable
 
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# CSI sequences (colours, cursor moves), OSC sequences (titles, links) and two-character escapes.
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 TRUNCATION_NOTE = "\n[output truncated: this step produced more than {limit} bytes of output; the rest was discarded]\n"
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -58,7 +59,9 @@ def clean_bundle(data: Any) -> dict[str, Any]:
     for mime, value in data.items():
         if not isinstance(mime, str):
             continue
-        if isinstance(value, str) or JSON_MIME.match(mime):
+        if mime == "text/plain" and isinstance(value, str):
+            cleaned[mime] = strip_ansi(value)
+        elif isinstance(value, str) or JSON_MIME.match(mime):
             cleaned[mime] = value
         elif isinstance(value, list) and all(isinstance(line, str) for line in value):
             cleaned[mime] = "".join(value)
@@ -135,7 +138,7 @@ class OutputCollector:
         self._apply_pending_clear()
         if name not in ("stdout", "stderr"):
             name = "stdout"
-        text = text if isinstance(text, str) else str(text)
+        text = strip_ansi(text if isinstance(text, str) else str(text))
         if self.truncated:
             return
         size = utf8_size(text)
@@ -210,7 +213,7 @@ class OutputCollector:
         for output in self.outputs:
             output = {k: v for k, v in output.items() if k != "_display_id"}
             if output["output_type"] == "stream":
-                output["text"] = resolve_control_chars("".join(output.pop("_chunks")))
+                output["text"] = resolve_control_chars(strip_ansi("".join(output.pop("_chunks"))))
             final.append(output)
         return final
 

@@ -31,6 +31,7 @@ class Placement:
     cgroup: str | None = None
     workspace: str | None = None  # the directory an isolated kernel's sandbox was started on
     provisioner: dict[str, Any] = field(default_factory=dict)
+    environment: str | None = None  # the directory name of the environment it runs in
 
     @property
     def owner(self) -> tuple[int, int] | None:
@@ -62,6 +63,6 @@ class Placement:
                        uid=optional("uid", int), gid=optional("gid", int),
                        runtime_dir=optional("runtime_dir", str), log_file=optional("log_file", str),
                        cgroup=optional("cgroup", str), workspace=optional("workspace", str),
-                       provisioner=dict(provisioner))
+                       provisioner=dict(provisioner), environment=optional("environment", str))
         except (KeyError, TypeError, ValueError):
             return None

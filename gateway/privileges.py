@@ -179,16 +179,17 @@ def _acl_lets(directory: Path, uid: int) -> bool:
     return bool(entries.get((ACL_USER, uid), 0) & mask & 1)
 
 
-def open_the_way(identity: Identity, data: Path) -> list[Path]:
-    """Make sure the server's user can reach its data directory and run the gateway's Python
-    and code: directories above them that block it get an ACL entry letting that user alone
-    pass (a checkout or a pyenv under /root, mode 0700). Returns the directories changed."""
+def open_the_way(identity: Identity, data: Path, environments: Path | None = None) -> list[Path]:
+    """Make sure the server's user can reach its data directory, the kernel environments' root
+    (to read their manifests) and run the gateway's Python and code: directories above them
+    that block it get an ACL entry letting that user alone pass (a checkout or a pyenv under
+    /root, mode 0700). Returns the directories changed."""
     import gateway
     from gateway.sandbox import site_dirs
 
     needed = [data, Path(sys.executable), Path(os.path.realpath(sys.executable)),
               Path(sysconfig.get_paths()["stdlib"]), *(Path(p) for p in site_dirs()),
-              Path(gateway.__file__).resolve().parent]
+              Path(gateway.__file__).resolve().parent, *([environments] if environments else [])]
     blocked = passage_needed(identity, needed)
     for directory in blocked:
         try:

@@ -25,6 +25,12 @@ EXTRAS = ("user_expressions", "stdin")  # in a step's view only when it had them
 JSON_COLUMNS = ("error", "outputs", *EXTRAS)
 
 
+def environment_summary(identity: dict[str, Any]) -> dict[str, Any]:
+    """An environment's identity without its package list: what the Session object shows."""
+    return {"name": identity.get("name"), "hash": identity.get("hash"), "python": identity.get("python"),
+            "packages": len(identity.get("packages") or {})}
+
+
 @dataclass
 class SessionRecord:
     """One session as the store keeps it (JSON columns decoded)."""
@@ -48,6 +54,7 @@ class SessionRecord:
     snapshot: dict[str, Any] | None = None  # its last pause: what was saved, how it resumes
     isolation: dict[str, Any] | None = None  # the profile and limits its kernels run under
     placement: dict[str, Any] | None = None  # where its kernel runs (``gateway.placement``)
+    environment: dict[str, Any] | None = None  # what its kernel runs in (``Environment.identity()``)
     kernel_pid: int | None = None  # of a session stored before placements were
     connection_file: str | None = None
 
@@ -79,6 +86,8 @@ class SessionRecord:
             view["snapshot"] = self.snapshot
         if self.isolation:
             view["isolation"] = self.isolation
+        if self.environment:
+            view["environment"] = environment_summary(self.environment)
         return view
 
 

@@ -70,6 +70,21 @@ def input_exchanges(stdin: list[dict[str, Any]]) -> str:
                      for e in stdin)
 
 
+def environment_note(recorded: dict[str, Any] | None, replayed: dict[str, Any] | None) -> str | None:
+    """What a report says when the replay runs in another environment than the recorded one
+    (``recorded`` and ``replayed``: identities or summaries, each with ``name`` and ``hash``)."""
+    if not recorded or not replayed or recorded.get("hash") == replayed.get("hash"):
+        return None
+    changed = ""
+    old, new = recorded.get("packages"), replayed.get("packages")
+    if isinstance(old, dict) and isinstance(new, dict):
+        differing = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+        shown = ", ".join(f"{name} {old.get(name, '-')} -> {new.get(name, '-')}" for name in differing[:10])
+        changed = f"; packages that differ: {shown}{' ...' if len(differing) > 10 else ''}" if differing else ""
+    return (f"the replay runs in environment {replayed.get('name')} {str(replayed.get('hash'))[:12]}, not in the "
+            f"recorded {recorded.get('name')} {str(recorded.get('hash'))[:12]}{changed}")
+
+
 def judge(original: dict[str, Any], replayed: dict[str, Any], normalisers: list[tuple[str, str]]) -> dict[str, Any]:
     """One step's verdict: reproduced, different (with a short diff) or error."""
     verdict: dict[str, Any] = {"step": original["step"], "replay_step": replayed["step"], "code": original["code"]}
@@ -107,6 +122,9 @@ async def replay_session(manager: "SessionManager", principal: Principal, sessio
                       key=lambda item: item[1])
     verdicts: list[dict[str, Any]] = []
     notes: list[str] = []
+    different = environment_note(row.environment, manager.visible(principal, child_id).environment)
+    if different:
+        notes.append(different)
     for kind, _, item in timeline:
         if kind == "event":
             await _apply_event(manager, principal, child_id, session_id, item, notes)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.http_client import CallError, call
-from gateway.replay import NORMALISERS, SKIPPED_STATUSES, judge
+from gateway.replay import NORMALISERS, SKIPPED_STATUSES, environment_note, judge
 
 
 def progress_bar(done: int, total: int, status: str) -> None:
@@ -89,7 +89,9 @@ def replay_notebook(url: str, token: str, path: Path) -> dict[str, Any]:
     sys.stderr.write("\n")
     summary = {status: sum(v["status"] == status for v in verdicts)
                for status in ("reproduced", "different", "error", "skipped")}
-    return {"session_id": sid, "source": str(path), "steps": verdicts, "summary": summary, "notes": [],
+    different = environment_note(meta.get("environment"), session.get("environment"))
+    return {"session_id": sid, "source": str(path), "steps": verdicts, "summary": summary,
+            "notes": [different] if different else [],
             "reproduced": summary["different"] == 0 and summary["error"] == 0}
 
 

@@ -44,6 +44,7 @@ import psutil
 
 from gateway import cgroups, safefs
 from gateway.cgroups import CgroupSet, Support
+from gateway.environments import Environment, sandbox_paths
 
 PROFILES = ("none", "process", "sandbox")
 SANDBOX_WORKSPACE = "/workspace"
@@ -52,6 +53,8 @@ DEFAULT_UID_COUNT = 10_000
 UNIX_PATH_MAX = 107
 # /etc files a Python process wants to find (dynamic loader cache, time zone, name service order).
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf")
+# Fontconfig's configuration and cache: plots find the system's fonts, and fc-list says nothing.
+FONT_PATHS = ("/etc/fonts", "/var/cache/fontconfig")
 # Top-level names that are symlinks into /usr on merged-/usr systems, or directories elsewhere.
 USR_ALIASES = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Variables of the gateway's environment a kernel must not inherit under isolation.
@@ -118,6 +121,7 @@ class SandboxSpec:
     hostname: str = "sandbox"
     log_file: Path | None = None  # the kernel's stdout and stderr (its start banner), appended
     server_gid: int | None = None  # the unprivileged server's group: its runtime dir is shared with it
+    environment: str | None = None  # the directory name of the kernel's environment (gateway.environments)
 
 
 @dataclass
@@ -301,6 +305,32 @@ def system_interpreter(profile: str) -> tuple[Interpreter | None, str]:
     reason = f"{executable} (same {version} ABI) with the gateway's site-packages on PYTHONPATH"
     return Interpreter(executable, pythonpath=sites, read_only=_roots(list(sites)) if profile == "sandbox" else (),
                        reason=reason, skipped_pth=_pth_files(sites)), ""
+
+
+def environment_interpreter(environment: Environment, profile: str) -> Interpreter:
+    """The Python of a built environment under ``profile``. The sandbox binds the environment and
+    its base interpreter read-only; under ``process``, where the kernel's uid cannot reach the
+    base interpreter, /usr/bin/python3.X (same X.Y) runs with the environment's site-packages."""
+    label = f"environment {environment.name} ({environment.short_hash})"
+    if profile == "none":
+        return Interpreter(environment.executable, reason=label)
+    site = environment.site_packages
+    if profile == "sandbox":
+        binds = _roots(list(sandbox_paths(environment)))
+        why = _first_denied([environment.executable, site, *binds], ancestors=False)
+        if why:
+            raise IsolationUnavailable(f"the {label} is not usable by a kernel's uid: {why}")
+        return Interpreter(environment.executable, read_only=binds, reason=f"{label}, bound read-only")
+    if not _first_denied([environment.executable, site], ancestors=True):
+        return Interpreter(environment.executable, reason=label)
+    major, minor = environment.python_version.split(".")[:2]
+    executable = f"/usr/bin/python{major}.{minor}"
+    why = _first_denied([executable, site], ancestors=True)
+    if why or not os.access(executable, os.X_OK):
+        raise IsolationUnavailable(f"the {label} is not usable by a kernel's uid under process: "
+                                   f"{why or executable + ' does not exist'}")
+    return Interpreter(executable, pythonpath=(site,), reason=f"{executable} with the {label}'s site-packages",
+                       skipped_pth=_pth_files((site,)))
 
 
 def kernel_interpreter(profile: str = "process") -> Interpreter:
@@ -546,10 +576,12 @@ def bwrap_args(spec: SandboxSpec, interpreter: Interpreter, workspace_fd: int, r
             "--unshare-cgroup-try", "--hostname", spec.hostname, "--new-session",
             "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
             "--ro-bind", "/usr", "/usr", *_usr_aliases()]
-    for name in ETC_FILES:
-        args += ["--ro-bind-try", name, name]
-    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
-    tree = _Tree({"/usr", "/etc", "/proc", "/dev", "/tmp", *USR_ALIASES})
+    tree = _Tree({"/usr", "/proc", "/dev", "/tmp", *USR_ALIASES})
+    for name in (*ETC_FILES, *FONT_PATHS):  # /etc and /var made 0755: what is bound there can be read
+        args += [*tree.parents(name), "--ro-bind-try", name, name]
+    # /dev/shm of its own, writable: POSIX semaphores and shared memory (multiprocessing, joblib).
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm",
+             "--perms", "1777", "--tmpfs", "/tmp"]
     for path in _roots([*interpreter.read_only, *spec.read_only_paths]):
         args += [*tree.parents(path), "--ro-bind", path, path]
     args += ["--bind-fd", str(workspace_fd), SANDBOX_WORKSPACE]

@@ -199,7 +199,7 @@ class SandboxProvisioner(LocalProvisioner):
         prepared = await host.current().call(
             "kernel.prepare", name=spec.name, profile=spec.profile, workspace=str(spec.workspace),
             runtime_dir=str(spec.runtime_dir), uid=spec.uid, limits=limits_args(spec), hostname=spec.hostname,
-            cgroup_parent=spec.cgroup_parent)
+            cgroup_parent=spec.cgroup_parent, environment=spec.environment)
         self.last_oom_killed = False
         self.cgroup_name = prepared["cgroup"]
         self.enforced: dict[str, str] = prepared["enforced"]

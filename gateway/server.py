@@ -21,6 +21,7 @@ from tornado.netutil import bind_sockets
 from gateway import __version__, host, privileges
 from gateway.audit import RateLimit
 from gateway.auth import TokenAuthority
+from gateway.environments import Environments, build_missing
 from gateway.handlers import files, jupyter, kernel_ws, mcp, ops, sessions, ui
 from gateway.handlers.base import NotFoundHandler, log_request
 from gateway.isolation import Isolation
@@ -72,7 +73,7 @@ class Gateway:
             path.chmod(0o600)
         metrics = Metrics()
         isolation = Isolation(settings, data, host.current().hello)
-        launcher = KernelLauncher(data / "runtime", isolation=isolation)
+        launcher = KernelLauncher(data / "runtime", isolation=isolation, environments=Environments(settings.envs_path))
         manager = SessionManager(settings, store, launcher, metrics)
         if settings.pool_size > 0:
             manager.pool = KernelPool(launcher, settings.pool_size, data / "pool", settings.kernel_start_timeout)
@@ -151,19 +152,22 @@ def serve(settings: Settings) -> None:
 
     helper = host.inherited()
     if helper is None:
+        if settings.build_environments:
+            build_missing(Environments(settings.envs_path), lambda line: log.info("environments: %s", line))
         data = settings.data_path
         kernel_uids = uid_range(settings.sandbox_uids)
         identity = privileges.server_identity(settings.server_user, kernel_uids)
         runtime = runtime_root(data)
         if identity is not None:
             privileges.prepare_data_dir(data, runtime, identity, kernel_uids)
-            for directory in privileges.open_the_way(identity, data):
+            for directory in privileges.open_the_way(identity, data, settings.envs_path):
                 log.warning("gave %s search permission on %s (an ACL entry of its own) to reach its data "
                             "directory and code", identity.name, directory)
             privileges.check_runs(identity, data)
         anchors = (str(data),) if runtime.is_relative_to(data) else (str(data), str(runtime))
         helper = host.start(host.HelperConfig(anchors=anchors, server_owner=identity.owner if identity else None,
-                                              kernel_uids=kernel_uids, sandbox=settings.sandbox, data_dir=str(data)))
+                                              kernel_uids=kernel_uids, sandbox=settings.sandbox, data_dir=str(data),
+                                              environments=str(settings.envs_path)))
         if identity is not None:
             privileges.become(identity, data / "home", helper.handover_env())  # does not return
     else:

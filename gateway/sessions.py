@@ -28,7 +28,7 @@ from gateway.notebook import upload_details
 from gateway.outputs import EventSink
 from gateway.pool import KernelPool, bind
 from gateway.recorder import Recorder, Trajectory
-from gateway.records import SessionRecord, StepRecord
+from gateway.records import SessionRecord, StepRecord, environment_summary
 from gateway.settings import Settings
 from gateway.steps import StepRunner, check_workspace_room, workspace_limit
 from gateway.store import Store, decode_cursor, encode_cursor
@@ -215,7 +215,7 @@ class SessionManager:
         if self.closing:
             raise Unavailable("The gateway is shutting down; retry against the next instance.", code="shutting_down")
         access.check_create(principal)
-        self.launcher.get_spec(kernel)
+        self.launcher.environment_of(kernel)  # an unknown kernel, or one whose environment is not built: refused now
         env = validate_env(env)
         check_text(setup or "", "setup")  # setup that could not even be sent is refused before anything exists
         if isolation is None and self.launcher.isolation is not None:
@@ -296,8 +296,13 @@ class SessionManager:
         kernel.observers.append(self._state_tracker(live))
         live.execution_state = "idle"
         language_info = kernel.kernel_info.get("language_info") or live.record.language_info
+        environment = kernel.environment.identity() if kernel.environment else live.record.environment
+        if live.record.environment and environment and live.record.environment.get("hash") != environment["hash"]:
+            self.recorder.record_event(live.trajectory, "environment_changed", None, {
+                "from": environment_summary(live.record.environment), "to": environment_summary(environment)})
         self.store.save_session(live.record, state="idle", language_info=language_info, kernel_pid=kernel.pid,
-                                connection_file=kernel.connection_file, placement=kernel.placement().to_dict())
+                                connection_file=kernel.connection_file, placement=kernel.placement().to_dict(),
+                                environment=environment)
 
     async def terminate(self, principal: Principal, session_id: str) -> dict[str, Any]:
         """Shut the kernel down (a paused session has none); the trajectory and workspace stay."""

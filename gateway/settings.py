@@ -77,6 +77,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("port", 8765, int, "TCP port to listen on."),
     Setting("public_url", None, str, "The gateway's URL as its clients reach it (behind a proxy, say), e.g. https://gw.example.com; default: the address it listens on. Names the MCP face's OAuth resource."),
     Setting("data_dir", "./gateway-data", str, "Directory holding the database, workspaces and notebooks."),
+    Setting("envs_dir", "./gateway-envs", str, "Directory of the kernel environments (agent-gateway env); keep it outside the data directory, owned by whoever builds them."),
+    Setting("build_environments", True, _boolean, "At start, build the gateway's own kernel environments that are not built yet (python3: a few minutes, once)."),
     Setting("token", None, str, "Admin token to accept (instead of one generated on first start). Never logged; serve keeps only its SHA-256, and restarts itself without the token in its environment or command line."),
     Setting("token_sha256", None, str, "The SHA-256 (hex) of an admin token to accept: what serve passes itself in place of the token."),
     Setting("default_timeout", 60.0, float, "Seconds a step may run when the request names no timeout."),
@@ -123,6 +125,8 @@ class Settings:
     port: int = 8765
     public_url: str | None = None
     data_dir: str = "./gateway-data"
+    envs_dir: str = "./gateway-envs"
+    build_environments: bool = True
     token: str | None = field(default=None, repr=False)
     token_sha256: str | None = field(default=None, repr=False)
     default_timeout: float = 60.0
@@ -162,6 +166,10 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def envs_path(self) -> Path:
+        return Path(self.envs_dir).expanduser().resolve()
 
     @classmethod
     def resolve(cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> "Settings":

@@ -126,7 +126,13 @@ def m008_session_placement(db: sqlite_utils.Database) -> None:
     db.table("sessions").add_column("placement", str)
 
 
-SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot", "isolation", "placement")
+@migrations()
+def m009_session_environment(db: sqlite_utils.Database) -> None:
+    """The environment a session's kernel runs in: name, hash, Python, packages (``gateway.environments``)."""
+    db.table("sessions").add_column("environment", str)
+
+
+SESSION_JSON_COLUMNS = ("labels", "language_info", "env", "snapshot", "isolation", "placement", "environment")
 
 
 def encode_cursor(created_at: str, session_id: str) -> str:

@@ -195,8 +195,9 @@ class SessionPage(UiHandler):
             files, more_files = [], False
         events = sessions.events(self.principal, session_id)
         base_url = f"{self.request.protocol}://{self.request.host}"
+        environment = sessions.visible(self.principal, session_id).environment
         self.page("ui/session.html", session=session, timeline=timeline, files=files,
-                  more_files=more_files, events=events,
+                  more_files=more_files, events=events, environment=environment,
                   render_outputs=render_outputs, base_url=base_url, quote=quote)
 
 

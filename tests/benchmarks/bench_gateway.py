@@ -1329,9 +1329,25 @@ def gateway_source() -> dict[str, Any]:
     return {"commit": commit, "changed": [line[3:] for line in changed if line.strip()]}
 
 
+def raw_spec_dir(workdir: Path) -> Path:
+    """The gateway's kernel spec as plain jupyter_client runs it: in the spec's built environment
+    (the one the gateway's kernels run in), so both sides run the same Python and packages."""
+    from gateway.environments import DEFAULT_ROOT, Environments
+
+    source = kernels_dir() / KERNEL_NAME
+    environment = Environments(Path(os.environ.get("AGENT_GATEWAY_ENVS_DIR", DEFAULT_ROOT)).resolve()).for_spec(source)
+    spec = json.loads((source / "kernel.json").read_text())
+    if environment is not None:
+        spec["argv"][0] = environment.executable
+    target = workdir / "raw-specs" / KERNEL_NAME
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "kernel.json").write_text(json.dumps(spec))
+    return target.parent
+
+
 def start_raw_kernels(stack: contextlib.ExitStack, workdir: Path, count: int) -> list[RawKernel]:
     """Start ``count`` raw kernels, each stopped when ``stack`` closes."""
-    specs = KernelSpecManager(kernel_dirs=[str(kernels_dir())], ensure_native_kernel=False)
+    specs = KernelSpecManager(kernel_dirs=[str(raw_spec_dir(workdir))], ensure_native_kernel=False)
     kernels = []
     for index in range(count):
         kernel = RawKernel(specs, workdir, str(index))
