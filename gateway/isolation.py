@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.egress import InvalidRule, Policy, load_credentials
 from gateway.errors import Forbidden, InvalidRequest
 from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile, untraversable
 from gateway.settings import Settings, byte_size, uid_range
@@ -21,6 +23,7 @@ from gateway.settings import Settings, byte_size, uid_range
 log = logging.getLogger(__name__)
 
 STRONGEST_FIRST = ("sandbox", "process", "none")
+EGRESS_RULES_MAX = 64
 LIMIT_FIELDS = {"memory": "memory_bytes", "cpu": "cpu_cores", "pids": "pids", "file_size": "file_size_bytes",
                 "workspace": "workspace_bytes"}
 # ipc socket paths must fit in sockaddr_un (107 bytes): "<runtime>/<12 chars>/ipc-<port>".
@@ -29,7 +32,7 @@ RUNTIME_PATH_BUDGET = 80
 
 @dataclass(frozen=True)
 class SessionIsolation:
-    """A session's profile and limits (None: no limit), as stored in its row."""
+    """A session's profile, limits (None: no limit) and egress rules, as stored in its row."""
 
     profile: str
     memory_bytes: int | None
@@ -37,18 +40,21 @@ class SessionIsolation:
     pids: int | None
     file_size_bytes: int | None
     workspace_bytes: int | None
+    egress: tuple[str, ...] = ()  # the hosts its kernels may reach (``gateway.egress``); none by default
 
     def kernel_limits(self) -> Limits:
         return Limits(memory_bytes=self.memory_bytes, cpu_cores=self.cpu_cores, pids=self.pids,
                       file_size_bytes=self.file_size_bytes, address_space_bytes=self.memory_bytes)
 
     def view(self) -> dict[str, Any]:
-        return {"profile": self.profile, "limits": {name: getattr(self, attr) for name, attr in LIMIT_FIELDS.items()}}
+        return {"profile": self.profile, "limits": {name: getattr(self, attr) for name, attr in LIMIT_FIELDS.items()},
+                "egress": list(self.egress)}
 
     @classmethod
     def from_view(cls, data: dict[str, Any]) -> "SessionIsolation":
         limits = data.get("limits") or {}
-        return cls(data.get("profile", "none"), *(limits.get(name) for name in LIMIT_FIELDS))
+        values: dict[str, Any] = {attr: limits.get(name) for name, attr in LIMIT_FIELDS.items()}
+        return cls(data.get("profile", "none"), **values, egress=tuple(str(rule) for rule in data.get("egress") or ()))
 
 
 class Isolation:
@@ -63,9 +69,17 @@ class Isolation:
         self.profile, self.reasons = greeting["profile"], dict(greeting.get("reasons") or {})
         first, count = uid_range(settings.sandbox_uids)
         self.uids = UidPool(first, count)
+        try:
+            egress = tuple(Policy.parse(settings.egress_allow).texts())
+            self.credentials = load_credentials(settings.egress_credentials)
+        except PermissionError:
+            raise IsolationRefused(f"the egress credentials {settings.egress_credentials} cannot be read by the "
+                                   f"server's user (uid {os.getuid()}): give that user the file, mode 0600") from None
+        except (InvalidRule, OSError, ValueError) as exc:
+            raise IsolationRefused(f"the egress settings cannot be used: {exc}") from None
         self.defaults = SessionIsolation(
             self.profile, settings.memory_limit or None, settings.cpu_limit or None, settings.pids_limit or None,
-            settings.file_size_limit or None, settings.workspace_limit or None)
+            settings.file_size_limit or None, settings.workspace_limit or None, egress)
         self.runtime_root = runtime_root(data_dir)
         self.data_dir = data_dir
         self.volumes, self.volumes_reason = choose_volumes(settings.workspace_volumes, self.profile,
@@ -83,7 +97,8 @@ class Isolation:
                  f" ({'a volume each' if self.volumes else 'measured between steps: ' + self.volumes_reason})"]
         return f"kernels run under the '{self.profile}' sandbox profile ({', '.join(parts)})"
 
-    def for_session(self, is_admin: bool, profile: str | None, limits: dict[str, Any] | None) -> SessionIsolation:
+    def for_session(self, is_admin: bool, profile: str | None, limits: dict[str, Any] | None,
+                    egress: Any = None) -> SessionIsolation:
         """A new session's isolation: the defaults, changed by the request (400/403 when not allowed)."""
         chosen = self.defaults.profile
         if profile is not None:
@@ -110,7 +125,22 @@ class Isolation:
                 raise Forbidden(f"Only an admin may raise a session's {name} limit above the server's "
                                 f"{current}; ask for less.", details={"field": "limits", "name": name})
             values[attr] = value
-        return SessionIsolation(chosen, **values)
+        return SessionIsolation(chosen, **values, egress=self._egress(is_admin, egress))
+
+    def _egress(self, is_admin: bool, egress: Any) -> tuple[str, ...]:
+        """The session's egress rules: the server's, or (admins only) those the request gives."""
+        if egress is None:
+            return self.defaults.egress
+        if not isinstance(egress, list) or len(egress) > EGRESS_RULES_MAX:
+            raise InvalidRequest(f"'egress' is a list of at most {EGRESS_RULES_MAX} rules (host, host:port, "
+                                 "*.domain:port).", code="invalid_field", details={"field": "egress"})
+        try:
+            rules = tuple(Policy.parse(egress).texts())
+        except InvalidRule as exc:
+            raise InvalidRequest(str(exc), code="invalid_field", details={"field": "egress"}) from None
+        if rules != self.defaults.egress and not is_admin:
+            raise Forbidden("Only an admin may choose a session's egress rules.", details={"field": "egress"})
+        return rules
 
 
 def choose_volumes(requested: str, profile: str, unsupported: str | None) -> tuple[bool, str]:

@@ -30,7 +30,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKerne
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
-from gateway import connection_files, host, sandbox, sandbox_provisioner
+from gateway import connection_files, egress, host, sandbox, sandbox_provisioner
 from gateway.channels import KernelConnection, Observer
 from gateway.connection_files import StagedConnectionManager
 from gateway.environments import DEFAULT_ROOT, Environment, EnvironmentNotBuilt, Environments, read
@@ -125,6 +125,17 @@ class ProvisionedSpecs(KernelSpecManager):
         return spec
 
 
+PACKAGES_DIR = ".packages"  # in the workspace: what a session installs with pip
+
+
+def kernel_sink(kernel: "RunningKernel", connection: egress.Connection) -> None:
+    """Hand one egress attempt to whoever records the kernel's (its session), else log it."""
+    if kernel.egress_sink is not None:
+        kernel.egress_sink(connection)
+    else:
+        log.info("egress of kernel %s (no session yet): %s", kernel.label, connection.details())
+
+
 def kernel_process_under(launcher_pid: int, connection_file: str) -> int | None:
     """The pid of the ipykernel started (through bwrap or setpriv) by ``launcher_pid``."""
     try:
@@ -174,6 +185,8 @@ class RunningKernel:
         self.provisioner_info: dict[str, Any] = {}  # its provisioner's own record (for adopting it)
         self._found: tuple[int, psutil.Process] | None = None  # (launcher pid, ipykernel) of an isolated kernel
         self.environment: Environment | None = None  # the environment it runs in (None: the spec's own provisioner)
+        self.egress: egress.Proxy | None = None  # its way out, under the sandbox profile
+        self.egress_sink: egress.Sink | None = None  # who records its connections (its session)
 
     @property
     def profile(self) -> str:
@@ -261,6 +274,12 @@ class RunningKernel:
         info = await provisioner.get_provisioner_info() if provisioner is not None else {}
         info.pop("connection_info", None)  # the connection file holds it; its key is not for the store
         self.provisioner_info = info
+
+    async def start_egress(self) -> None:
+        """Open the kernel's egress socket (once; it stays open across restarts until shutdown)."""
+        if self.egress is not None and self.egress.server is None:
+            await self.egress.start()
+            self.released.append(self.egress.close)
 
     def connect(self) -> KernelConnection:
         if self.connection is not None:
@@ -520,8 +539,21 @@ class KernelLauncher:
                                      limits=isolation.kernel_limits(), log_file=kernel.log_file,
                                      environment=environment.path.name if environment else None)
         kernel.environment = environment
-        kernel.launch = {"env": self.build_env(env), "independent": True, "sandbox": launch}
+        variables = self.build_env(env)
+        if isolation.profile == "sandbox":
+            variables.update(self._egress(kernel, runtime, isolation))
+        kernel.launch = {"env": variables, "independent": True, "sandbox": launch}
         return kernel
+
+    def _egress(self, kernel: RunningKernel, runtime: Path, isolation: SessionIsolation) -> dict[str, str]:
+        """A sandboxed kernel's egress proxy (started with it) and what tells the kernel of it
+        and of its packages directory in the workspace."""
+        assert self.isolation is not None
+        proxy = egress.Proxy(runtime, egress.Policy.parse(isolation.egress),
+                             self.isolation.credentials, sink=lambda connection: kernel_sink(kernel, connection))
+        kernel.egress = proxy
+        return {"AGENT_GATEWAY_EGRESS": str(proxy.socket_path), "AGENT_GATEWAY_EGRESS_RULES": str(len(isolation.egress)),
+                "AGENT_GATEWAY_PACKAGES": f"{sandbox.SANDBOX_WORKSPACE}/{PACKAGES_DIR}"}
 
     async def _prepare_isolated(self, kernel: RunningKernel) -> None:
         """Before an isolated kernel's first start: its workspace, volume and log directory."""
@@ -553,6 +585,7 @@ class KernelLauncher:
                 await self._prepare_isolated(kernel)
             await kernel.manager.start_kernel(**kernel.launch)
             await kernel.note_provisioner()
+            await kernel.start_egress()
             kernel.connect()
             await kernel.wait_ready(ready_timeout)
             if kernel.owner is not None:
@@ -598,6 +631,7 @@ class KernelLauncher:
             return None
         self._open_the_way(kernel)
         try:
+            await kernel.start_egress()
             kernel.connect()
             await kernel.wait_ready(timeout)
         except Exception as exc:

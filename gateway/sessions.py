@@ -209,7 +209,7 @@ class SessionManager:
     async def create(self, principal: Principal, *, kernel: str = "python3", labels: dict[str, str] | None = None,
                      env: dict[str, str] | None = None, setup: str | None = None, origin: str = "agent",
                      parent: tuple[str, int] | None = None, sandbox: str | None = None,
-                     limits: dict[str, Any] | None = None,
+                     limits: dict[str, Any] | None = None, egress: list[str] | None = None,
                      isolation: SessionIsolation | None = None) -> dict[str, Any]:
         """Start a session and its kernel; runs ``setup`` as step 0. Returns the Session view."""
         if self.closing:
@@ -219,7 +219,8 @@ class SessionManager:
         env = validate_env(env)
         check_text(setup or "", "setup")  # setup that could not even be sent is refused before anything exists
         if isolation is None and self.launcher.isolation is not None:
-            isolation = self.launcher.isolation.for_session(access.may_loosen_isolation(principal), sandbox, limits)
+            isolation = self.launcher.isolation.for_session(access.may_loosen_isolation(principal), sandbox, limits,
+                                                            egress)
         await self.lifecycle.ensure_room()
         session_id = "s_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
         created = now_iso()
@@ -293,6 +294,8 @@ class SessionManager:
         """Make ``kernel`` the session's, and record where it runs (for reattaching after a crash)."""
         live.kernel = kernel
         live.workspace.owner = kernel.owner
+        kernel.egress_sink = lambda connection: self.recorder.record_event(live.trajectory, "egress", None,
+                                                                          connection.details())
         kernel.observers.append(self._state_tracker(live))
         live.execution_state = "idle"
         language_info = kernel.kernel_info.get("language_info") or live.record.language_info

@@ -6,6 +6,7 @@ Precedence: command-line flag, then environment variable, then default.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -65,6 +66,17 @@ def byte_size(text: str | int) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
+def _list(text: str) -> list[str]:
+    """A JSON list of strings, or strings separated by spaces."""
+    text = text.strip()
+    if text.startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError("expected a JSON list of strings")
+        return value
+    return text.split()
+
+
 def _boolean(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -106,6 +118,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
     Setting("sandbox", "auto", str, "How kernels are isolated: none, process, sandbox, or auto (the strongest that works here; see agent-gateway doctor)."),
     Setting("server_user", "agent-gateway", str, "Started as root, serve runs as this user (a name or uid[:gid]) and leaves what needs root to its privileged helper; a name with no account falls back to uid 999999."),
+    Setting("egress_allow", [], _list, "Hosts every session's kernel may reach through the gateway's egress proxy (a JSON list, or rules separated by spaces: host, host:port, *.domain:port,port); none by default. Admins set a session's own at its creation."),
+    Setting("egress_credentials", None, str, "A JSON file of headers the egress proxy adds to plain-HTTP requests per host ({\"host:port\": {\"Authorization\": \"Bearer ...\"}}): kernels never see them."),
     Setting("sandbox_uids", "1000000-1009999", str, "The range of unprivileged uids given to kernels under process and sandbox, one per kernel."),
     Setting("memory_limit", 2048 * MIB, byte_size, "Memory a session's kernel may use (cgroup; RLIMIT_AS where no memory cgroup can be made), e.g. 2GiB; 0: none."),
     Setting("cpu_limit", 1.0, float, "CPU cores a session's kernel may use (cgroup quota); 0: none."),
@@ -155,6 +169,8 @@ class Settings:
     sandbox: str = "auto"
     server_user: str = "agent-gateway"
     sandbox_uids: str = "1000000-1009999"
+    egress_allow: list[str] = field(default_factory=list)
+    egress_credentials: str | None = None
     workspace_volumes: str = "auto"
     memory_limit: int = 2048 * MIB
     cpu_limit: float = 1.0

@@ -4,15 +4,23 @@ environment's site-packages at build, enabled by its ``etc/ipython/ipython_kerne
 - ``%pip`` runs pip in the kernel's environment as IPython's own magic does, but a pip that
   exits non-zero makes the cell fail (``PipFailed``), so the step is recorded as an error; with
   no package index reachable it says how to get a package.
-- Unless an index is configured (``PIP_INDEX_URL``), pip is told it has none (``PIP_NO_INDEX``):
-  a kernel has no network, and pip fails at once instead of retrying a connection.
+- Unless the session may reach some host, or an index is configured (``PIP_INDEX_URL``), pip is
+  told it has none (``PIP_NO_INDEX``): pip fails at once instead of retrying a connection.
 - The environment's matplotlib font cache, built with it, is put where matplotlib looks for it
   (the kernel's home is new at every start), so the first plot does not rebuild it.
+- Given the gateway's egress socket (``AGENT_GATEWAY_EGRESS``), a loopback port inside the
+  sandbox is forwarded to it and ``HTTP(S)_PROXY`` point there: the session's egress policy,
+  enforced by the gateway, decides what gets out. Given a packages directory in the workspace
+  (``AGENT_GATEWAY_PACKAGES``), pip installs there (``PIP_TARGET``) and it comes first on
+  ``sys.path``: what a session installs survives pause, resume, fork and restarts.
 """
 
+import importlib
 import os
 import shutil
+import socket
 import sys
+import threading
 
 FONT_CACHE = os.path.join(sys.prefix, "share", "agent-gateway", "matplotlib")
 NO_INDEX_HINT = (
@@ -20,6 +28,65 @@ NO_INDEX_HINT = (
     "the package (GET /api/kernelspecs lists the environments and their packages), or ask an "
     "operator to build one (agent-gateway env build) or to allow a package index for the session."
 )
+
+
+def _pump(source, target):
+    try:
+        while True:
+            chunk = source.recv(65536)
+            if not chunk:
+                break
+            target.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        try:
+            target.shutdown(socket.SHUT_WR)  # the other way goes on until its own end
+        except OSError:
+            pass
+
+
+def _bridge(client, socket_path):
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        upstream.connect(socket_path)
+    except OSError:
+        client.close()
+        upstream.close()
+        return
+    back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+    back.start()
+    _pump(client, upstream)
+    back.join()
+    client.close()
+    upstream.close()
+
+
+def forward_egress(socket_path):
+    """Forward a loopback port to the gateway's egress socket; returns the proxy URL."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+
+    def accept():
+        while True:
+            client, _ = listener.accept()
+            threading.Thread(target=_bridge, args=(client, socket_path), daemon=True).start()
+
+    threading.Thread(target=accept, name="agent-gateway-egress", daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def use_packages_dir(directory):
+    """Put what the session installs first on the path; pip installs there."""
+    os.environ["PIP_TARGET"] = directory
+    if directory not in sys.path:
+        sys.path.insert(1 if sys.path and sys.path[0] == "" else 0, directory)
+    paths = [directory, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+EGRESS_HINT = ("Connections leave this kernel only through the gateway's egress proxy, to the hosts the "
+               "session's egress rules allow; a refused host is answered 403 and audited.")
 
 
 class PipFailed(RuntimeError):
@@ -53,8 +120,9 @@ def pip_magic(shell):
         """Run pip in the kernel's environment: ``%pip install PACKAGE``. Fails the cell when pip fails."""
         shell.system(" ".join([_quote(sys.executable), "-m", "pip", line]))
         status = shell.user_ns.get("_exit_code", 0)
+        importlib.invalidate_caches()  # what was just installed is importable now
         if status:
-            hint = NO_INDEX_HINT if os.environ.get("PIP_NO_INDEX") == "1" else ""
+            hint = NO_INDEX_HINT if os.environ.get("PIP_NO_INDEX") == "1" else EGRESS_HINT
             raise PipFailed(f"pip exited with status {status}. {hint}".strip())
         print("Note: you may need to restart the kernel to use updated packages.")
 
@@ -66,8 +134,19 @@ def _quote(path):
 
 
 def load_ipython_extension(shell):
-    if not os.environ.get("PIP_INDEX_URL"):
-        os.environ["PIP_NO_INDEX"] = "1"
+    egress = os.environ.pop("AGENT_GATEWAY_EGRESS", "")
+    if egress:
+        proxy = forward_egress(egress)
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            os.environ[name] = proxy
+        for name in ("NO_PROXY", "no_proxy"):
+            os.environ.pop(name, None)
+    packages = os.environ.pop("AGENT_GATEWAY_PACKAGES", "")
+    if packages:
+        use_packages_dir(packages)
+    allowed = os.environ.pop("AGENT_GATEWAY_EGRESS_RULES", "0") != "0"
+    if not (egress and allowed) and not os.environ.get("PIP_INDEX_URL"):
+        os.environ["PIP_NO_INDEX"] = "1"  # no host may be reached: pip fails at once, saying so
     os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     seed_font_cache()
     shell.register_magic_function(pip_magic(shell), "line", "pip")

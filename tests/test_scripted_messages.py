@@ -33,7 +33,7 @@ from gateway.kernels import KernelLauncher
 from gateway.metrics import Metrics
 from gateway.outcomes import (FINAL_STATUSES, NOT_RUN, RERUN_STATUSES, STATUSES, UNFINISHED_STATUSES,
                               step_outcome)
-from gateway.outputs import TRUNCATION_NOTE, OutputCollector, summarise
+from gateway.outputs import TRUNCATION_NOTE, OutputCollector, clean_bundle, summarise
 from gateway.records import SessionRecord
 from gateway.sessions import LiveSession, SessionManager
 from gateway.settings import Settings
@@ -650,17 +650,20 @@ def test_update_display_data_replaces_every_output_with_its_display_id() -> None
     assert [event["type"] for event in events] == ["display", "display", "stdout", "display", "display", "display"]
 
 
-def test_ansi_codes_are_stripped_from_errors_but_streams_keep_them() -> None:
-    """Tracebacks and error values lose their colour codes; stream text is kept as printed (front
-    ends render its colours)."""
-    coloured = "\x1b[1;32mgreen\x1b[0m\n"
-    collector = collect([stream(CELL, coloured),
+def test_ansi_codes_are_stripped_from_errors_streams_and_plain_results() -> None:
+    """What agents and reviewers see is text: colour codes, cursor moves and terminal links go
+    from tracebacks, error values, streams (also a code split across two messages) and
+    text/plain results. (A websocket client gets the kernel's own messages, colours and all.)"""
+    collector = collect([stream(CELL, "\x1b[1;32mgreen\x1b[0m\n"), stream(CELL, "split \x1b[3"),
+                         stream(CELL, "1mred\x1b[0m \x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\\n"),
                          error(CELL, "ValueError", "\x1b[31mbad\x1b[0m", ["\x1b[0;31mValueError\x1b[0m: bad",
                                                                         "\x1b[?25hcursor"])])
     outputs = collector.finish()
-    assert outputs[0]["text"] == coloured
+    assert outputs[0]["text"] == "green\nsplit red link\n"
     assert outputs[1] == {"output_type": "error", "ename": "ValueError", "evalue": "bad",
                           "traceback": ["ValueError: bad", "cursor"]}
+    assert clean_bundle({"text/plain": "\x1b[1mbold\x1b[0m", "text/html": "<b>\x1b[1m</b>"}) == {
+        "text/plain": "bold", "text/html": "<b>\x1b[1m</b>"}
 
 
 def test_the_budget_counts_utf8_bytes() -> None:

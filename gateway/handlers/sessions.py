@@ -27,6 +27,8 @@ NEW_SESSION = Body((
     Field("setup", (str,), "code run once before the first step, recorded as step 0"),
     Field("sandbox", (str,), "isolation profile: none, process or sandbox (admins only, other than the server's)"),
     Field("limits", (dict,), "resource limits: memory, cpu, pids, file_size, workspace"),
+    Field("egress", (list,), "hosts the kernel may reach through the gateway's egress proxy: host, host:port, "
+          "*.domain:port,port (admins only, other than the server's)", schema={"items": {"type": "string"}}),
 ))
 STEP = Body((
     Field("code", (str,), "the code to run", required=True),
@@ -72,7 +74,8 @@ class SessionsHandler(BaseHandler):
         assert self.principal is not None
         session = await self.gateway.sessions.create(
             self.principal, kernel=body.get("kernel") or "python3", labels=labels, env=body.get("env"),
-            setup=body.get("setup"), sandbox=body.get("sandbox"), limits=body.get("limits"))
+            setup=body.get("setup"), sandbox=body.get("sandbox"), limits=body.get("limits"),
+            egress=body.get("egress"))
         self.set_header("Location", f"/v1/sessions/{session['id']}")
         self.write_json(session, status=201)
 
