@@ -283,20 +283,29 @@ def test_only_an_admin_chooses_egress_rules_and_bad_rules_are_refused(tmp_path: 
     import subprocess
     import sys
 
-    gateway = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0", "--sandbox", "none"))
+    gateway = start_gateway(tmp_path / "data", extra_args=("--pool-size", "0", "--sandbox", "none",
+                                                           "--egress-allow", "pypi.org:443 *.pythonhosted.org:443"))
     try:
         agent_token = subprocess.run([sys.executable, "-m", "gateway", "token", "create", "--name", "agent-1",
                                       "--role", "agent", "--data-dir", str(tmp_path / "data")],
                                      capture_output=True, text=True, check=True).stdout.strip()
         with gateway.client(token=agent_token) as agent, gateway.client() as admin:
-            forbidden = agent.post("/v1/sessions", json={"egress": ["pypi.org:443"]})
-            assert forbidden.status_code == 403 and forbidden.json()["error"]["details"]["field"] == "egress"
+            server_rules = ["pypi.org:443", "*.pythonhosted.org:443"]
+            default = agent.post("/v1/sessions", json={})  # the server's rules, for every session
+            assert default.status_code == 201 and default.json()["isolation"]["egress"] == server_rules
+            same = agent.post("/v1/sessions", json={"egress": ["PYPI.org:443", "*.pythonhosted.org:443"]})
+            assert same.status_code == 201, same.text  # asking for the server's own rules is no widening
+            for sid in (default.json()["id"], same.json()["id"]):
+                agent.delete(f"/v1/sessions/{sid}")
+            for wider in (["pypi.org:443"], ["*"], []):
+                forbidden = agent.post("/v1/sessions", json={"egress": wider})
+                assert forbidden.status_code == 403 and forbidden.json()["error"]["details"]["field"] == "egress"
             for bad in (["http://x"], "pypi.org", [1], ["*.*"], ["a" * 5000], "\\ud800", ["ok.org"] * 65):
                 raw = '{"egress": ["\\ud800"]}' if bad == "\\ud800" else json.dumps({"egress": bad})
                 refused = admin.post("/v1/sessions", content=raw, headers={"Content-Type": "application/json"})
                 assert refused.status_code == 400, (bad, refused.text)
                 assert refused.json()["error"]["code"] in ("invalid_field", "invalid_json")
-            assert admin.get("/v1/sessions").json()["sessions"] == []
+            assert [s["state"] for s in admin.get("/v1/sessions").json()["sessions"]] == ["terminated"] * 2
             chosen = admin.post("/v1/sessions", json={"egress": ["PyPI.org:443", "*.pythonhosted.org:443"]})
             assert chosen.status_code == 201, chosen.text
             assert chosen.json()["isolation"]["egress"] == ["pypi.org:443", "*.pythonhosted.org:443"]

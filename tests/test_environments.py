@@ -265,6 +265,12 @@ def test_an_operator_builds_checks_uses_and_removes_an_environment(tmp_path: Pat
             missing = run(http, sid, "import pandas")
             assert missing["status"] == "error" and missing["error"]["name"] == "ModuleNotFoundError"
             http.delete(f"/v1/sessions/{sid}")
+            jupyter = http.post("/api/kernels", json={"name": "tiny"})  # the Jupyter face chooses it too
+            assert jupyter.status_code == 201, jupyter.text
+            kernel_id = jupyter.json()["id"]
+            recorded = [s for s in http.get("/v1/sessions").json()["sessions"] if s["kernel_id"] == kernel_id]
+            assert recorded and recorded[0]["environment"]["name"] == "tiny"
+            assert http.delete(f"/api/kernels/{kernel_id}").status_code == 204
     finally:
         assert gateway.stop() == 0
 
