@@ -14,6 +14,7 @@ or a kernel: the helper launches a kernel in an environment only after checking 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -85,7 +86,7 @@ class Definition:
     python: str  # the interpreter it is built with
     tag: str  # python_tag() of that interpreter
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         content = hashlib.sha256()
         for part in (FORMAT.encode(), self.tag.encode(), self.lock, extension_source()):
@@ -100,11 +101,20 @@ class Definition:
     def of_spec(cls, spec_dir: Path, python: str | None = None) -> "Definition | None":
         """The environment ``spec_dir`` defines (None: the spec has no lock)."""
         lock = spec_dir / LOCK_FILE
-        if not lock.is_file():
+        try:
+            info = lock.stat()
+        except FileNotFoundError:
             return None
         python = python or base_python()
-        tag = python_tag() if python == base_python() else python_tag(python)
-        return cls(spec_dir.name, spec_dir, lock.read_bytes(), python, tag)
+        key = (str(spec_dir), info.st_mtime_ns, info.st_size, info.st_ino, python)
+        known = _DEFINITIONS.get(key)
+        if known is None:  # read and hashed once per version of the lock: every kernel start asks
+            tag = python_tag() if python == base_python() else python_tag(python)
+            known = _DEFINITIONS[key] = cls(spec_dir.name, spec_dir, lock.read_bytes(), python, tag)
+        return known
+
+
+_DEFINITIONS: dict[tuple[str, int, int, int, str], Definition] = {}
 
 
 @dataclass(frozen=True)
