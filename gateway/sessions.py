@@ -128,7 +128,13 @@ class SessionManager:
         if self.pool is not None:
             await self.pool.close()
         self.recorder.flush()
-        released = await host.current().call("volume.release_all", root=str(self.settings.data_path))
+        try:
+            released = await host.current().call("volume.release_all", root=str(self.settings.data_path))
+        except host.HelperFailed as exc:
+            # Every step is recorded and every session paused by now: what is left is the helper's.
+            log.error("shutdown: the privileged helper is not there to unmount workspace volumes (%s): any "
+                      "that were mounted stay mounted", exc)
+            return
         if released:
             log.info("unmounted %d workspace volumes", released)
 

@@ -120,6 +120,7 @@ def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
         yield state
     finally:
         code = state["gateway"].stop()
+        stderr_tail = state["gateway"].stderr_text()[-8000:] if code else ""
         # A test that failed between a kill -9 and the restart leaves that gateway's kernels
         # running: they are stopped here, so that a failure does not leak processes.
         for process in psutil.process_iter(["cmdline"]):
@@ -129,7 +130,7 @@ def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
             except psutil.Error:
                 continue
         shutil.rmtree(base, ignore_errors=True)
-        assert code == 0, f"the gateway exited with {code}"
+        assert code == 0, f"the gateway exited with {code}; its stderr ends:\n{stderr_tail}"
 
 
 @pytest.fixture(scope="session", autouse=True)
