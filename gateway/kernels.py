@@ -682,8 +682,13 @@ class KernelLauncher:
                                                   "runtime_dir": placement.runtime_dir}}
         info["kernel_id"] = placement.launch_id
         info["connection_info"] = manager.get_connection_info()
-        provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
-            placement.launch_id, manager.kernel_spec, parent=manager)
+        try:  # its kernel spec (or environment) may have been removed while the gateway was down
+            provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+                placement.launch_id, manager.kernel_spec, parent=manager)
+        except Exception as exc:
+            log.warning("kernel %s: its kernel spec '%s' cannot be used any more (%s); it is not taken up",
+                        placement.launch_id, manager.kernel_name, exc)
+            return False
         try:
             await provisioner.load_provisioner_info(info)
         except Exception as exc:

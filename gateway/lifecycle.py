@@ -164,6 +164,8 @@ class Lifecycle:
 
     async def _resume(self, row: SessionRecord, principal: str, reason: str) -> None:
         manager = self.manager
+        # Its environment removed meanwhile: refused, and the session stays paused until it is built.
+        manager.launcher.environment_of(row.kernel)
         await self.ensure_room(resuming=row.id)
         started = time.monotonic()
         row = manager.store.get_session(row.id) or row

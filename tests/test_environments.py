@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from gateway.environments import (
@@ -29,7 +31,7 @@ from gateway.environments import (
     trusted,
 )
 from gateway.replay import environment_note
-from tests.conftest import error_code, run, start_gateway
+from tests.conftest import error_code, kernel_host_pid, run, running, start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 # The data stack docs/operations.md promises in the default environment (import name: distribution).
@@ -284,6 +286,48 @@ def test_an_operator_builds_checks_uses_and_removes_an_environment(tmp_path: Pat
     assert removed.returncode == 0, removed.stderr
     assert not Path(tiny["path"]).exists() and not (root / "kernels" / "tiny").exists()
     assert env_cli(root, "build", "tiny").returncode == 1  # no longer defined
+
+
+@pytest.mark.slow
+def test_a_gateway_restarted_after_its_sessions_environment_was_removed_goes_on(tmp_path: Path) -> None:
+    """kill -9 of the gateway, the session's environment removed meanwhile: the restart does not
+    fail on the kernel it cannot take up (stopped), the session is paused, its next step says
+    how to build the environment, and after the build it goes on with a new kernel."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels, "tinypkg", "1.0", "VALUE = 42\n")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"--find-links {wheels}\ntinypkg==1.0\nipykernel\ncloudpickle\n")
+    root = tmp_path / "envs"
+    assert env_cli(root, "build", "tiny", "--requirements", str(requirements)).returncode == 0
+    args = ("--envs-dir", str(root), "--pool-size", "0", "--build-environments", "false")
+    gateway = start_gateway(tmp_path / "data", extra_args=args)
+    with gateway.client() as http:
+        sid = http.post("/v1/sessions", json={"kernel": "tiny"}).json()["id"]
+        assert run(http, sid, "x = 6 * 7")["status"] == "ok"
+        kernel = psutil.Process(kernel_host_pid(tmp_path / "data", sid))
+    gateway.stop(signal.SIGKILL)
+    removed = env_cli(root, "remove", "tiny")
+    assert removed.returncode == 0, removed.stderr
+
+    gateway = start_gateway(tmp_path / "data", extra_args=args)
+    try:
+        with gateway.client() as http:
+            row = http.get(f"/v1/sessions/{sid}").json()
+            assert row["state"] == "paused", row
+            deadline = time.monotonic() + 10
+            while running(kernel) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not running(kernel)  # the kernel no environment backs any more is stopped
+            refused = http.post(f"/v1/sessions/{sid}/execute", json={"code": "x"})
+            assert refused.status_code == 503 and error_code(refused) == "environment_not_built", refused.text
+            assert env_cli(root, "build", "tiny").returncode == 0
+            again = run(http, sid, "import tinypkg\nprint(tinypkg.VALUE, 'x' in dir())")
+            assert again["status"] == "ok" and again["stdout"].split() == ["42", "False"], again
+            kinds = [e["action"] for e in http.get(f"/v1/sessions/{sid}/events").json()["events"]]
+            assert "kernel_died" in kinds and "session_paused" in kinds
+    finally:
+        assert gateway.stop() == 0, gateway.stderr_text()[-4000:]
 
 
 def test_env_build_refuses_credentials_in_the_requirements_and_reserved_names(tmp_path: Path) -> None:
