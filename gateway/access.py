@@ -39,6 +39,18 @@ def may_loosen_isolation(principal: Principal) -> bool:
     return principal.role == "admin"
 
 
+def may_set_egress(principal: Principal) -> bool:
+    """Choose which hosts a session's kernel may reach (at its creation, or while it exists)."""
+    return principal.role == "admin"
+
+
+def check_set_egress(principal: Principal, session_id: str) -> None:
+    """``Forbidden`` unless the principal may change the session's egress rules."""
+    if not may_set_egress(principal):
+        raise Forbidden(f"Only an admin may change the egress rules of session '{session_id}'.",
+                        details={"session_id": session_id, "field": "rules"})
+
+
 def may_end_from_jupyter(principal: Principal, record: SessionRecord) -> bool:
     """End a session through ``DELETE /api/kernels/{id}``: one created there, or any by an admin."""
     return record.origin == "jupyter" or principal.role == "admin"

@@ -4,7 +4,7 @@ A sandboxed kernel has no network. Its one way out is a unix socket in its runti
 (``egress/egress.sock``: a directory of the server's, which the kernel may enter but not change,
 in the kernel's own, reached only by descriptor), where the server answers HTTP proxy requests: ``CONNECT host:port`` (HTTPS)
 and absolute-form plain HTTP requests. Each is checked against the session's policy (denied by
-default; rules an admin gives per session or for all sessions), and recorded: host, port,
+default; rules an admin gives for all sessions, or for one at its creation or while it runs), and recorded: host, port,
 allowed or refused and why, bytes each way. Plain HTTP requests to a host with credentials
 configured get them added here, so the kernel never holds them. Inside the kernel, the
 environment's extension forwards a loopback port to the socket and points ``HTTP(S)_PROXY`` at it.
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DIRECTORY = "egress"
 SOCKET_NAME = "egress.sock"
+RULES_NAME = "rules.json"  # beside the socket: the session's rules, which the kernel may read (not change)
 HEAD_MAX = 64 * 1024  # bytes of a request's line and headers
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
@@ -172,6 +173,7 @@ class Proxy:
             os.fchmod(directory, 0o711)  # the kernel may pass, not list or change it
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(SOCKET_NAME, dir_fd=directory)  # one left by an earlier gateway process
+            self._write_rules(directory)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 listener.bind(f"/proc/self/fd/{directory}/{SOCKET_NAME}")
@@ -180,6 +182,31 @@ class Proxy:
             except BaseException:
                 listener.close()
                 raise
+
+    def set_policy(self, policy: Policy) -> None:
+        """Apply new rules to the connections to come (those open go on) and tell the kernel."""
+        from gateway import safefs
+
+        self.policy = policy
+        if self.server is None:
+            return
+        with safefs.opened(safefs.open_root(self.runtime_dir)) as runtime, \
+                safefs.opened(safefs.open_dir(runtime, (DIRECTORY,))) as directory:
+            if os.fstat(directory).st_uid != os.geteuid():
+                raise PermissionError(f"{self.socket_path.parent} is not the gateway's")
+            self._write_rules(directory)
+
+    def _write_rules(self, directory: int) -> None:
+        """``rules.json`` in the socket's directory (the gateway's own, opened by descriptor): the
+        kernel's pip looks there for whether any host may be reached. Written whole, then renamed."""
+        partial = f".{RULES_NAME}.partial"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=directory)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=directory)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o644)
+            json.dump({"rules": self.policy.texts()}, out)
+        os.replace(partial, RULES_NAME, src_dir_fd=directory, dst_dir_fd=directory)
 
     def close(self) -> None:
         """Stop taking connections, end those open, remove the socket (safe to call twice)."""
@@ -194,7 +221,9 @@ class Proxy:
             with safefs.opened(safefs.open_root(self.runtime_dir)) as runtime, \
                     safefs.opened(safefs.open_dir(runtime, (DIRECTORY,))) as directory:
                 if os.fstat(directory).st_uid == os.geteuid():
-                    os.unlink(SOCKET_NAME, dir_fd=directory)
+                    for name in (SOCKET_NAME, RULES_NAME):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=directory)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

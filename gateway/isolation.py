@@ -131,16 +131,21 @@ class Isolation:
         """The session's egress rules: the server's, or (admins only) those the request gives."""
         if egress is None:
             return self.defaults.egress
-        if not isinstance(egress, list) or len(egress) > EGRESS_RULES_MAX:
-            raise InvalidRequest(f"'egress' is a list of at most {EGRESS_RULES_MAX} rules (host, host:port, "
-                                 "*.domain:port).", code="invalid_field", details={"field": "egress"})
-        try:
-            rules = tuple(Policy.parse(egress).texts())
-        except InvalidRule as exc:
-            raise InvalidRequest(str(exc), code="invalid_field", details={"field": "egress"}) from None
+        rules = parse_egress(egress, "egress")
         if rules != self.defaults.egress and not is_admin:
             raise Forbidden("Only an admin may choose a session's egress rules.", details={"field": "egress"})
         return rules
+
+
+def parse_egress(value: Any, field_name: str) -> tuple[str, ...]:
+    """Egress rules from a request's ``field_name`` in their stored form (400 when they are not)."""
+    if not isinstance(value, list) or len(value) > EGRESS_RULES_MAX:
+        raise InvalidRequest(f"'{field_name}' is a list of at most {EGRESS_RULES_MAX} rules (host, host:port, "
+                             "*.domain:port).", code="invalid_field", details={"field": field_name})
+    try:
+        return tuple(dict.fromkeys(Policy.parse(value).texts()))
+    except InvalidRule as exc:
+        raise InvalidRequest(str(exc), code="invalid_field", details={"field": field_name}) from None
 
 
 def choose_volumes(requested: str, profile: str, unsupported: str | None) -> tuple[bool, str]:

@@ -552,7 +552,7 @@ class KernelLauncher:
         proxy = egress.Proxy(runtime, egress.Policy.parse(isolation.egress),
                              self.isolation.credentials, sink=lambda connection: kernel_sink(kernel, connection))
         kernel.egress = proxy
-        return {"AGENT_GATEWAY_EGRESS": str(proxy.socket_path), "AGENT_GATEWAY_EGRESS_RULES": str(len(isolation.egress)),
+        return {"AGENT_GATEWAY_EGRESS": str(proxy.socket_path),
                 "AGENT_GATEWAY_PACKAGES": f"{sandbox.SANDBOX_WORKSPACE}/{PACKAGES_DIR}"}
 
     async def _prepare_isolated(self, kernel: RunningKernel) -> None:

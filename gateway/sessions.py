@@ -8,6 +8,7 @@ order, records every step and event through the recorder, and replaces a kernel 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import secrets
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import access, executor, host, states, volumes
+from gateway import access, egress, executor, host, states, volumes
 from gateway.auth import Principal
 from gateway.clock import now_iso
 from gateway.errors import (Conflict, GatewayError, InvalidRequest, Unavailable)
@@ -32,7 +33,7 @@ from gateway.records import SessionRecord, StepRecord, environment_summary
 from gateway.settings import Settings
 from gateway.steps import StepRunner, check_workspace_room, workspace_limit
 from gateway.store import Store, decode_cursor, encode_cursor
-from gateway.isolation import SessionIsolation
+from gateway.isolation import SessionIsolation, parse_egress
 from gateway.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,33 @@ class SessionManager:
                                    {"reason": reason})
         self.recorder.flush(session_id)
         return self.get(principal, session_id)
+
+    async def set_egress(self, principal: Principal, session_id: str, rules: Any) -> dict[str, Any]:
+        """Replace the hosts a live or paused sandboxed session's kernel may reach (admins only):
+        stored with the session, applied by its proxy to the connections to come, audited."""
+        row = self.changeable(principal, session_id)
+        access.check_set_egress(principal, session_id)
+        new = parse_egress(rules, "rules")
+        if session_id in self.lifecycle.resuming:  # the kernel it starts must get the new rules
+            await asyncio.shield(self.lifecycle.resuming[session_id])
+        live = self.live.get(session_id)
+        row = live.record if live is not None else self.store.get_session(session_id) or row
+        isolation = self.isolation_of(row)
+        if isolation is None or isolation.profile != "sandbox":
+            profile = isolation.profile if isolation else "none"
+            raise Conflict(f"Session '{session_id}' runs under '{profile}': its kernel shares the host's network, "
+                           "and egress rules apply under the 'sandbox' profile only.", code="egress_not_enforced",
+                           details={"session_id": session_id, "profile": profile})
+        before = list(isolation.egress)
+        self.store.save_session(row, isolation=dataclasses.replace(isolation, egress=new).view())
+        proxy = live.kernel.egress if live is not None and live.kernel is not None else None
+        if proxy is not None:
+            proxy.set_policy(egress.Policy.parse(list(new)))
+        self.recorder.record_event(live.trajectory if live is not None else self.trajectory_of(session_id),
+                                   "egress_rules_changed", principal.name, {"before": before, "after": list(new)})
+        self.recorder.flush(session_id)
+        log.info("session %s: egress rules set by %s: %s", session_id, principal.name, list(new) or "none")
+        return row.view()
 
     async def end(self, live: LiveSession, principal: str | None, state: str, reason: str,
                    grace: float = 0.0) -> None:

@@ -5,7 +5,9 @@ environment's site-packages at build, enabled by its ``etc/ipython/ipython_kerne
   exits non-zero makes the cell fail (``PipFailed``), so the step is recorded as an error; with
   no package index reachable it says how to get a package.
 - Unless the session may reach some host, or an index is configured (``PIP_INDEX_URL``), pip is
-  told it has none (``PIP_NO_INDEX``): pip fails at once instead of retrying a connection.
+  told it has none (``PIP_NO_INDEX``): pip fails at once instead of retrying a connection. The
+  session's rules are read before every cell from ``rules.json`` beside the egress socket (the
+  gateway rewrites it when an admin changes them).
 - The environment's matplotlib font cache, built with it, is put where matplotlib looks for it
   (the kernel's home is new at every start), so the first plot does not rebuild it.
 - Given the gateway's egress socket (``AGENT_GATEWAY_EGRESS``), a loopback port inside the
@@ -16,6 +18,7 @@ environment's site-packages at build, enabled by its ``etc/ipython/ipython_kerne
 """
 
 import importlib
+import json
 import os
 import shutil
 import socket
@@ -85,6 +88,28 @@ def use_packages_dir(directory):
     paths = [directory, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
+class IndexSwitch:
+    """Sets ``PIP_NO_INDEX`` while the session's egress rules allow no host (run before each cell)."""
+
+    def __init__(self, rules_file):
+        self.rules_file = rules_file
+
+    def rules(self):
+        if not self.rules_file:
+            return []
+        try:
+            with open(self.rules_file, encoding="utf-8") as source:
+                return list(json.load(source).get("rules") or [])
+        except (OSError, ValueError, AttributeError):
+            return []
+
+    def __call__(self, *_):
+        if self.rules():
+            os.environ.pop("PIP_NO_INDEX", None)
+        else:
+            os.environ["PIP_NO_INDEX"] = "1"  # no host may be reached: pip fails at once, saying so
+
+
 EGRESS_HINT = ("Connections leave this kernel only through the gateway's egress proxy, to the hosts the "
                "session's egress rules allow; a refused host is answered 403 and audited.")
 
@@ -144,9 +169,10 @@ def load_ipython_extension(shell):
     packages = os.environ.pop("AGENT_GATEWAY_PACKAGES", "")
     if packages:
         use_packages_dir(packages)
-    allowed = os.environ.pop("AGENT_GATEWAY_EGRESS_RULES", "0") != "0"
-    if not (egress and allowed) and not os.environ.get("PIP_INDEX_URL"):
-        os.environ["PIP_NO_INDEX"] = "1"  # no host may be reached: pip fails at once, saying so
+    if not os.environ.get("PIP_INDEX_URL"):
+        switch = IndexSwitch(os.path.join(os.path.dirname(egress), "rules.json") if egress else "")
+        switch()
+        shell.events.register("pre_run_cell", switch)
     os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     seed_font_cache()
     shell.register_magic_function(pip_magic(shell), "line", "pip")

@@ -192,9 +192,9 @@ def events_of(http: Any, sid: str, action: str) -> list[dict[str, Any]]:
     return [e for e in http.get(f"/v1/sessions/{sid}/events").json()["events"] if e["action"] == action]
 
 
-@pytest.mark.slow
-def test_a_sandboxed_session_installs_from_a_private_index_through_the_proxy_and_keeps_the_package(
-        tmp_path: Path, index: Index) -> None:
+@contextlib.contextmanager
+def index_credentials(index: Index) -> Iterator[Path]:
+    """The operator's credentials file for the index, readable by the server's user alone."""
     reachable = Path(tempfile.mkdtemp(prefix="agw-egress-", dir="/tmp"))  # the server's user passes through
     reachable.chmod(0o711)
     credentials = reachable / "credentials.json"
@@ -206,9 +206,79 @@ def test_a_sandboxed_session_installs_from_a_private_index_through_the_proxy_and
     identity = server_identity(Settings().server_user, uid_range(Settings().sandbox_uids))
     if identity is not None:  # the server's user reads it, no one else
         os.chown(credentials, identity.uid, identity.gid)
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, reachable, True)
+    try:
+        yield credentials
+    finally:
+        shutil.rmtree(reachable, True)
+
+
+@pytest.mark.slow
+def test_a_sandboxed_session_installs_from_a_private_index_through_the_proxy_and_keeps_the_package(
+        tmp_path: Path, index: Index) -> None:
+    with index_credentials(index) as credentials:
         run_session_through_the_proxy(index, credentials)
+
+
+@pytest.mark.slow
+def test_an_admin_opens_and_closes_a_running_sessions_egress_and_every_change_is_audited(index: Index) -> None:
+    import subprocess
+    import sys
+
+    rule = f"127.0.0.1:{index.port}"
+    install = f"%pip install --index-url http://127.0.0.1:{index.port}/simple tinypkg"
+    fetch = (f"import urllib.request, urllib.error\ntry:\n    print(urllib.request.urlopen("
+             f"'http://127.0.0.1:{index.port}/simple/tinypkg/', timeout=10).status)\n"
+             "except urllib.error.HTTPError as e:\n    print(e.code)")
+    with index_credentials(index) as credentials, \
+            isolated_gateway("sandbox", "--egress-credentials", str(credentials), "--pool-size", "0") as state:
+        agent_token = subprocess.run([sys.executable, "-m", "gateway", "token", "create", "--name", "agent-1",
+                                      "--role", "agent", "--data-dir", str(state["base"] / "data")],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+        with state["gateway"].client(token=agent_token) as agent, state["gateway"].client() as admin:
+            sid = agent.post("/v1/sessions", json={}).json()["id"]
+            denied = run(agent, sid, install)
+            assert denied["status"] == "error" and "no package index" in denied["error"]["value"], denied
+
+            forbidden = agent.put(f"/v1/sessions/{sid}/egress", json={"rules": [rule]})
+            assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden", forbidden.text
+            for body in ({"rules": ["http://x"]}, {"rules": "x"}, {"rules": [rule] * 65}, {}, {"rules": [], "x": 1}):
+                refused = admin.put(f"/v1/sessions/{sid}/egress", json=body)
+                assert refused.status_code == 400, (body, refused.text)
+            assert admin.put("/v1/sessions/s_nope/egress", json={"rules": []}).status_code == 404
+            assert events_of(admin, sid, "egress_rules_changed") == []
+            assert agent.get(f"/v1/sessions/{sid}").json()["isolation"]["egress"] == []
+
+            opened = admin.put(f"/v1/sessions/{sid}/egress", json={"rules": [rule.upper()]})
+            assert opened.status_code == 200 and opened.json()["isolation"]["egress"] == [rule], opened.text
+            installed = run(agent, sid, install)  # the same kernel, no restart
+            assert installed["status"] == "ok" and "Successfully installed tinypkg-1.0" in installed["stdout"]
+            assert run(agent, sid, "import tinypkg; print(tinypkg.VALUE)")["stdout"] == "42\n"
+
+            from gateway.client import Gateway
+
+            with Gateway(state["gateway"].url, state["gateway"].token) as sdk:  # the SDK's call for the same route
+                assert sdk.session(sid).set_egress([]).raw["isolation"]["egress"] == []
+            assert run(agent, sid, fetch)["stdout"] == "403\n"  # closed again for the connections to come
+            again = run(agent, sid, install.replace("install", "install --upgrade"))
+            assert again["status"] == "error" and "no package index" in again["error"]["value"]
+
+            assert agent.post(f"/v1/sessions/{sid}/pause").status_code == 200
+            assert admin.put(f"/v1/sessions/{sid}/egress", json={"rules": [rule]}).status_code == 200
+            assert run(agent, sid, fetch)["stdout"] == "200\n"  # resumed under the rules set while paused
+
+            changes = [(e["principal"], e["details"]) for e in events_of(admin, sid, "egress_rules_changed")]
+            assert changes == [("admin", {"before": [], "after": [rule]}), ("admin", {"before": [rule], "after": []}),
+                               ("admin", {"before": [], "after": [rule]})]
+            refused = [e["details"] for e in events_of(admin, sid, "egress") if not e["details"]["allowed"]]
+            assert any(e["host"] == "127.0.0.1" and e["port"] == index.port for e in refused)
+
+            unsandboxed = admin.post("/v1/sessions", json={"sandbox": "process"})
+            assert unsandboxed.status_code == 201, unsandboxed.text
+            conflict = admin.put(f"/v1/sessions/{unsandboxed.json()['id']}/egress", json={"rules": [rule]})
+            assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "egress_not_enforced"
+            agent.delete(f"/v1/sessions/{sid}")
+            ended = admin.put(f"/v1/sessions/{sid}/egress", json={"rules": []})
+            assert ended.status_code == 409, ended.text
 
 
 def run_session_through_the_proxy(index: Index, credentials: Path) -> None:

@@ -64,10 +64,10 @@ class AsyncGateway:
 
     async def create_session(self, *, kernel: str | None = None, labels: dict[str, str] | None = None,
                        env: dict[str, str] | None = None, setup: str | None = None, sandbox: str | None = None,
-                       limits: dict[str, Any] | None = None) -> AsyncSession:
+                       limits: dict[str, Any] | None = None, egress: list[str] | None = None) -> AsyncSession:
         """A new session (its kernel started, ``setup`` run as step 0)."""
         return AsyncSession(self, await self.json(calls.create(kernel=kernel, labels=labels, env=env, setup=setup,
-                                                    sandbox=sandbox, limits=limits)))
+                                                    sandbox=sandbox, limits=limits, egress=egress)))
 
     async def session(self, session_id: str) -> AsyncSession:
         """An existing session (``NotFoundError`` if this principal may not see it)."""
@@ -137,6 +137,10 @@ class AsyncSession:
 
     async def restart(self) -> SessionInfo:
         return await self._update(calls.action(self.id, "restart"))
+
+    async def set_egress(self, rules: list[str]) -> SessionInfo:
+        """Replace the hosts this session's kernel may reach (admins; sandboxed sessions)."""
+        return await self._update(calls.set_egress(self.id, rules))
 
     async def pause(self) -> SessionInfo:
         return await self._update(calls.action(self.id, "pause"))

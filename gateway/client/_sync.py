@@ -63,10 +63,10 @@ class Gateway:
 
     def create_session(self, *, kernel: str | None = None, labels: dict[str, str] | None = None,
                        env: dict[str, str] | None = None, setup: str | None = None, sandbox: str | None = None,
-                       limits: dict[str, Any] | None = None) -> Session:
+                       limits: dict[str, Any] | None = None, egress: list[str] | None = None) -> Session:
         """A new session (its kernel started, ``setup`` run as step 0)."""
         return Session(self, self.json(calls.create(kernel=kernel, labels=labels, env=env, setup=setup,
-                                                    sandbox=sandbox, limits=limits)))
+                                                    sandbox=sandbox, limits=limits, egress=egress)))
 
     def session(self, session_id: str) -> Session:
         """An existing session (``NotFoundError`` if this principal may not see it)."""
@@ -133,6 +133,10 @@ class Session:
 
     def restart(self) -> SessionInfo:
         return self._update(calls.action(self.id, "restart"))
+
+    def set_egress(self, rules: list[str]) -> SessionInfo:
+        """Replace the hosts this session's kernel may reach (admins; sandboxed sessions)."""
+        return self._update(calls.set_egress(self.id, rules))
 
     def pause(self) -> SessionInfo:
         return self._update(calls.action(self.id, "pause"))

@@ -42,9 +42,9 @@ def health() -> Call:
 
 
 def create(*, kernel: str | None, labels: dict[str, str] | None, env: dict[str, str] | None, setup: str | None,
-           sandbox: str | None, limits: dict[str, Any] | None) -> Call:
+           sandbox: str | None, limits: dict[str, Any] | None, egress: list[str] | None = None) -> Call:
     return Call("POST", "/v1/sessions", json=_some(kernel=kernel, labels=labels, env=env, setup=setup,
-                                                    sandbox=sandbox, limits=limits))
+                                                    sandbox=sandbox, limits=limits, egress=egress))
 
 
 def get(session_id: str) -> Call:
@@ -64,6 +64,10 @@ def execute(session_id: str, code: str, *, timeout: float | None, stdin: list[st
 def action(session_id: str, name: str) -> Call:
     """``interrupt``, ``restart``, ``pause``, ``resume``, ``fork`` or ``replay``."""
     return Call("POST", session_path(session_id, name), json={})
+
+
+def set_egress(session_id: str, rules: list[str]) -> Call:
+    return Call("PUT", session_path(session_id, "egress"), json={"rules": list(rules)})
 
 
 def terminate(session_id: str) -> Call:

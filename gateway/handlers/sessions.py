@@ -30,6 +30,10 @@ NEW_SESSION = Body((
     Field("egress", (list,), "hosts the kernel may reach through the gateway's egress proxy: host, host:port, "
           "*.domain:port,port (admins only, other than the server's)", schema={"items": {"type": "string"}}),
 ))
+EGRESS_RULES = Body((
+    Field("rules", (list,), "the hosts the kernel may reach from now on: host, host:port, *.domain:port,port, * "
+          "([] for none)", required=True, schema={"items": {"type": "string"}}),
+))
 STEP = Body((
     Field("code", (str,), "the code to run", required=True),
     Field("timeout", (int, float), "seconds the step may run (> 0; capped at the server's maximum)",
@@ -197,6 +201,17 @@ class EventsHandler(BaseHandler):
         self.write_json({"events": self.gateway.sessions.events(self.principal, session_id)})
 
 
+class EgressHandler(BaseHandler):
+    operations = {"put": Operation("Replace the hosts the session's kernel may reach (admins; sandbox profile)",
+                                   "Session", body=EGRESS_RULES)}
+
+    async def put(self, session_id: str) -> None:
+        assert self.principal is not None
+        self.gateway.sessions.get(self.principal, session_id)  # an unknown session is a 404 before any body error
+        body = self.json_body(EGRESS_RULES)
+        self.write_json(await self.gateway.sessions.set_egress(self.principal, session_id, body["rules"]))
+
+
 class PauseHandler(BaseHandler):
     operations = {"post": Operation("Save the state and stop the kernel", "Session")}
 
@@ -262,6 +277,7 @@ routes = [
     (rf"/v1/sessions/{SID}/steps", StepsHandler),
     (rf"/v1/sessions/{SID}/notebook", NotebookHandler),
     (rf"/v1/sessions/{SID}/events", EventsHandler),
+    (rf"/v1/sessions/{SID}/egress", EgressHandler),
     (rf"/v1/sessions/{SID}/pause", PauseHandler),
     (rf"/v1/sessions/{SID}/resume", ResumeHandler),
     (rf"/v1/sessions/{SID}/fork", ForkHandler),
