@@ -5,8 +5,10 @@ A sandboxed kernel has no network. Its one way out is a unix socket in its runti
 in the kernel's own, reached only by descriptor), where the server answers HTTP proxy requests: ``CONNECT host:port`` (HTTPS)
 and absolute-form plain HTTP requests. Each is checked against the session's policy (denied by
 default; rules an admin gives for all sessions, or for one at its creation or while it runs), and recorded: host, port,
-allowed or refused and why, bytes each way. Plain HTTP requests to a host with credentials
-configured get them added here, so the kernel never holds them. Inside the kernel, the
+allowed or refused and why, bytes each way. Requests to a host with credentials configured get
+them added here, so the kernel never holds them: plain HTTP as it passes, HTTPS by ending the
+kernel's TLS with a certificate of the gateway's egress authority (``gateway.egress_tls``) and
+talking TLS to the host, whose certificate is verified. Inside the kernel, the
 environment's extension forwards a loopback port to the socket and points ``HTTP(S)_PROXY`` at it.
 
 A rule is ``host`` (ports 80 and 443), ``host:port`` or ``host:port,port``; ``*.example.org``
@@ -25,17 +27,22 @@ import logging
 import os
 import re
 import socket
+import ssl
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from gateway.egress_tls import Authority
 
 log = logging.getLogger(__name__)
 
 DIRECTORY = "egress"
 SOCKET_NAME = "egress.sock"
 RULES_NAME = "rules.json"  # beside the socket: the session's rules, which the kernel may read (not change)
+BUNDLE_NAME = "ca-bundle.pem"  # beside the socket: the CA certificates the kernel trusts (with an authority)
 HEAD_MAX = 64 * 1024  # bytes of a request's line and headers
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
@@ -125,7 +132,7 @@ class Connection:
     bytes_sent: int = 0  # from the kernel to the host
     bytes_received: int = 0  # from the host to the kernel
     duration_ms: float = 0.0
-    credentials: bool = False  # whether the proxy added the host's credentials
+    credentials: bool = False  # whether the proxy added the host's credentials (for HTTPS: ended its TLS)
 
     def details(self) -> dict[str, object]:
         return asdict(self)
@@ -150,12 +157,13 @@ class Proxy:
     """The forward proxy on one kernel's ``egress.sock``."""
 
     def __init__(self, runtime_dir: Path, policy: Policy, credentials: dict[str, dict[str, str]] | None = None,
-                 sink: Sink | None = None):
+                 sink: Sink | None = None, authority: "Authority | None" = None):
         self.runtime_dir = runtime_dir
         self.socket_path = runtime_dir / DIRECTORY / SOCKET_NAME
         self.policy = policy
         self.credentials = credentials or {}
         self.sink = sink
+        self.authority = authority  # ends the kernel's TLS to hosts with credentials; None: tunnels only
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -174,6 +182,8 @@ class Proxy:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(SOCKET_NAME, dir_fd=directory)  # one left by an earlier gateway process
             self._write_rules(directory)
+            if self.authority is not None:
+                _write_file(directory, BUNDLE_NAME, self.authority.bundle())
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 listener.bind(f"/proc/self/fd/{directory}/{SOCKET_NAME}")
@@ -197,16 +207,9 @@ class Proxy:
             self._write_rules(directory)
 
     def _write_rules(self, directory: int) -> None:
-        """``rules.json`` in the socket's directory (the gateway's own, opened by descriptor): the
-        kernel's pip looks there for whether any host may be reached. Written whole, then renamed."""
-        partial = f".{RULES_NAME}.partial"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial, dir_fd=directory)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            os.fchmod(out.fileno(), 0o644)
-            json.dump({"rules": self.policy.texts()}, out)
-        os.replace(partial, RULES_NAME, src_dir_fd=directory, dst_dir_fd=directory)
+        """``rules.json`` in the socket's directory: the kernel's pip looks there for whether any
+        host may be reached."""
+        _write_file(directory, RULES_NAME, json.dumps({"rules": self.policy.texts()}).encode())
 
     def close(self) -> None:
         """Stop taking connections, end those open, remove the socket (safe to call twice)."""
@@ -221,7 +224,7 @@ class Proxy:
             with safefs.opened(safefs.open_root(self.runtime_dir)) as runtime, \
                     safefs.opened(safefs.open_dir(runtime, (DIRECTORY,))) as directory:
                 if os.fstat(directory).st_uid == os.geteuid():
-                    for name in (SOCKET_NAME, RULES_NAME):
+                    for name in (SOCKET_NAME, RULES_NAME, BUNDLE_NAME):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(name, dir_fd=directory)
 
@@ -231,15 +234,19 @@ class Proxy:
             self.tasks.add(task)
         started = time.monotonic()
         connection: Connection | None = None
+        attempt: list[Connection] = []  # the attempt, recorded also when it ends in an error
         try:
-            connection = await self._handle(reader, writer)
+            connection = await self._handle(reader, writer, attempt)
         except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 asyncio.TimeoutError, OSError, ValueError) as exc:
             log.debug("egress: a connection ended: %r", exc)
+            if attempt and not attempt[0].reason.startswith("allowed"):
+                attempt[0].reason = attempt[0].reason or f"it ended in an error ({exc!r})"[:200]
         finally:
             writer.close()
             if task is not None:
                 self.tasks.discard(task)
+        connection = connection or (attempt[0] if attempt else None)
         if connection is not None:
             connection.duration_ms = round((time.monotonic() - started) * 1000, 1)
             if self.sink is not None:
@@ -247,7 +254,8 @@ class Proxy:
             else:
                 log.info("egress (no session yet): %s", connection.details())
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Connection | None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      attempt: list[Connection]) -> Connection | None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -261,6 +269,7 @@ class Proxy:
                                             "(https:// goes through CONNECT)")
             return Connection(target[:200], 0, method[:16], False, "not a proxy request")
         connection = Connection(host, port, method[:16], False)
+        attempt.append(connection)
         rule = self.policy.rule_for(host, port)
         if rule is None:
             connection.reason = "no rule allows it"
@@ -286,18 +295,67 @@ class Proxy:
             return connection
         connection.allowed, connection.reason = True, f"allowed by '{rule}'"
         try:
-            if method.upper() == "CONNECT":
+            if method.upper() == "CONNECT" and self.credentials_for(host, port) and self.authority is not None:
+                problem = await self._upstream_tls(upstream_writer, host)
+                if problem is not None:
+                    connection.allowed, connection.reason = False, problem
+                    await self._answer(writer, 502, f"{host}:{port}: {problem}")
+                    return connection
+                await self._intercept(writer, host)
+                if not await self._forward_head(reader, writer, upstream_writer, host, port, connection):
+                    return connection
+                await self._pipe(reader, writer, upstream_reader, upstream_writer, connection, one_exchange=True)
+            elif method.upper() == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 await writer.drain()
+                await self._pipe(reader, writer, upstream_reader, upstream_writer, connection)
             else:
                 request = self._forwarded(method, path, lines[1:], host, port, connection)
                 upstream_writer.write(request)
                 connection.bytes_sent += len(request)
                 await upstream_writer.drain()
-            await self._pipe(reader, writer, upstream_reader, upstream_writer, connection)
+                await self._pipe(reader, writer, upstream_reader, upstream_writer, connection, one_exchange=True)
         finally:
             upstream_writer.close()
         return connection
+
+    async def _upstream_tls(self, upstream_writer: asyncio.StreamWriter, host: str) -> str | None:
+        """TLS to the host on the open connection, its certificate verified for ``host``; None,
+        or why it failed (the attempt is then refused and the kernel gets 502)."""
+        assert self.authority is not None
+        try:
+            await upstream_writer.start_tls(self.authority.upstream, server_hostname=host,
+                                            ssl_handshake_timeout=CONNECT_TIMEOUT)
+        except ssl.SSLCertVerificationError as exc:
+            return f"the host's TLS certificate is not trusted ({exc.verify_message})"[:300]
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            return f"TLS with the host failed ({exc!r})"[:300]
+        return None
+
+    async def _intercept(self, writer: asyncio.StreamWriter, host: str) -> None:
+        """Answer the CONNECT and end the kernel's TLS here, as ``host``."""
+        assert self.authority is not None
+        context = await asyncio.to_thread(self.authority.server_context, host)
+        # Nothing may be read between the answer and the switch to TLS (the kernel's first TLS
+        # bytes would be left in the plain reader): the answer is written and TLS started at once.
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.start_tls(context, ssl_handshake_timeout=HEAD_TIMEOUT)
+
+    async def _forward_head(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            upstream_writer: asyncio.StreamWriter, host: str, port: int,
+                            connection: Connection) -> bool:
+        """Read the kernel's request inside its TLS and send it on with the host's credentials."""
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[1].startswith("/"):
+            await self._answer(writer, 400, "not an HTTP request (origin-form) inside the tunnel")
+            return False
+        request = self._forwarded(parts[0], parts[1], lines[1:], host, port, connection)
+        upstream_writer.write(request)
+        connection.bytes_sent += len(request)
+        await upstream_writer.drain()
+        return True
 
     @staticmethod
     def _target(method: str, target: str) -> tuple[str | None, int, str]:
@@ -325,11 +383,15 @@ class Proxy:
             raise OSError("no address")
         return addresses
 
+    def credentials_for(self, host: str, port: int) -> dict[str, str]:
+        """The headers the proxy adds to requests to ``host:port`` (none: {})."""
+        return self.credentials.get(f"{host}:{port}") or self.credentials.get(host) or {}
+
     def _forwarded(self, method: str, path: str, headers: list[str], host: str, port: int,
                    connection: Connection) -> bytes:
         """A plain HTTP request as the host gets it: origin-form, one request per connection, and
         the host's credentials (replacing any the kernel sent under the same names)."""
-        extra = self.credentials.get(f"{host}:{port}") or self.credentials.get(host) or {}
+        extra = self.credentials_for(host, port)
         replaced = {name.lower() for name in extra} | set(HOP_BY_HOP)
         kept = [line for line in headers if line and line.split(":", 1)[0].strip().lower() not in replaced]
         added = [f"{name}: {value}" for name, value in extra.items()]
@@ -339,7 +401,9 @@ class Proxy:
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter,
-                    connection: Connection) -> None:
+                    connection: Connection, one_exchange: bool = False) -> None:
+        """Copy both ways until both ends are done; ``one_exchange`` (a forwarded request, sent
+        with ``Connection: close``): until the host has answered and closed."""
         async def copy(source: asyncio.StreamReader, target: asyncio.StreamWriter, outward: bool) -> None:
             try:
                 while chunk := await source.read(65536):
@@ -354,9 +418,16 @@ class Proxy:
                     if target.can_write_eof():
                         target.write_eof()
 
-        results = await asyncio.gather(copy(reader, upstream_writer, True), copy(upstream_reader, writer, False),
-                                       return_exceptions=True)
+        outward = asyncio.ensure_future(copy(reader, upstream_writer, True))
+        inward = asyncio.ensure_future(copy(upstream_reader, writer, False))
+        if one_exchange:
+            await asyncio.wait([inward])
+            if not outward.done():
+                outward.cancel()
+        results = await asyncio.gather(outward, inward, return_exceptions=True)
         for result in results:
+            if isinstance(result, asyncio.CancelledError) and one_exchange:
+                continue
             if isinstance(result, BaseException) and not isinstance(result, (ConnectionError, OSError)):
                 raise result
 
@@ -367,3 +438,16 @@ class Proxy:
         writer.write(f"HTTP/1.1 {status} {reasons[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         await writer.drain()
+
+
+def _write_file(directory: int, name: str, content: bytes) -> None:
+    """A file the kernel may read (not change) in the gateway's directory ``directory`` (a
+    descriptor): written whole under a temporary name, then renamed over ``name``."""
+    partial = f".{name}.partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial, dir_fd=directory)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=directory)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o644)
+        out.write(content)
+    os.replace(partial, name, src_dir_fd=directory, dst_dir_fd=directory)

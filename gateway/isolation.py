@@ -11,11 +11,13 @@ import hashlib
 import logging
 import math
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.egress import InvalidRule, Policy, load_credentials
+from gateway.egress_tls import Authority
 from gateway.errors import Forbidden, InvalidRequest
 from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile, untraversable
 from gateway.settings import Settings, byte_size, uid_range
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 STRONGEST_FIRST = ("sandbox", "process", "none")
 EGRESS_RULES_MAX = 64
+EGRESS_AUTHORITY_DIR = "egress-ca"  # in the data directory: the egress proxy's CA (its key mode 0600)
 LIMIT_FIELDS = {"memory": "memory_bytes", "cpu": "cpu_cores", "pids": "pids", "file_size": "file_size_bytes",
                 "workspace": "workspace_bytes"}
 # ipc socket paths must fit in sockaddr_un (107 bytes): "<runtime>/<12 chars>/ipc-<port>".
@@ -72,10 +75,13 @@ class Isolation:
         try:
             egress = tuple(Policy.parse(settings.egress_allow).texts())
             self.credentials = load_credentials(settings.egress_credentials)
-        except PermissionError:
-            raise IsolationRefused(f"the egress credentials {settings.egress_credentials} cannot be read by the "
-                                   f"server's user (uid {os.getuid()}): give that user the file, mode 0600") from None
-        except (InvalidRule, OSError, ValueError) as exc:
+            # HTTPS to a host with credentials is ended by the proxy, with the gateway's own authority.
+            self.authority = Authority(data_dir / EGRESS_AUTHORITY_DIR, settings.egress_trust) \
+                if self.credentials else None
+        except PermissionError as exc:
+            raise IsolationRefused(f"an egress file cannot be read by the server's user (uid {os.getuid()}): "
+                                   f"{exc.filename}; give that user the file, mode 0600") from None
+        except (InvalidRule, OSError, ValueError, ssl.SSLError) as exc:
             raise IsolationRefused(f"the egress settings cannot be used: {exc}") from None
         self.defaults = SessionIsolation(
             self.profile, settings.memory_limit or None, settings.cpu_limit or None, settings.pids_limit or None,

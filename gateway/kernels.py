@@ -549,11 +549,15 @@ class KernelLauncher:
         """A sandboxed kernel's egress proxy (started with it) and what tells the kernel of it
         and of its packages directory in the workspace."""
         assert self.isolation is not None
-        proxy = egress.Proxy(runtime, egress.Policy.parse(isolation.egress),
-                             self.isolation.credentials, sink=lambda connection: kernel_sink(kernel, connection))
+        proxy = egress.Proxy(runtime, egress.Policy.parse(isolation.egress), self.isolation.credentials,
+                             sink=lambda connection: kernel_sink(kernel, connection),
+                             authority=self.isolation.authority)
         kernel.egress = proxy
-        return {"AGENT_GATEWAY_EGRESS": str(proxy.socket_path),
-                "AGENT_GATEWAY_PACKAGES": f"{sandbox.SANDBOX_WORKSPACE}/{PACKAGES_DIR}"}
+        variables = {"AGENT_GATEWAY_EGRESS": str(proxy.socket_path),
+                     "AGENT_GATEWAY_PACKAGES": f"{sandbox.SANDBOX_WORKSPACE}/{PACKAGES_DIR}"}
+        if proxy.authority is not None:  # written with the socket, before the kernel runs a cell
+            variables["AGENT_GATEWAY_CA_BUNDLE"] = str(proxy.socket_path.parent / egress.BUNDLE_NAME)
+        return variables
 
     async def _prepare_isolated(self, kernel: RunningKernel) -> None:
         """Before an isolated kernel's first start: its workspace, volume and log directory."""

@@ -119,7 +119,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("sandbox", "auto", str, "How kernels are isolated: none, process, sandbox, or auto (the strongest that works here; see agent-gateway doctor)."),
     Setting("server_user", "agent-gateway", str, "Started as root, serve runs as this user (a name or uid[:gid]) and leaves what needs root to its privileged helper; a name with no account falls back to uid 999999."),
     Setting("egress_allow", [], _list, "Hosts every session's kernel may reach through the gateway's egress proxy (a JSON list, or rules separated by spaces: host, host:port, *.domain:port,port); none by default. Admins set a session's own at its creation."),
-    Setting("egress_credentials", None, str, "A JSON file of headers the egress proxy adds to plain-HTTP requests per host ({\"host:port\": {\"Authorization\": \"Bearer ...\"}}): kernels never see them."),
+    Setting("egress_credentials", None, str, "A JSON file of headers the egress proxy adds to requests per host, HTTP and HTTPS ({\"host:port\": {\"Authorization\": \"Bearer ...\"}}): kernels never see them."),
+    Setting("egress_trust", None, str, "A PEM file of CA certificates, beside the system's, that the egress proxy trusts for the HTTPS hosts it adds credentials to, and that kernels trust too (a private index's own CA)."),
     Setting("sandbox_uids", "1000000-1009999", str, "The range of unprivileged uids given to kernels under process and sandbox, one per kernel."),
     Setting("memory_limit", 2048 * MIB, byte_size, "Memory a session's kernel may use (cgroup; RLIMIT_AS where no memory cgroup can be made), e.g. 2GiB; 0: none."),
     Setting("cpu_limit", 1.0, float, "CPU cores a session's kernel may use (cgroup quota); 0: none."),
@@ -171,6 +172,7 @@ class Settings:
     sandbox_uids: str = "1000000-1009999"
     egress_allow: list[str] = field(default_factory=list)
     egress_credentials: str | None = None
+    egress_trust: str | None = None
     workspace_volumes: str = "auto"
     memory_limit: int = 2048 * MIB
     cpu_limit: float = 1.0

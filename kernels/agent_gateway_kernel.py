@@ -14,7 +14,8 @@ environment's site-packages at build, enabled by its ``etc/ipython/ipython_kerne
   sandbox is forwarded to it and ``HTTP(S)_PROXY`` point there: the session's egress policy,
   enforced by the gateway, decides what gets out. Given a packages directory in the workspace
   (``AGENT_GATEWAY_PACKAGES``), pip installs there (``PIP_TARGET``) and it comes first on
-  ``sys.path``: what a session installs survives pause, resume, fork and restarts.
+  ``sys.path``: what a session installs survives pause, resume, fork and restarts. Given a CA
+  bundle (``AGENT_GATEWAY_CA_BUNDLE``), Python's ssl, requests, curl and pip trust it.
 """
 
 import importlib
@@ -78,6 +79,13 @@ def forward_egress(socket_path):
 
     threading.Thread(target=accept, name="agent-gateway-egress", daemon=True).start()
     return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def trust_bundle(path):
+    """Trust the CA certificates the gateway gives (the public roots, the operator's, and its
+    egress authority, which answers for the hosts whose credentials the proxy adds)."""
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT"):
+        os.environ[name] = path
 
 
 def use_packages_dir(directory):
@@ -166,6 +174,9 @@ def load_ipython_extension(shell):
             os.environ[name] = proxy
         for name in ("NO_PROXY", "no_proxy"):
             os.environ.pop(name, None)
+    bundle = os.environ.pop("AGENT_GATEWAY_CA_BUNDLE", "")
+    if bundle:
+        trust_bundle(bundle)
     packages = os.environ.pop("AGENT_GATEWAY_PACKAGES", "")
     if packages:
         use_packages_dir(packages)
