@@ -4,8 +4,8 @@ A sandboxed kernel has no network. Its one way out is a unix socket in its runti
 (``egress/egress.sock``: a directory of the server's, which the kernel may enter but not change,
 in the kernel's own, reached only by descriptor), where the server answers HTTP proxy requests: ``CONNECT host:port`` (HTTPS)
 and absolute-form plain HTTP requests. Each is checked against the session's policy (denied by
-default; rules an admin gives for all sessions, or for one at its creation or while it runs), and recorded: host, port,
-allowed or refused and why, bytes each way. Requests to a host with credentials configured get
+default; rules an admin gives for all sessions, or for one at its creation or while it runs),
+and recorded: host, port, allowed or refused and why, bytes each way. Requests to a host with credentials configured get
 them added here, so the kernel never holds them: plain HTTP as it passes, HTTPS by ending the
 kernel's TLS with a certificate of the gateway's egress authority (``gateway.egress_tls``) and
 talking TLS to the host, whose certificate is verified. Inside the kernel, the
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 DIRECTORY = "egress"
 SOCKET_NAME = "egress.sock"
 RULES_NAME = "rules.json"  # beside the socket: the session's rules, which the kernel may read (not change)
-BUNDLE_NAME = "ca-bundle.pem"  # beside the socket: the CA certificates the kernel trusts (with an authority)
+BUNDLE_NAME = "ca-bundle.pem"  # beside the socket: the CA certificates the kernel trusts
 HEAD_MAX = 64 * 1024  # bytes of a request's line and headers
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 15.0
@@ -81,10 +81,15 @@ class Rule:
         if not isinstance(text, str) or not 0 < len(text) <= 300:
             raise InvalidRule("an egress rule is a string: host, host:port or host:port,port ('*.' for any name "
                               "under a domain)")
+        if not text.isascii():  # no Unicode digits in ports, no letters that lower-case to ASCII ones
+            raise InvalidRule(f"'{text[:100]}' is not an egress rule: a rule is ASCII (an IDN host in its "
+                              "xn-- form)")
         host, _, ports_text = text.strip().lower().partition(":")
         if not HOST.fullmatch(host):
             raise InvalidRule(f"'{text[:100]}' is not an egress rule: the host must be a name, '*.domain' or '*'")
         try:
+            if ports_text and not all(p.isdigit() for p in ports_text.split(",")):
+                raise ValueError(ports_text)
             ports = tuple(sorted({int(p) for p in ports_text.split(",")})) if ports_text else DEFAULT_PORTS
         except ValueError:
             raise InvalidRule(f"'{text[:100]}': ports are numbers separated by commas") from None
@@ -157,13 +162,14 @@ class Proxy:
     """The forward proxy on one kernel's ``egress.sock``."""
 
     def __init__(self, runtime_dir: Path, policy: Policy, credentials: dict[str, dict[str, str]] | None = None,
-                 sink: Sink | None = None, authority: "Authority | None" = None):
+                 sink: Sink | None = None, authority: "Authority | None" = None, bundle: bytes | None = None):
         self.runtime_dir = runtime_dir
         self.socket_path = runtime_dir / DIRECTORY / SOCKET_NAME
         self.policy = policy
         self.credentials = credentials or {}
         self.sink = sink
         self.authority = authority  # ends the kernel's TLS to hosts with credentials; None: tunnels only
+        self.bundle = bundle  # the CA certificates the kernel trusts, written beside the socket
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -182,8 +188,8 @@ class Proxy:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(SOCKET_NAME, dir_fd=directory)  # one left by an earlier gateway process
             self._write_rules(directory)
-            if self.authority is not None:
-                _write_file(directory, BUNDLE_NAME, self.authority.bundle())
+            if self.bundle is not None:
+                _write_file(directory, BUNDLE_NAME, self.bundle)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 listener.bind(f"/proc/self/fd/{directory}/{SOCKET_NAME}")
@@ -240,8 +246,8 @@ class Proxy:
         except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 asyncio.TimeoutError, OSError, ValueError) as exc:
             log.debug("egress: a connection ended: %r", exc)
-            if attempt and not attempt[0].reason.startswith("allowed"):
-                attempt[0].reason = attempt[0].reason or f"it ended in an error ({exc!r})"[:200]
+            if attempt and not attempt[0].reason:
+                attempt[0].reason = f"it ended in an error ({exc!r})"[:200]
         finally:
             writer.close()
             if task is not None:
@@ -287,8 +293,7 @@ class Proxy:
             await self._answer(writer, 403, f"{host} resolves to a non-public address: not allowed by '{rule}'")
             return connection
         try:
-            upstream_reader, upstream_writer = await asyncio.wait_for(
-                asyncio.open_connection(addresses[0], port), CONNECT_TIMEOUT)
+            upstream_reader, upstream_writer = await self._open(addresses, port)
         except (OSError, asyncio.TimeoutError) as exc:
             connection.reason = f"the host did not accept the connection ({exc!r})"[:200]
             await self._answer(writer, 502, f"{host}:{port} did not accept the connection")
@@ -367,13 +372,28 @@ class Proxy:
             split = urlsplit(target)
             if split.scheme.lower() != "http" or not split.hostname:
                 return None, 0, ""
-            host, port_text = split.hostname, str(split.port or 80)
+            try:
+                host, port_text = split.hostname, str(split.port or 80)
+            except ValueError:  # a port that is not a number
+                return None, 0, ""
             path = (split.path or "/") + (f"?{split.query}" if split.query else "")
         host = host.strip("[]").lower()
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536 or not host or len(host) > 253 \
-                or not re.fullmatch(r"[a-z0-9.:-]+", host):
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536 or not host \
+                or len(host) > 253 or not re.fullmatch(r"[a-z0-9.:-]+", host):
             return None, 0, ""
         return host, int(port_text), path
+
+    @staticmethod
+    async def _open(addresses: list[str], port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the first of the host's addresses that takes one (``localhost`` may
+        resolve to ::1 first for a server listening on 127.0.0.1 only)."""
+        failure: BaseException = OSError("no address")
+        for address in addresses[:4]:
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(address, port), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                failure = exc
+        raise failure
 
     @staticmethod
     async def _resolve(host: str, port: int) -> list[str]:
@@ -420,11 +440,14 @@ class Proxy:
 
         outward = asyncio.ensure_future(copy(reader, upstream_writer, True))
         inward = asyncio.ensure_future(copy(upstream_reader, writer, False))
-        if one_exchange:
-            await asyncio.wait([inward])
-            if not outward.done():
+        try:
+            if one_exchange:
+                await asyncio.wait([inward])
                 outward.cancel()
-        results = await asyncio.gather(outward, inward, return_exceptions=True)
+            results = await asyncio.gather(outward, inward, return_exceptions=True)
+        finally:  # cancelled itself (the proxy closing): neither copy is left running
+            outward.cancel()
+            inward.cancel()
         for result in results:
             if isinstance(result, asyncio.CancelledError) and one_exchange:
                 continue

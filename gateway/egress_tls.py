@@ -4,9 +4,10 @@ credentials to each request, and talks TLS to the host, verifying its certificat
 
 The authority (an EC P-256 key and a self-signed CA certificate, in ``<data>/egress-ca``, the
 key mode 0600) is made once and kept. Kernels trust it through the bundle the proxy writes beside
-its socket (the public CA roots, the operator's ``egress_trust`` file, the authority's
-certificate); only hosts with credentials are answered with its certificates, the others are
-plain tunnels with the host's own. Neither the key nor any credential is in a kernel's reach.
+its socket (``kernel_bundle``: the public CA roots, the operator's ``egress_trust`` file, the
+authority's certificate); only hosts with credentials are answered with its certificates, the
+others are plain tunnels with the host's own. Neither the key nor any credential is in a
+kernel's reach.
 """
 
 from __future__ import annotations
@@ -75,14 +76,6 @@ class Authority:
         _write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
         return key, certificate
 
-    def bundle(self) -> bytes:
-        """What a kernel trusts: the public roots, the operator's CAs and this authority."""
-        parts = [Path(certifi.where()).read_bytes()]
-        if self.trust_file:
-            parts.append(Path(self.trust_file).read_bytes())
-        parts.append(self.certificate_pem)
-        return b"\n".join(part.rstrip(b"\n") + b"\n" for part in parts)
-
     def server_context(self, host: str) -> ssl.SSLContext:
         """A context presenting a certificate for ``host`` signed by this authority (cached)."""
         with self._lock:
@@ -133,3 +126,14 @@ def _write_private(path: Path, content: bytes) -> None:
     with os.fdopen(fd, "wb") as out:
         out.write(content)
     os.replace(partial, path)
+
+
+def kernel_bundle(trust_file: str | None, authority: Authority | None) -> bytes:
+    """The CA certificates a sandboxed kernel trusts (it sees none of the host's): the public
+    roots, the operator's ``egress_trust`` and, when there is one, the egress authority."""
+    parts = [Path(certifi.where()).read_bytes()]
+    if trust_file:
+        parts.append(Path(trust_file).read_bytes())
+    if authority is not None:
+        parts.append(authority.certificate_pem)
+    return b"".join(part.rstrip(b"\n") + b"\n" for part in parts)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.egress import InvalidRule, Policy, load_credentials
-from gateway.egress_tls import Authority
+from gateway.egress_tls import Authority, kernel_bundle
 from gateway.errors import Forbidden, InvalidRequest
 from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile, untraversable
 from gateway.settings import Settings, byte_size, uid_range
@@ -78,6 +78,7 @@ class Isolation:
             # HTTPS to a host with credentials is ended by the proxy, with the gateway's own authority.
             self.authority = Authority(data_dir / EGRESS_AUTHORITY_DIR, settings.egress_trust) \
                 if self.credentials else None
+            self.kernel_bundle = kernel_bundle(settings.egress_trust, self.authority)
         except PermissionError as exc:
             raise IsolationRefused(f"an egress file cannot be read by the server's user (uid {os.getuid()}): "
                                    f"{exc.filename}; give that user the file, mode 0600") from None

@@ -551,13 +551,12 @@ class KernelLauncher:
         assert self.isolation is not None
         proxy = egress.Proxy(runtime, egress.Policy.parse(isolation.egress), self.isolation.credentials,
                              sink=lambda connection: kernel_sink(kernel, connection),
-                             authority=self.isolation.authority)
+                             authority=self.isolation.authority, bundle=self.isolation.kernel_bundle)
         kernel.egress = proxy
-        variables = {"AGENT_GATEWAY_EGRESS": str(proxy.socket_path),
-                     "AGENT_GATEWAY_PACKAGES": f"{sandbox.SANDBOX_WORKSPACE}/{PACKAGES_DIR}"}
-        if proxy.authority is not None:  # written with the socket, before the kernel runs a cell
-            variables["AGENT_GATEWAY_CA_BUNDLE"] = str(proxy.socket_path.parent / egress.BUNDLE_NAME)
-        return variables
+        return {"AGENT_GATEWAY_EGRESS": str(proxy.socket_path),
+                # written with the socket, before the kernel runs a cell
+                "AGENT_GATEWAY_CA_BUNDLE": str(proxy.socket_path.parent / egress.BUNDLE_NAME),
+                "AGENT_GATEWAY_PACKAGES": f"{sandbox.SANDBOX_WORKSPACE}/{PACKAGES_DIR}"}
 
     async def _prepare_isolated(self, kernel: RunningKernel) -> None:
         """Before an isolated kernel's first start: its workspace, volume and log directory."""

@@ -330,11 +330,17 @@ class SessionManager:
         self.recorder.flush(session_id)
         return self.get(principal, session_id)
 
+    def egress_changeable(self, principal: Principal, session_id: str) -> SessionRecord:
+        """The record of a live or paused session whose egress rules the principal may change
+        (404 unseen, 403 not an admin, 409 ended)."""
+        row = self.changeable(principal, session_id)
+        access.check_set_egress(principal, session_id)
+        return row
+
     async def set_egress(self, principal: Principal, session_id: str, rules: Any) -> dict[str, Any]:
         """Replace the hosts a live or paused sandboxed session's kernel may reach (admins only):
         stored with the session, applied by its proxy to the connections to come, audited."""
-        row = self.changeable(principal, session_id)
-        access.check_set_egress(principal, session_id)
+        row = self.egress_changeable(principal, session_id)
         new = parse_egress(rules, "rules")
         if session_id in self.lifecycle.resuming:  # the kernel it starts must get the new rules
             await asyncio.shield(self.lifecycle.resuming[session_id])

@@ -50,6 +50,9 @@ SURROGATE_BODIES = [  # (method, path, JSON text, the field the error names)
     ("POST", "/v1/sessions", '{"sandbox": "§"}', "sandbox"),
     ("POST", "/v1/sessions", '{"limits": {"memory": "1§"}}', "limits"),
     ("POST", "/v1/sessions", '{"labels": {"k": "v"}, "§": 1}', None),
+    ("POST", "/v1/sessions", '{"egress": ["§"]}', "egress"),
+    ("PUT", "/v1/sessions/{sid}/egress", '{"rules": ["pypi.org:443", "§"]}', "rules"),
+    ("PUT", "/v1/sessions/{sid}/egress", '{"rules": [], "§": 1}', None),
     ("POST", "/v1/sessions/{sid}/execute", '{"code": "print(1)  # §"}', "code"),
     ("POST", "/v1/sessions/{sid}/execute", '{"code": "1", "§": 1}', None),
     *[("POST", f"/v1/sessions/{{sid}}/{action}", '{"why": ["§"]}', "why")
@@ -72,6 +75,9 @@ TOO_LONG = [  # (method, path, JSON body, the field the error names)
     ("POST", "/v1/sessions", {"env": {f"A{i}": "v" for i in range(ENV_VARIABLES_MAX + 1)}}, "env"),
     ("POST", "/v1/sessions", {"env": {f"A{i}": "v" * (ENV_TOTAL_MAX // 50) for i in range(60)}}, "env"),
     ("POST", "/v1/sessions", {"kernel": "k" * (KERNEL_NAME_MAX + 1)}, "kernel"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": ["a" * 5000]}, "rules"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": ["a.org"] * 65}, "rules"),
+    ("POST", "/v1/sessions", {"egress": [f"h{i}.org" for i in range(65)]}, "egress"),
     ("POST", "/api/kernels", {"name": "k" * (KERNEL_NAME_MAX + 1)}, "kernel"),
     ("POST", "/api/kernels", {"env": {"KERNEL_X": "v" * (ENV_VALUE_MAX + 1)}}, "env"),
 ]
@@ -90,6 +96,13 @@ ODD_BODIES = [  # valid JSON with NUL bytes or odd Unicode: (method, path, body,
     ("POST", "/v1/sessions", {"limits": {"cpu": "1e999"}}, 400, "invalid_field"),
     ("POST", "/v1/sessions/{sid}/execute", {"code": "1", "timeout": "\u0000"}, 400, "invalid_field"),
     ("POST", "/v1/sessions/{sid}/interrupt", {ODD: 1}, 400, "unknown_field"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": [ODD]}, 400, "invalid_field"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": ["pypi.org\u0000"]}, 400, "invalid_field"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": ["pypi.org:443\u202e"]}, 400, "invalid_field"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": ["xn--e1a.org:\u0663"]}, 400, "invalid_field"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": [{"host": "pypi.org"}]}, 400, "invalid_field"),
+    ("PUT", "/v1/sessions/{sid}/egress", {"rules": None}, 400, "missing_field"),
+    ("POST", "/v1/sessions", {"egress": ["*.\u0000"]}, 400, "invalid_field"),
     ("POST", "/api/kernels", {"name": "python3\u0000"}, 400, "unknown_kernel"),
     ("POST", "/api/kernels", {"name": ODD}, 400, "unknown_kernel"),
 ]
@@ -115,6 +128,7 @@ QUERY_ROUTES = [  # (method, path, parameter), each read (or not) by the route
     ("DELETE", "/v1/sessions/{sid}", "x"),
     ("POST", "/v1/sessions/{sid}/execute", "x"),
     ("POST", "/v1/sessions/{sid}/restart", "x"),
+    ("PUT", "/v1/sessions/{sid}/egress", "x"),
     ("GET", "/v1/sessions/{sid}/files", "path"),
     ("GET", "/v1/sessions/{sid}/steps", "x"),
     ("GET", "/v1/sessions/{sid}/notebook", "download"),
@@ -188,13 +202,15 @@ def kernel_processes(gateway: GatewayProcess) -> set[int]:
 
 
 def everything(client: httpx.Client, target: dict[str, str]) -> dict[str, Any]:
-    """What an attack must leave as it was: the sessions, the kernels, the target's steps and files."""
+    """What an attack must leave as it was: the sessions, the kernels, the target's steps, files
+    and isolation (its egress rules)."""
     sessions = client.get("/v1/sessions", params={"limit": 500}).json()["sessions"]
     return {
         "sessions": sorted((s["id"], s["state"], s["steps"], json.dumps(s["labels"])) for s in sessions),
         "kernels": sorted(k["id"] for k in client.get("/api/kernels").json()),
         "steps": len(client.get(f"/v1/sessions/{target['sid']}/steps").json()["steps"]),
         "files": sorted(f["path"] for f in client.get(f"/v1/sessions/{target['sid']}/files").json()["files"]),
+        "isolation": client.get(f"/v1/sessions/{target['sid']}").json().get("isolation"),
     }
 
 

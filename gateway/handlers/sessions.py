@@ -207,7 +207,8 @@ class EgressHandler(BaseHandler):
 
     async def put(self, session_id: str) -> None:
         assert self.principal is not None
-        self.gateway.sessions.get(self.principal, session_id)  # an unknown session is a 404 before any body error
+        # who may change it (404, 403, 409) before any body error, as for uploads
+        self.gateway.sessions.egress_changeable(self.principal, session_id)
         body = self.json_body(EGRESS_RULES)
         self.write_json(await self.gateway.sessions.set_egress(self.principal, session_id, body["rules"]))
 
