@@ -32,6 +32,7 @@ EVENTS: dict[str, str] = {
     "workspace_removed": "retention removed an ended session's files",
     "environment_changed": "the kernel started in another build of its environment than before (its lock was changed and rebuilt)",
     "egress": "the kernel tried to reach a host through the egress proxy (host, port, allowed or refused and why, bytes each way)",
+    "packages_installed": "a step's %pip installed packages into the session's own layer (the packages there, as its kernel reported them)",
     "egress_rules_changed": "an admin changed the hosts the session's kernel may reach (before, after)",
     "mcp_call": "an MCP client called a tool on this session (the tool; a step it ran is recorded as a step with source mcp)",
     "replay_report": "this session (a replay) judged each step of its source",

@@ -230,3 +230,21 @@ def summarise(outputs: list[dict[str, Any]]) -> dict[str, Any]:
         elif output["output_type"] == "error":
             error = {"name": output["ename"], "value": output["evalue"], "traceback": "\n".join(output["traceback"])}
     return {"stdout": stdout, "stderr": stderr, "result": result, "error": error}
+
+
+PACKAGES_MIME = "application/vnd.agent-gateway.packages+json"
+PACKAGES_MAX = 2000
+
+
+def reported_packages(outputs: list[dict[str, Any]]) -> dict[str, str] | None:
+    """The packages a step's ``%pip`` reported in the session's own layer (the environments'
+    kernel extension displays them as ``PACKAGES_MIME``), as ``{name: version}``; None when it
+    reported none. It is the kernel's word: names and versions are bounded, anything else dropped."""
+    for output in reversed(outputs):
+        report = (output.get("data") or {}).get(PACKAGES_MIME) if output.get("output_type") == "display_data" else None
+        if not isinstance(report, dict) or not isinstance(report.get("packages"), dict):
+            continue
+        packages = {name[:200]: version[:100] for name, version in list(report["packages"].items())[:PACKAGES_MAX]
+                    if isinstance(name, str) and isinstance(version, str) and name}
+        return dict(sorted(packages.items()))
+    return None

@@ -21,7 +21,7 @@ from gateway.executor import ExecutionListener
 from gateway.isolation import describe_limit, human_bytes, limit_behind
 from gateway.metrics import Metrics
 from gateway.outcomes import step_outcome
-from gateway.outputs import EventSink, OutputCollector, summarise
+from gateway.outputs import EventSink, OutputCollector, reported_packages, summarise
 from gateway.recorder import Recorder, StepPlace, expressions_record
 from gateway.records import SessionRecord, StepRecord
 
@@ -126,6 +126,10 @@ class StepRunner:
         if step.user_expressions:
             record.user_expressions = expressions_record(step.user_expressions, raw.reply, self.output_limit)
         self.recorder.record_step(live.trajectory, record)
+        packages = reported_packages(raw.outputs)
+        if packages is not None:
+            self.recorder.record_event(live.trajectory, "packages_installed", step.principal,
+                                       {"step": place.step, "packages": packages, "reported_by": "kernel"})
         execution = record.view()
         live.record.steps += 1
         live.record.last_activity = record.finished_at

@@ -157,9 +157,49 @@ def pip_magic(shell):
         if status:
             hint = NO_INDEX_HINT if os.environ.get("PIP_NO_INDEX") == "1" else EGRESS_HINT
             raise PipFailed(f"pip exited with status {status}. {hint}".strip())
+        if os.environ.get("PIP_TARGET"):
+            report_packages(os.environ["PIP_TARGET"])
         print("Note: you may need to restart the kernel to use updated packages.")
 
     return pip
+
+
+PACKAGES_MIME = "application/vnd.agent-gateway.packages+json"
+
+
+def layer_packages(directory):
+    """``{name: version}`` of the distributions pip installed into ``directory``."""
+    packages = {}
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return packages
+    for entry in entries:
+        if not entry.endswith(".dist-info"):
+            continue
+        fields = {}
+        try:
+            with open(os.path.join(directory, entry, "METADATA"), encoding="utf-8", errors="replace") as metadata:
+                for line in metadata:
+                    if not line.strip():
+                        break
+                    key, _, value = line.partition(":")
+                    fields.setdefault(key.strip().lower(), value.strip())
+        except OSError:
+            continue
+        if fields.get("name"):
+            packages[fields["name"]] = fields.get("version", "")
+    return packages
+
+
+def report_packages(directory):
+    """Display what the session's own layer holds, for the gateway to record with the step."""
+    from IPython.display import display
+
+    packages = layer_packages(directory)
+    listing = ", ".join(f"{name} {version}" for name, version in packages.items()) or "none"
+    display({PACKAGES_MIME: {"directory": directory, "packages": packages},
+             "text/plain": f"Packages in this session's own layer ({directory}): {listing}"}, raw=True)
 
 
 def _quote(path):

@@ -190,6 +190,24 @@ def test_the_proxy_lets_through_what_the_policy_allows_adds_credentials_and_reco
     assert all(INDEX_TOKEN not in json.dumps(c.details()) for c in seen)
 
 
+def test_packages_a_kernel_reports_are_read_bounded_and_anything_else_is_dropped() -> None:
+    from gateway.outputs import PACKAGES_MIME, reported_packages
+
+    def shown(report: object, kind: str = "display_data") -> dict[str, object]:
+        return {"output_type": kind, "data": {PACKAGES_MIME: report, "text/plain": "x"}, "metadata": {}}
+
+    assert reported_packages([{"output_type": "stream", "name": "stdout", "text": "x"}]) is None
+    assert reported_packages([shown({"packages": {"b": "2", "a": "1"}})]) == {"a": "1", "b": "2"}
+    assert reported_packages([shown({"packages": {"a": "1"}}), shown({"packages": {"a": "2"}})]) == {"a": "2"}
+    assert reported_packages([shown({"packages": {"a": "1"}}, "execute_result")]) is None
+    for bad in ("x", None, [], {"packages": ["a"]}, {"packages": "a"}):
+        assert reported_packages([shown(bad)]) is None
+    odd = reported_packages([shown({"packages": {"": "1", "n" * 500: "v" * 500, "k": 3, "ok": "1"}})])
+    assert odd == {"n" * 200: "v" * 100, "ok": "1"}
+    many = reported_packages([shown({"packages": {f"p{i}": "1" for i in range(5000)}})])
+    assert many is not None and len(many) == 2000
+
+
 def test_the_proxy_tries_each_address_of_a_host_until_one_takes_the_connection(index: Index) -> None:
     async def scenario() -> str:
         # 127.0.0.2 is loopback too, where nothing listens on the index's port (refused at once)
@@ -309,6 +327,11 @@ def run_session_through_the_proxy(index: Index, credentials: Path) -> None:
         installed = run(http, sid, f"%pip install --index-url http://127.0.0.1:{index.port}/simple tinypkg")
         assert installed["status"] == "ok", installed
         assert "Successfully installed tinypkg-1.0" in installed["stdout"]
+        (reported,) = events_of(http, sid, "packages_installed")  # what was installed is recorded
+        assert reported["details"] == {"step": installed["step"], "packages": {"tinypkg": "1.0"},
+                                       "reported_by": "kernel"}
+        assert "Packages in this session's own layer (/workspace/.packages): tinypkg 1.0" in \
+            http.get(f"/v1/sessions/{sid}/notebook").text
         used = run(http, sid, "import tinypkg, os\nprint(tinypkg.VALUE, tinypkg.__file__)")
         assert used["stdout"] == "42 /workspace/.packages/tinypkg/__init__.py\n", used
         assert all(auth == f"Bearer {INDEX_TOKEN}" for _, auth in index.seen) and index.seen
