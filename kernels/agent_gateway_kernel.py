@@ -96,6 +96,7 @@ def use_packages_dir(directory):
     paths = [directory, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
+
 class IndexSwitch:
     """Sets ``PIP_NO_INDEX`` while the session's egress rules allow no host (run before each cell)."""
 

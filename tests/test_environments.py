@@ -6,6 +6,7 @@ wheel, and the checks the helper makes before a kernel runs in an environment.""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -307,9 +308,19 @@ def test_a_gateway_restarted_after_its_sessions_environment_was_removed_goes_on(
         assert run(http, sid, "x = 6 * 7")["status"] == "ok"
         kernel = psutil.Process(kernel_host_pid(tmp_path / "data", sid))
     gateway.stop(signal.SIGKILL)
+    try:
+        restarted_after_removal(tmp_path, root, args, sid, kernel)
+    finally:  # a failure must not leave the killed gateway's kernel running
+        for process in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if str(tmp_path) in " ".join(process.info["cmdline"] or []):
+                    process.kill()
+
+
+def restarted_after_removal(tmp_path: Path, root: Path, args: tuple[str, ...], sid: str,
+                            kernel: psutil.Process) -> None:
     removed = env_cli(root, "remove", "tiny")
     assert removed.returncode == 0, removed.stderr
-
     gateway = start_gateway(tmp_path / "data", extra_args=args)
     try:
         with gateway.client() as http:
