@@ -221,6 +221,23 @@ def test_the_proxy_tries_each_address_of_a_host_until_one_takes_the_connection(i
     assert asyncio.run(scenario()) == "127.0.0.1"
 
 
+def token_hunt() -> str:
+    """Code for a kernel: ``found`` lists where the index's token shows up (its environment, any
+    process's environment or command line, files under /workspace, /tmp, ~ and /etc)."""
+    return "\n".join([
+        f"needle = {INDEX_TOKEN[4:]!r}",
+        "import os, glob",
+        "found = [k for k, v in os.environ.items() if needle in v]",
+        "for path in glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline'):",
+        "    try:\n        found += [path] if needle.encode() in open(path, 'rb').read() else []",
+        "    except OSError:\n        pass",
+        "for top in ('/workspace', '/tmp', os.path.expanduser('~'), '/etc'):",
+        "    for root, dirs, files in os.walk(top):",
+        "        for name in files:",
+        "            try:\n                found += [name] if needle.encode() in open(os.path.join(root, name), 'rb').read() else []",
+        "            except OSError:\n                pass"])
+
+
 # -- a sandboxed session ------------------------------------------------------------------------------
 
 def events_of(http: Any, sid: str, action: str) -> list[dict[str, Any]]:
@@ -350,19 +367,7 @@ def run_session_through_the_proxy(index: Index, credentials: Path) -> None:
         assert {"host": "10.9.8.7", "port": 80, "allowed": False} in [
             {k: e[k] for k in ("host", "port", "allowed")} for e in audited]
 
-        hunt = run(http, sid, "\n".join([
-            f"needle = {INDEX_TOKEN[4:]!r}",
-            "import os, glob",
-            "found = [k for k, v in os.environ.items() if needle in v]",
-            "for path in glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline'):",
-            "    try:\n        found += [path] if needle.encode() in open(path, 'rb').read() else []",
-            "    except OSError:\n        pass",
-            "for top in ('/workspace', '/tmp', os.path.expanduser('~'), '/etc'):",
-            "    for root, dirs, files in os.walk(top):",
-            "        for name in files:",
-            "            try:\n                found += [name] if needle.encode() in open(os.path.join(root, name), 'rb').read() else []",
-            "            except OSError:\n                pass",
-            "print(found)"]))
+        hunt = run(http, sid, token_hunt() + "\nprint(found)")
         assert hunt["status"] == "ok" and hunt["stdout"] == "[]\n", hunt
 
         assert http.post(f"/v1/sessions/{sid}/pause").status_code == 200

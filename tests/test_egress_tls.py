@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from gateway.egress import BUNDLE_NAME, DIRECTORY, Connection, Policy, Proxy
 from gateway.egress_tls import AUTHORITY_NAME, Authority, kernel_bundle
 from tests.conftest import isolated_gateway, run
-from tests.test_egress import INDEX_TOKEN, Index, events_of, index_credentials
+from tests.test_egress import INDEX_TOKEN, Index, events_of, index_credentials, token_hunt
 from tests.test_environments import build_wheel
 
 
@@ -210,18 +210,7 @@ def test_a_sandboxed_session_installs_over_https_from_a_private_index_whose_toke
 
                 data_dir = state["base"] / "data"
                 hunt = run(http, sid, "\n".join([
-                    f"needle = {INDEX_TOKEN[4:]!r}",
-                    "import os, glob",
-                    "found = [k for k, v in os.environ.items() if needle in v]",
-                    "for path in glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline'):",
-                    "    try:\n        found += [path] if needle.encode() in open(path, 'rb').read() else []",
-                    "    except OSError:\n        pass",
-                    "for top in ('/workspace', '/tmp', os.path.expanduser('~'), '/etc'):",
-                    "    for root, dirs, files in os.walk(top):",
-                    "        for name in files:",
-                    "            try:\n                data = open(os.path.join(root, name), 'rb').read()",
-                    "            except OSError:\n                continue",
-                    "            found += [name] if needle.encode() in data else []",
+                    token_hunt(),
                     "bundle = open(os.environ['SSL_CERT_FILE'], 'rb').read()",
                     "found += ['the bundle holds a key'] if b'PRIVATE KEY' in bundle or needle.encode() in bundle else []",
                     f"for secret in ({str(data_dir / 'egress-ca' / 'ca.key')!r}, {str(credentials)!r}):",

@@ -222,6 +222,16 @@ def build_wheel(directory: Path, name: str, version: str, source: str) -> Path:
     return wheel
 
 
+def tiny_requirements(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory with a wheel of ``tinypkg`` 1.0 (``VALUE = 42``) and requirements naming it."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build_wheel(wheels, "tinypkg", "1.0", "VALUE = 42\n")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"--find-links {wheels}\ntinypkg==1.0\nipykernel\ncloudpickle\n")
+    return wheels, requirements
+
+
 def env_cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", "env", *args, "--envs-dir", str(root)],
                           capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
@@ -229,11 +239,7 @@ def env_cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_an_operator_builds_checks_uses_and_removes_an_environment(tmp_path: Path) -> None:
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels, "tinypkg", "1.0", "VALUE = 42\n")
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text(f"--find-links {wheels}\ntinypkg==1.0\nipykernel\ncloudpickle\n")
+    wheels, requirements = tiny_requirements(tmp_path)
     root = tmp_path / "envs"
 
     built = env_cli(root, "build", "tiny", "--requirements", str(requirements))
@@ -294,11 +300,7 @@ def test_a_gateway_restarted_after_its_sessions_environment_was_removed_goes_on(
     """kill -9 of the gateway, the session's environment removed meanwhile: the restart does not
     fail on the kernel it cannot take up (stopped), the session is paused, its next step says
     how to build the environment, and after the build it goes on with a new kernel."""
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    build_wheel(wheels, "tinypkg", "1.0", "VALUE = 42\n")
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text(f"--find-links {wheels}\ntinypkg==1.0\nipykernel\ncloudpickle\n")
+    wheels, requirements = tiny_requirements(tmp_path)
     root = tmp_path / "envs"
     assert env_cli(root, "build", "tiny", "--requirements", str(requirements)).returncode == 0
     args = ("--envs-dir", str(root), "--pool-size", "0", "--build-environments", "false")
