@@ -9,7 +9,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from gateway import __version__, env_cli
+from gateway import __version__, env_cli, image_cli
 from gateway.settings import REGISTRY, Settings
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "forwarding each call to the gateway's /mcp with the token.")
     _client_arguments(mcp)
     env_cli.add_parser(commands)
+    image_cli.add_parser(commands)
     doctor = commands.add_parser("doctor", help="Report which kernel isolation profiles work on this machine, and why not.")
     doctor.add_argument("--json", action="store_true", help="print the facts as JSON")
     return parser
@@ -133,6 +134,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "env":
         root = Settings.resolve({"envs_dir": args.envs_dir} if args.envs_dir else {}).envs_path
         return env_cli.run(args, root)
+    if args.command == "image":
+        resolved = Settings.resolve({name: value for name, value in (("envs_dir", args.envs_dir),
+                                     ("container_engine", args.container_engine)) if value})
+        return image_cli.run(args, resolved.envs_path, resolved.container_engine)
     local = ("command", "token_command", "audit_command", "name", "role", "token_id", "output", "init")
     overrides = {k: v for k, v in vars(args).items() if k not in local}
     settings = Settings.resolve(overrides)

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from gateway import cgroups, environments, helper_wire, safefs, sandbox, volumes
+from gateway import cgroups, containers, environments, helper_wire, kernel_image, safefs, sandbox, volumes
 from gateway.cgroups import CgroupSet
 from gateway.clock import iso
 from gateway.host import HelperConfig
@@ -114,8 +114,11 @@ class Helper:
         self.greeting = greeting
         self.first_uid, self.uid_count = config.kernel_uids
         self.plans: dict[str, sandbox.LaunchPlan] = {}
+        self.images: dict[str, str] = {}  # container kernels' images, by kernel name
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.adopted: dict[str, tuple[int, int]] = {}  # launchers an earlier helper started: (pid, pidfd)
+        self.engine = containers.Engine(config.container_engine, instance=containers.instance_of(config.data_dir)) \
+            if config.container_engine else None
         self.lock = threading.Lock()
         self.ops: dict[str, Callable[..., tuple[Any, list[int]] | Any]] = {
             name.removeprefix("op_").replace("__", "."): getattr(self, name)
@@ -162,8 +165,10 @@ class Helper:
         """Make the kernel's directories and cgroups; remember the plan for ``kernel.launch``.
         ``environment`` names a built environment (its directory) the kernel runs in."""
         name = _name(name)
-        if profile not in ("process", "sandbox"):
-            raise Refused("profile must be process or sandbox")
+        if profile not in ("process", "sandbox", sandbox.CONTAINER):
+            raise Refused("profile must be process, sandbox or container")
+        if profile == sandbox.CONTAINER and (environment is None or self.engine is None):
+            raise Refused("a container kernel needs an environment (its image) and a container engine")
         owner = self._kernel_owner([uid, uid])
         runtime = _path(runtime_dir, "runtime_dir")
         if len(str(runtime)) + 10 > sandbox.UNIX_PATH_MAX:
@@ -175,6 +180,16 @@ class Helper:
         if environment is not None:
             spec = replace(spec, environment=_text(environment, "environment", 80),
                            interpreter=sandbox.environment_interpreter(self._environment(environment), profile))
+        if profile == sandbox.CONTAINER:
+            assert self.engine is not None and spec.environment is not None
+            image = kernel_image.image_tag(self._environment(spec.environment))
+            try:
+                if not self.engine.has_image(image):
+                    raise Refused(f"the container engine has no kernel image {image}: run "
+                                  f"`agent-gateway image build {spec.environment.rsplit('-', 1)[0]}`")
+            except containers.EngineUnavailable as exc:
+                raise Refused(str(exc)) from None
+            self.images[name] = image
         plan = sandbox.prepare(spec)
         with self.lock:
             self.plans[name] = plan
@@ -213,6 +228,8 @@ class Helper:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.json", connection):
             raise Refused("connection_file must be the name of a .json file in the kernel's runtime dir")
         plan.hand_over(connection)
+        if plan.profile == sandbox.CONTAINER:
+            return self._run_container(name, plan, command, variables), []
         output = self._open_log(_path(log_file, "log_file")) if log_file is not None else None
         try:
             process = plan.start(command, variables, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
@@ -223,6 +240,83 @@ class Helper:
             self.processes[name] = process
             self._forget_adopted(name)
         return {"pid": process.pid}, [os.pidfd_open(process.pid)]
+
+    def _run_container(self, name: str, plan: sandbox.LaunchPlan, argv: list[str],
+                       env: dict[str, str]) -> dict[str, Any]:
+        """Start a prepared container kernel on the engine: its Python the environment's (in its image)."""
+        assert self.engine is not None and plan.spec.uid is not None
+        program = plan.interpreter.executable if os.path.basename(argv[0]) in sandbox.PYTHON_NAMES or \
+            argv[0] == sys.executable else argv[0]
+        launch = containers.ContainerLaunch(
+            kernel=name, image=self.images[name], argv=(program, *argv[1:]), env=plan.environment(env),
+            uid=plan.spec.uid, gid=plan.spec.gid if plan.spec.gid is not None else plan.spec.uid,
+            workspace=str(plan.spec.workspace), runtime_dir=str(plan.spec.runtime_dir), limits=plan.spec.limits,
+            hostname=plan.spec.hostname, instance=self._engine().instance)
+        try:
+            state = self.engine.run(launch)
+        except containers.EngineUnavailable as exc:
+            raise Refused(str(exc)) from None
+        return {"pid": state.pid, "container": state.id}
+
+    # -- container kernels (by kernel name: also those an earlier helper started) ---------------
+
+    def _engine(self) -> containers.Engine:
+        if self.engine is None:
+            raise Refused("this gateway has no container engine")
+        return self.engine
+
+    def op_container__poll(self, name: Any) -> dict[str, Any]:
+        """Whether the kernel's container runs; its exit code and whether its memory limit ended it."""
+        try:
+            state = self._engine().state(_name(name))
+        except containers.EngineUnavailable as exc:
+            return {"running": None, "exists": None, "returncode": None, "oom_killed": False, "unreachable": str(exc)}
+        if state is None:
+            return {"running": False, "exists": False, "returncode": None, "oom_killed": False, "pid": None}
+        return {"running": state.running, "exists": True, "returncode": state.exit_code,
+                "oom_killed": state.oom_killed, "pid": state.pid}
+
+    def op_container__signal(self, name: Any, signum: Any) -> bool:
+        if signum not in SIGNALS:
+            raise Refused("signum must be SIGINT, SIGTERM, SIGKILL or SIGHUP")
+        try:
+            return self._engine().signal(_name(name), int(signum))
+        except containers.EngineUnavailable as exc:
+            raise Refused(str(exc)) from None
+
+    def op_container__release(self, name: Any, runtime_dir: Any = None, log_file: Any = None) -> dict[str, Any]:
+        """Remove the kernel's container (its output appended to ``log_file`` first); with
+        ``runtime_dir``, remove that too (the final cleanup)."""
+        name = _name(name)
+        engine = self._engine()
+        state = None
+        try:
+            if log_file is not None and engine.state(name) is not None:
+                output = engine.logs(name)
+                if output:
+                    fd = self._open_log(_path(log_file, "log_file"))
+                    with os.fdopen(fd, "ab") as log_out:
+                        log_out.write(output)
+            state = engine.remove(name)
+        except containers.EngineUnavailable as exc:
+            log.warning("kernel %s: its container could not be removed: %s", name, exc)
+        if runtime_dir is not None:
+            with self.lock:
+                self.plans.pop(name, None)
+                self.images.pop(name, None)
+            safefs.remove_tree(_path(runtime_dir, "runtime_dir"))
+        return {"oom_killed": bool(state and state.oom_killed), "removed": state is not None}
+
+    def op_container__remove_unclaimed(self, claimed: Any) -> list[str]:
+        """Remove the gateway's containers on the engine whose kernel is not in ``claimed``."""
+        if not isinstance(claimed, list) or len(claimed) > 100_000:
+            raise Refused("claimed must be a list of kernel names")
+        if self.engine is None:
+            return []
+        try:
+            return self.engine.remove_unclaimed({_name(value) for value in claimed})
+        except containers.EngineUnavailable as exc:
+            raise Refused(str(exc)) from None
 
     def op_kernel__adopt(self, name: Any, pid: Any, connection_file: Any) -> tuple[dict[str, Any], list[int]]:
         """Take up the launcher of a kernel an earlier helper started (before a crash): ``pid``
@@ -548,8 +642,10 @@ def _choose(config: HelperConfig) -> dict[str, Any]:
     from gateway.isolation import IsolationRefused, choose_profile
 
     greeting: dict[str, Any] = {"euid": os.geteuid(), "volumes": volumes.support()}
+    engine, why_not = containers.probe(config.container_engine)
+    greeting.update(container_engine=engine, container_refused=why_not)
     try:
-        profile, reasons = choose_profile(config.sandbox, Path(config.data_dir or "/"))
+        profile, reasons = choose_profile(config.sandbox, Path(config.data_dir or "/"), container_refused=why_not)
         greeting.update(profile=profile, reasons=reasons)
     except IsolationRefused as exc:
         greeting.update(profile=None, refused=str(exc))

@@ -52,6 +52,7 @@ class HelperConfig:
     sandbox: str = "auto"  # the profile asked for; the helper probes and chooses before taking requests
     data_dir: str | None = None
     environments: str | None = None  # the root of the kernel environments (gateway.environments)
+    container_engine: str | None = None  # the Docker Engine API of the container profile (gateway.containers)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -62,7 +63,8 @@ class HelperConfig:
         return cls(anchors=tuple(raw["anchors"]),
                    server_owner=tuple(raw["server_owner"]) if raw["server_owner"] else None,  # type: ignore[arg-type]
                    kernel_uids=tuple(raw["kernel_uids"]), sandbox=raw["sandbox"],  # type: ignore[arg-type]
-                   data_dir=raw["data_dir"], environments=raw.get("environments"))
+                   data_dir=raw["data_dir"], environments=raw.get("environments"),
+                   container_engine=raw.get("container_engine"))
 
 
 @dataclass
@@ -165,7 +167,8 @@ class Host:
                     self._ready.set_result(message["hello"])
                     continue
                 future = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
-                if future is None:
+                # A caller that gave up (its task cancelled) cancelled its future: the reply is dropped.
+                if future is None or not future.set_running_or_notify_cancel():
                     for fd in fds:
                         os.close(fd)
                     continue
@@ -186,7 +189,8 @@ class Host:
             if not self._ready.done():
                 self._ready.set_exception(gone)
             for future in pending.values():
-                future.set_exception(gone)
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(gone)
 
 
 def _error(error: dict[str, Any]) -> Exception:

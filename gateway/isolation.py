@@ -19,12 +19,13 @@ from typing import Any
 from gateway.egress import InvalidRule, Policy, load_credentials
 from gateway.egress_tls import Authority, kernel_bundle
 from gateway.errors import Forbidden, InvalidRequest
-from gateway.sandbox import PROFILES, Limits, UidPool, probe_profile, untraversable
+from gateway.sandbox import CONTAINER, PROFILES, Limits, UidPool, probe_profile, untraversable
 from gateway.settings import Settings, byte_size, uid_range
 
 log = logging.getLogger(__name__)
 
-STRONGEST_FIRST = ("sandbox", "process", "none")
+STRONGEST_FIRST = ("sandbox", "process", "none")  # what ``auto`` tries; ``container`` needs an engine
+SESSION_PROFILES = (*PROFILES, CONTAINER)
 EGRESS_RULES_MAX = 64
 EGRESS_AUTHORITY_DIR = "egress-ca"  # in the data directory: the egress proxy's CA (its key mode 0600)
 LIMIT_FIELDS = {"memory": "memory_bytes", "cpu": "cpu_cores", "pids": "pids", "file_size": "file_size_bytes",
@@ -70,6 +71,9 @@ class Isolation:
         if greeting.get("refused"):
             raise IsolationRefused(greeting["refused"])
         self.profile, self.reasons = greeting["profile"], dict(greeting.get("reasons") or {})
+        self.container_engine: str | None = greeting.get("container_engine")
+        if greeting.get("container_refused"):
+            self.reasons[CONTAINER] = greeting["container_refused"]
         first, count = uid_range(settings.sandbox_uids)
         self.uids = UidPool(first, count)
         try:
@@ -104,17 +108,28 @@ class Isolation:
                  f" ({'a volume each' if self.volumes else 'measured between steps: ' + self.volumes_reason})"]
         return f"kernels run under the '{self.profile}' sandbox profile ({', '.join(parts)})"
 
+    def available(self, profile: str) -> bool:
+        """Whether kernels can run under ``profile`` here: the server's, a weaker local one, or
+        ``container`` when the engine answered."""
+        if profile == "none":
+            return True
+        if profile == CONTAINER:
+            return self.profile == CONTAINER or CONTAINER not in self.reasons
+        if self.profile == CONTAINER:
+            return profile not in self.reasons
+        return STRONGEST_FIRST.index(profile) >= STRONGEST_FIRST.index(self.profile)
+
     def for_session(self, is_admin: bool, profile: str | None, limits: dict[str, Any] | None,
                     egress: Any = None) -> SessionIsolation:
         """A new session's isolation: the defaults, changed by the request (400/403 when not allowed)."""
         chosen = self.defaults.profile
         if profile is not None:
-            if profile not in PROFILES:
-                raise InvalidRequest(f"'sandbox' must be one of {', '.join(PROFILES)}.", code="invalid_field",
-                                     details={"field": "sandbox"})
+            if profile not in SESSION_PROFILES:
+                raise InvalidRequest(f"'sandbox' must be one of {', '.join(SESSION_PROFILES)}.",
+                                     code="invalid_field", details={"field": "sandbox"})
             if profile != chosen and not is_admin:
                 raise Forbidden("Only an admin may choose a session's sandbox profile.", details={"field": "sandbox"})
-            if profile != "none" and STRONGEST_FIRST.index(profile) < STRONGEST_FIRST.index(self.profile):
+            if not self.available(profile):
                 why = self.reasons.get(profile, "it does not work on this machine")
                 raise InvalidRequest(f"The '{profile}' profile is not available here: {why}", code="invalid_field",
                                      details={"field": "sandbox"})
@@ -226,9 +241,20 @@ class IsolationRefused(RuntimeError):
     """The configured profile cannot work here; the server does not start."""
 
 
-def choose_profile(requested: str, data_dir: Path) -> tuple[str, dict[str, str]]:
-    """The profile to use and, for each one tried and not working, why."""
+def choose_profile(requested: str, data_dir: Path,
+                   container_refused: str | None = "no container engine") -> tuple[str, dict[str, str]]:
+    """The profile to use and, for each one tried and not working, why (``container_refused``:
+    why the container engine cannot be used, None when it can)."""
     reasons: dict[str, str] = {}
+    if requested == CONTAINER:
+        if container_refused:
+            raise IsolationRefused(f"The container sandbox profile does not work here: {container_refused} "
+                                   "(run `agent-gateway doctor`).")
+        for profile in ("sandbox", "process"):  # what a session may ask for beside it
+            status = probe_profile(profile)
+            if not status.works:
+                reasons[profile] = status.reason
+        return CONTAINER, reasons
     candidates = STRONGEST_FIRST if requested == "auto" else (requested,)
     for profile in candidates:
         if profile == "none":

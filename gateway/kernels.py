@@ -126,6 +126,7 @@ class ProvisionedSpecs(KernelSpecManager):
 
 
 PACKAGES_DIR = ".packages"  # in the workspace: what a session installs with pip
+EGRESS_PROFILES = ("sandbox", sandbox.CONTAINER)  # no network of their own: the egress proxy is their way out
 
 
 def kernel_sink(kernel: "RunningKernel", connection: egress.Connection) -> None:
@@ -137,13 +138,14 @@ def kernel_sink(kernel: "RunningKernel", connection: egress.Connection) -> None:
 
 
 def kernel_process_under(launcher_pid: int, connection_file: str) -> int | None:
-    """The pid of the ipykernel started (through bwrap or setpriv) by ``launcher_pid``."""
+    """The pid of the ipykernel started (through bwrap, setpriv or a container's shell) by ``launcher_pid``."""
     try:
         launcher = psutil.Process(launcher_pid)
         for process in [launcher, *launcher.children(recursive=True)]:
             cmdline = process.cmdline()
+            program = os.path.basename(cmdline[0]) if cmdline else ""
             if connection_file in cmdline and "ipykernel_launcher" in " ".join(cmdline) and \
-                    not os.path.basename(cmdline[0]).startswith(("bwrap", "setpriv")):
+                    not program.startswith(("bwrap", "setpriv")) and program != "sh":  # sh: a container's wrapper
                 return int(process.pid)
     except psutil.Error:
         return None
@@ -202,7 +204,7 @@ class RunningKernel:
 
     def workspace_path(self, host_path: Path) -> str:
         """The workspace as the kernel sees it."""
-        return sandbox.SANDBOX_WORKSPACE if self.profile == "sandbox" else str(host_path)
+        return sandbox.SANDBOX_WORKSPACE if self.profile in ("sandbox", sandbox.CONTAINER) else str(host_path)
 
     def launch_workspace(self) -> Path | None:
         """The workspace directory this kernel's sandbox was started on (None when not isolated)."""
@@ -540,7 +542,7 @@ class KernelLauncher:
                                      environment=environment.path.name if environment else None)
         kernel.environment = environment
         variables = self.build_env(env)
-        if isolation.profile == "sandbox":
+        if isolation.profile in EGRESS_PROFILES:
             variables.update(self._egress(kernel, runtime, isolation))
         kernel.launch = {"env": variables, "independent": True, "sandbox": launch}
         return kernel
@@ -659,7 +661,8 @@ class KernelLauncher:
         """Let go of a kernel that cannot be adopted and whose process was not found: what is
         left of an isolated one (in its cgroups, its runtime directory) is removed by its name."""
         if kernel.owner is not None and kernel.runtime_dir is not None:
-            await host.current().call("kernel.release", name=kernel.launch_id, runtime_dir=str(kernel.runtime_dir))
+            operation = "container.release" if kernel.profile == sandbox.CONTAINER else "kernel.release"
+            await host.current().call(operation, name=kernel.launch_id, runtime_dir=str(kernel.runtime_dir))
         kernel.abandon()
 
     def _placed_environment(self, placement: Placement) -> Environment | None:

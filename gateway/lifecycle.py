@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import access, executor, host, snapshots, states
-from gateway.reattach import recorded_placement, stop_unclaimed
+from gateway.reattach import recorded_placement, remove_unclaimed_containers, stop_unclaimed
 from gateway.auth import Principal
 from gateway.clock import iso, now_iso, utcnow
 from gateway.errors import Conflict, Unavailable
@@ -298,6 +298,10 @@ class Lifecycle:
         isolation = manager.launcher.isolation
         if isolation is not None and isolation.runtime_root != manager.launcher.runtime_dir:
             stopped += await stop_unclaimed(isolation.runtime_root, claimed)
+        if isolation is not None and isolation.container_engine:
+            removed = await remove_unclaimed_containers(claimed)
+            if removed:
+                log.warning("removed %d kernel containers that no session claims: %s", len(removed), removed)
         if stopped:
             log.warning("stopped %d kernel processes that no session claims: %s", len(stopped), stopped)
         manager.recorder.flush()

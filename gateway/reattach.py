@@ -33,6 +33,13 @@ async def kill_isolated(connection_file: Path) -> None:
     await host.current().call("kernel.release", name=kernel_id, runtime_dir=str(connection_file.parent))
 
 
+async def remove_unclaimed_containers(claimed: set[str]) -> list[str]:
+    """Remove this gateway's kernel containers whose connection file no session claims."""
+    kernels = sorted(Path(path).stem.removeprefix("kernel-") for path in claimed)
+    removed: list[str] = await host.current().call("container.remove_unclaimed", claimed=kernels)
+    return removed
+
+
 async def stop_unclaimed(runtime_dir: Path, claimed: set[str]) -> list[int]:
     """Stop kernels whose connection files are in ``runtime_dir`` (isolated ones: in a directory
     of their own there) but that no session claims."""

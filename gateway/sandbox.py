@@ -46,7 +46,8 @@ from gateway import cgroups, safefs
 from gateway.cgroups import CgroupSet, Support
 from gateway.environments import Environment, sandbox_paths
 
-PROFILES = ("none", "process", "sandbox")
+PROFILES = ("none", "process", "sandbox")  # what this host launches (and ``probe_profiles`` checks)
+CONTAINER = "container"  # launched by a container engine (``gateway.containers``): a plan, no launcher here
 SANDBOX_WORKSPACE = "/workspace"
 DEFAULT_FIRST_UID = 1_000_000
 DEFAULT_UID_COUNT = 10_000
@@ -166,7 +167,7 @@ class LaunchPlan:
         env.update(HOME=self.home, USER="kernel", LOGNAME="kernel", PYTHONNOUSERSITE="1",
                    PATH=":".join(dict.fromkeys([bin_dir, "/usr/local/bin", "/usr/bin", "/bin"])))
         env.setdefault("LANG", "C.UTF-8")
-        if self.profile == "sandbox":
+        if self.profile != "process":  # a /tmp of its own
             env["TMPDIR"] = "/tmp"
         paths = [*self.interpreter.pythonpath, *filter(None, base.get("PYTHONPATH", "").split(":"))]
         if paths:
@@ -193,6 +194,8 @@ class LaunchPlan:
     def start(self, argv: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
         """Start the kernel. The workspace and the runtime directory are opened once, without
         following links, and handed to the launch as descriptors (never resolved again by path)."""
+        if self.profile == CONTAINER:
+            raise ValueError("a container's plan is started by its engine (gateway.containers)")
         if self.profile == "none":
             return subprocess.Popen(self.command(argv, env, -1, -1), env=self.environment(env), cwd=self.cwd,
                                     start_new_session=True, **popen)
@@ -314,6 +317,8 @@ def environment_interpreter(environment: Environment, profile: str) -> Interpret
     label = f"environment {environment.name} ({environment.short_hash})"
     if profile == "none":
         return Interpreter(environment.executable, reason=label)
+    if profile == CONTAINER:  # the image holds it at the same path (``gateway.kernel_image``)
+        return Interpreter(environment.executable, reason=f"{label}, in its kernel image")
     site = environment.site_packages
     if profile == "sandbox":
         binds = _roots(list(sandbox_paths(environment)))
@@ -412,15 +417,15 @@ def _gid(spec: SandboxSpec) -> int:
 
 
 def _check_spec(spec: SandboxSpec) -> None:
-    if spec.profile not in PROFILES:
-        raise ValueError(f"unknown profile {spec.profile!r}; known: {', '.join(PROFILES)}")
+    if spec.profile not in (*PROFILES, CONTAINER):
+        raise ValueError(f"unknown profile {spec.profile!r}; known: {', '.join((*PROFILES, CONTAINER))}")
     if spec.profile == "none":
         return
     if os.geteuid() != 0:
         raise IsolationUnavailable(f"the {spec.profile} profile needs the gateway to run as root")
     if spec.uid is None or spec.uid < 1000:
         raise ValueError(f"the {spec.profile} profile needs an unprivileged uid (>= 1000), not {spec.uid}")
-    for tool in ("setpriv", *(("bwrap",) if spec.profile == "sandbox" else ())):
+    for tool in {"process": ("setpriv",), "sandbox": ("setpriv", "bwrap")}.get(spec.profile, ()):
         if shutil.which(tool) is None:
             raise IsolationUnavailable(f"the {spec.profile} profile needs `{tool}` on PATH")
     if len(str(spec.runtime_dir)) + 10 > UNIX_PATH_MAX:
@@ -464,7 +469,7 @@ def _prepare_dirs(spec: SandboxSpec) -> str:
 
 
 def _make_cgroup(spec: SandboxSpec, support: Support | None) -> CgroupSet | None:
-    if spec.profile == "none":
+    if spec.profile in ("none", CONTAINER):  # a container's cgroups are its engine's
         return None
     support = support or cgroups.detect_cached(spec.cgroup_parent)
     if not support.controllers and support.v2_parent is None:
@@ -487,6 +492,10 @@ def _limits_plan(spec: SandboxSpec, group: CgroupSet | None) -> tuple[list[tuple
     limits, rlimits, enforced = spec.limits, [], {}
     if spec.profile == "none":
         return [], {name: "not enforced (profile none)" for name, value in vars(limits).items() if value}
+    if spec.profile == CONTAINER:  # the engine applies them (``gateway.containers.create_settings``)
+        how = {"memory_bytes": "the container's memory limit", "cpu_cores": "the container's CPU quota",
+               "pids": "the container's pids limit", "file_size_bytes": "RLIMIT_FSIZE (the container's ulimit)"}
+        return [], {name: how[name] for name, value in vars(limits).items() if value and name in how}
     controllers = group.paths if group else {}
     rlimits.append(_rlimit(resource.RLIMIT_CORE, 0))
     if limits.file_size_bytes is not None:

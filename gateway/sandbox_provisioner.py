@@ -40,7 +40,7 @@ from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
 from gateway import cgroups, host
 from gateway.cgroups import CgroupSet
-from gateway.sandbox import SandboxSpec, kernel_pidfd
+from gateway.sandbox import CONTAINER, SandboxSpec, kernel_pidfd
 
 PROVISIONER_NAME = "agent-gateway-sandbox"
 ENTRY_POINT = "gateway.sandbox_provisioner:SandboxProvisioner"
@@ -116,6 +116,40 @@ class HelperProcess:
             self.pidfd = -1
 
 
+class ContainerProcess:
+    """A kernel's container on the engine (``gateway.containers``), started here or before a
+    crash: what jupyter_client asks of a ``Popen``, each question asked of the engine through
+    the helper. ``pid`` is the container's init on the engine's host."""
+
+    stdin = stdout = stderr = None
+    exit_known = True
+
+    def __init__(self, name: str, pid: int | None):
+        self.name, self.pid = name, pid
+        self.returncode: int | None = None
+        self.oom_killed = False
+
+    async def refresh(self) -> int | None:
+        if self.returncode is None:
+            state = await host.current().call("container.poll", name=self.name)
+            if state.get("unreachable"):
+                return None  # the engine did not answer: the kernel is taken as running
+            self.oom_killed = self.oom_killed or bool(state["oom_killed"])
+            if not state["running"]:
+                self.returncode = UNKNOWN_EXIT if state["returncode"] is None else int(state["returncode"])
+                self.exit_known = state["returncode"] is not None
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+    def close(self) -> None:
+        pass
+
+
 class AdoptedProcess:
     """A kernel process of the ``none`` profile that an earlier gateway process started: what
     jupyter_client asks of a ``Popen``, through a pidfd (so a reused pid is never signalled).
@@ -172,7 +206,11 @@ class SandboxProvisioner(LocalProvisioner):
 
     @property
     def isolated(self) -> bool:
-        return self.profile in ("process", "sandbox")
+        return self.profile in ("process", "sandbox", CONTAINER)
+
+    @property
+    def in_container(self) -> bool:
+        return self.profile == CONTAINER
 
     @property
     def cgroup(self) -> CgroupSet | None:
@@ -217,8 +255,8 @@ class SandboxProvisioner(LocalProvisioner):
         manager = self.parent
         if manager is None:
             return
-        if manager.transport != "ipc" and spec.profile == "sandbox":
-            raise ValueError("the sandbox profile has no network: use transport='ipc' (connection_settings())")
+        if manager.transport != "ipc" and spec.profile in ("sandbox", CONTAINER):
+            raise ValueError(f"the {spec.profile} profile has no network: use transport='ipc' (connection_settings())")
         paths = [("connection file", manager.connection_file)]
         if manager.transport == "ipc":
             paths.append(("ipc path", manager.ip))
@@ -237,7 +275,11 @@ class SandboxProvisioner(LocalProvisioner):
         reply = await host.current().call_fds("kernel.launch", name=self.spec.name, argv=list(cmd),
                                               env=dict(kwargs.get("env") or {}), connection_file=connection.name,
                                               log_file=str(self.spec.log_file) if self.spec.log_file else None)
-        process = HelperProcess(self.spec.name, int(reply.result["pid"]), reply.fds[0])
+        if self.in_container:
+            started: ContainerProcess | HelperProcess = ContainerProcess(self.spec.name, reply.result["pid"])
+        else:
+            started = HelperProcess(self.spec.name, int(reply.result["pid"]), reply.fds[0])
+        process = started
         self.process = process  # type: ignore[assignment]  # what jupyter_client asks of a Popen
         self.pid, self.pgid = process.pid, None
         self.cwd = str(self.spec.workspace)
@@ -245,7 +287,7 @@ class SandboxProvisioner(LocalProvisioner):
 
     async def poll(self) -> int | None:
         process = self.process
-        if isinstance(process, HelperProcess):
+        if isinstance(process, (HelperProcess, ContainerProcess)):
             code = await process.refresh()
             self.last_oom_killed = self.last_oom_killed or process.oom_killed
             return code
@@ -255,7 +297,7 @@ class SandboxProvisioner(LocalProvisioner):
         import asyncio
 
         process = self.process
-        if not isinstance(process, HelperProcess):
+        if not isinstance(process, (HelperProcess, ContainerProcess)):
             return await super().wait()
         while await self.poll() is None:
             await asyncio.sleep(0.05)
@@ -267,19 +309,21 @@ class SandboxProvisioner(LocalProvisioner):
         included)."""
         if isinstance(self.process, AdoptedProcess) and self.process.poll() is not None:
             return  # gone: its pid and process group may be another's by now
-        if not isinstance(self.process, HelperProcess):
+        if isinstance(self.process, ContainerProcess):
+            await host.current().call("container.signal", name=self.process.name, signum=int(signum))
+        elif not isinstance(self.process, HelperProcess):
             await super().send_signal(signum)
         else:
             await host.current().call("kernel.signal", name=self.process.name, signum=int(signum))
 
     async def kill(self, restart: bool = False) -> None:
-        if not isinstance(self.process, HelperProcess):
+        if not isinstance(self.process, (HelperProcess, ContainerProcess)):
             await super().kill(restart)
         else:
             await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
-        if not isinstance(self.process, HelperProcess):
+        if not isinstance(self.process, (HelperProcess, ContainerProcess)):
             await super().terminate(restart)
         else:
             await self.send_signal(signal.SIGTERM)
@@ -300,8 +344,14 @@ class SandboxProvisioner(LocalProvisioner):
             if final:
                 shutil.rmtree(self.runtime_dir, ignore_errors=True)
             return
-        state = await host.current().call("kernel.release", name=self.launch_name,
-                                          runtime_dir=str(self.runtime_dir) if final else None)
+        if self.in_container:
+            log_file = self.spec.log_file if self.spec is not None else None
+            state = await host.current().call("container.release", name=self.launch_name,
+                                              runtime_dir=str(self.runtime_dir) if final else None,
+                                              log_file=str(log_file) if log_file else None)
+        else:
+            state = await host.current().call("kernel.release", name=self.launch_name,
+                                              runtime_dir=str(self.runtime_dir) if final else None)
         self.last_oom_killed = self.last_oom_killed or bool(state["oom_killed"])
         if isinstance(self.process, HelperProcess) and final:
             self.process.close()
@@ -326,7 +376,12 @@ class SandboxProvisioner(LocalProvisioner):
         connection_file = str(self.parent.connection_file) if self.parent is not None else ""
         if not self.pid or not connection_file:
             return
-        if self.isolated:
+        if self.in_container:
+            if self.launch_name:
+                state = await host.current().call("container.poll", name=self.launch_name)
+                if state["running"] is not False:  # running, or the engine did not answer (it may again)
+                    self.process = ContainerProcess(self.launch_name, state.get("pid"))  # type: ignore[assignment]
+        elif self.isolated:
             if not self.launch_name:
                 return
             reply = await host.current().call_fds("kernel.adopt", name=self.launch_name, pid=int(self.pid),

@@ -167,7 +167,8 @@ def serve(settings: Settings) -> None:
         anchors = (str(data),) if runtime.is_relative_to(data) else (str(data), str(runtime))
         helper = host.start(host.HelperConfig(anchors=anchors, server_owner=identity.owner if identity else None,
                                               kernel_uids=kernel_uids, sandbox=settings.sandbox, data_dir=str(data),
-                                              environments=str(settings.envs_path)))
+                                              environments=str(settings.envs_path),
+                                              container_engine=settings.container_engine))
         if identity is not None:
             privileges.become(identity, data / "home", helper.handover_env())  # does not return
     else:

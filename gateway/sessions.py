@@ -22,7 +22,7 @@ from gateway.auth import Principal
 from gateway.clock import now_iso
 from gateway.errors import (Conflict, GatewayError, InvalidRequest, Unavailable)
 from gateway.inputs import check_text, is_text
-from gateway.kernels import KernelLauncher, RunningKernel, validate_env
+from gateway.kernels import EGRESS_PROFILES, KernelLauncher, RunningKernel, validate_env
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import Metrics
 from gateway.notebook import upload_details
@@ -347,10 +347,11 @@ class SessionManager:
         live = self.live.get(session_id)
         row = live.record if live is not None else self.store.get_session(session_id) or row
         isolation = self.isolation_of(row)
-        if isolation is None or isolation.profile != "sandbox":
+        if isolation is None or isolation.profile not in EGRESS_PROFILES:
             profile = isolation.profile if isolation else "none"
             raise Conflict(f"Session '{session_id}' runs under '{profile}': its kernel shares the host's network, "
-                           "and egress rules apply under the 'sandbox' profile only.", code="egress_not_enforced",
+                           "and egress rules apply under the 'sandbox' and 'container' profiles only.",
+                           code="egress_not_enforced",
                            details={"session_id": session_id, "profile": profile})
         before = list(isolation.egress)
         self.store.save_session(row, isolation=dataclasses.replace(isolation, egress=new).view())

@@ -116,7 +116,8 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("jwt_role_map", {}, _mapping, "JSON object mapping the role claim's values to agent, reviewer or admin."),
     Setting("replay_normalisers", [], _pairs, "Extra [pattern, replacement] pairs (a JSON list) applied to outputs before replay compares them."),
     Setting("websocket_replay_seconds", 60.0, float, "How long messages for a disconnected websocket client are kept for its return."),
-    Setting("sandbox", "auto", str, "How kernels are isolated: none, process, sandbox, or auto (the strongest that works here; see agent-gateway doctor)."),
+    Setting("sandbox", "auto", str, "How kernels are isolated: none, process, sandbox, container (each kernel in a container of the container engine), or auto (the strongest of the first three that works here; see agent-gateway doctor)."),
+    Setting("container_engine", None, str, "The Docker Engine API (podman system service, or dockerd) of the container profile, e.g. unix:///run/podman/podman.sock; only the privileged helper connects to it. Sessions may ask for the container profile when it is set and answers."),
     Setting("server_user", "agent-gateway", str, "Started as root, serve runs as this user (a name or uid[:gid]) and leaves what needs root to its privileged helper; a name with no account falls back to uid 999999."),
     Setting("egress_allow", [], _list, "Hosts every session's kernel may reach through the gateway's egress proxy (a JSON list, or rules separated by spaces: host, host:port, *.domain:port,port); none by default. Admins set a session's own at its creation."),
     Setting("egress_credentials", None, str, "A JSON file of headers the egress proxy adds to requests per host, HTTP and HTTPS ({\"host:port\": {\"Authorization\": \"Bearer ...\"}}): kernels never see them."),
@@ -168,6 +169,7 @@ class Settings:
     replay_normalisers: list[tuple[str, str]] = field(default_factory=list)
     websocket_replay_seconds: float = 60.0
     sandbox: str = "auto"
+    container_engine: str | None = None
     server_user: str = "agent-gateway"
     sandbox_uids: str = "1000000-1009999"
     egress_allow: list[str] = field(default_factory=list)
@@ -207,8 +209,8 @@ class Settings:
         settings = cls(**values)
         if settings.resume_strategy not in ("snapshot", "replay"):
             raise ValueError("resume_strategy must be 'snapshot' or 'replay'")
-        if settings.sandbox not in ("auto", "none", "process", "sandbox"):
-            raise ValueError("sandbox must be auto, none, process or sandbox")
+        if settings.sandbox not in ("auto", "none", "process", "sandbox", "container"):
+            raise ValueError("sandbox must be auto, none, process, sandbox or container")
         if settings.workspace_volumes not in ("auto", "on", "off"):
             raise ValueError("workspace_volumes must be auto, on or off")
         uid_range(settings.sandbox_uids)

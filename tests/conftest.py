@@ -106,11 +106,12 @@ def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
     profile does not work here), in a base directory other users may traverse (under `process`
     kernel uids reach their workspaces on the host). Yields ``{"profile", "gateway", "base",
     "args"}``; whichever gateway is in ``"gateway"`` at the end is stopped and must exit 0."""
-    from gateway.sandbox import probe_profile
+    from gateway.sandbox import CONTAINER, probe_profile
 
-    status = probe_profile(profile)
-    if not status.works:
-        pytest.skip(f"the {profile} profile does not work here: {status.reason}")
+    if profile != CONTAINER:  # the container profile's engine is the caller's (``container_engine``)
+        status = probe_profile(profile)
+        if not status.works:
+            pytest.skip(f"the {profile} profile does not work here: {status.reason}")
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     base.chmod(0o711)
     extra = ("--sandbox", profile, *args)
@@ -129,6 +130,11 @@ def isolated_gateway(profile: str, *args: str, token: str | None = TOKEN,
                     process.kill()
             except psutil.Error:
                 continue
+        if "--container-engine" in extra:  # and its containers, whatever state they are in
+            from gateway.containers import Engine, instance_of
+
+            url = extra[extra.index("--container-engine") + 1]
+            Engine(url, instance=instance_of(str(base / "data"))).remove_unclaimed(set())
         shutil.rmtree(base, ignore_errors=True)
         assert code == 0, f"the gateway exited with {code}; its stderr ends:\n{stderr_tail}"
 
@@ -156,6 +162,83 @@ def no_volume_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     for root in (tmp_path_factory.getbasetemp(), *made):
         if root.name.startswith("agw-") or root == tmp_path_factory.getbasetemp():
             volumes.release_all(root)
+
+
+REPO = Path(__file__).resolve().parent.parent
+PODMAN_FLAGS = ("--runtime", "runc", "--cgroup-manager", "cgroupfs")  # what works on these hosts (docs/operations.md)
+
+
+def container_engine_problem() -> str | None:
+    """Why the container profile cannot be tested here, or None."""
+    if os.geteuid() != 0:
+        return "the container profile needs root"
+    for tool in ("podman", "runc", "debootstrap"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (.ci/install test installs it)"
+    if not any((REPO / "gateway-envs").glob("python3-*/environment.json")):
+        return "the python3 environment is not built (.ci/install test builds it)"
+    return None
+
+
+@contextmanager
+def podman_service(directory: Path, *, address: str | None = None,
+                   netns: str | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``podman system service`` of a test's own: on a unix socket in ``directory``, or on the
+    TCP ``address`` (inside the network namespace ``netns``). Yields its URL and process."""
+    url = f"tcp://{address}" if address else f"unix://{directory / 'podman.sock'}"
+    command = ["podman", *PODMAN_FLAGS, "system", "service", "--time=0", url]
+    if netns:
+        command = ["ip", "netns", "exec", netns, *command]
+    log = open(directory / "podman-service.log", "wb")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(command, stdout=log, stderr=log)
+    try:
+        from gateway.containers import Engine, EngineUnavailable
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                Engine(url, timeout=5).describe()
+                break
+            except EngineUnavailable:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"podman's service did not answer: {(directory / 'podman-service.log').read_text()}")
+                time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real podman engine (its Docker Engine API on a unix socket) holding the kernel image
+    of the python3 environment, built by ``agent-gateway image build`` (once per machine: the
+    engine keeps it). Skips, saying why, where podman or root is missing."""
+    problem = container_engine_problem()
+    if problem:
+        pytest.skip(f"the container profile cannot be tested here: {problem}")
+    directory = Path(tempfile.mkdtemp(prefix="agw-engine-", dir="/tmp"))
+    with podman_service(directory) as (url, _process):
+        built = subprocess.run([sys.executable, "-m", "gateway", "image", "build", "python3", "--container-engine",
+                                url, "--envs-dir", str(REPO / "gateway-envs")],
+                               capture_output=True, text=True, timeout=1200, cwd=REPO, check=False)
+        assert built.returncode == 0, built.stdout + built.stderr
+        yield url
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def engine_args(request: pytest.FixtureRequest, profile: str) -> tuple[str, ...]:
+    """What a gateway under ``profile`` is started with besides: under ``container``, the tests'
+    own podman engine (skipped, with the reason, where it cannot run)."""
+    return ("--container-engine", request.getfixturevalue("container_engine")) if profile == "container" else ()
+
+
+ISOLATING_PROFILES = ["sandbox", "process", pytest.param("container", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="session")

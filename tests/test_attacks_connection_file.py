@@ -26,7 +26,16 @@ import psutil
 import pytest
 
 from gateway import connection_files
-from tests.conftest import GatewayProcess, isolated_gateway, kernel_host_pid, run, running, start_gateway
+from tests.conftest import (
+    ISOLATING_PROFILES,
+    GatewayProcess,
+    engine_args,
+    isolated_gateway,
+    kernel_host_pid,
+    run,
+    running,
+    start_gateway,
+)
 
 CANARY = b"host canary " + uuid.uuid4().hex.encode()
 VALID = {"transport": "ipc", "ip": "/elsewhere/ipc", "shell_port": 1, "iopub_port": 2, "stdin_port": 3,
@@ -175,11 +184,12 @@ def placement_of(data_dir: Path, session_id: str) -> dict[str, Any]:
         return json.loads(db.execute("SELECT placement FROM sessions WHERE id = ?", [session_id]).fetchone()[0])
 
 
-@pytest.fixture(scope="module", params=["sandbox", "process"])
+@pytest.fixture(scope="module", params=ISOLATING_PROFILES)
 def sabotaged(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """A gateway whose sessions' kernels each spoil their connection file in one way (and one
     that does not), killed with SIGKILL and started again."""
-    with isolated_gateway(request.param, "--pool-size", "0", prefix="agw-connfile-") as state:
+    with isolated_gateway(request.param, "--pool-size", "0", *engine_args(request, request.param),
+                          prefix="agw-connfile-") as state:
         gateway: GatewayProcess = state["gateway"]
         sessions: dict[str, str] = {}
         with gateway.client() as client:

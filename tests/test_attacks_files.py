@@ -20,17 +20,26 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from tests.conftest import GatewayProcess, error_code, isolated_gateway, run, start_gateway
+from tests.conftest import (
+    ISOLATING_PROFILES,
+    GatewayProcess,
+    engine_args,
+    error_code,
+    isolated_gateway,
+    run,
+    start_gateway,
+)
 
 RACE_SECONDS = 6.0
 CANARY = b"host canary: root only " + uuid.uuid4().hex.encode()
 CANARY_OWNER = (4242, 4242)  # no kernel's uid; a chown through a link would show
 
 
-@pytest.fixture(scope="module", params=["sandbox", "process"])
+@pytest.fixture(scope="module", params=ISOLATING_PROFILES)
 def isolated(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     # A token of its own: the suite's fixed one is written in files every user can read.
-    with isolated_gateway(request.param, "--pool-size", "0", token=f"attacks-{uuid.uuid4().hex}",
+    with isolated_gateway(request.param, "--pool-size", "0", *engine_args(request, request.param),
+                          token=f"attacks-{uuid.uuid4().hex}",
                           prefix="agw-attacks-") as state:
         yield state
 
@@ -293,8 +302,8 @@ def test_restart_terminate_and_retention_leave_host_files_alone(isolated: dict[s
     assert_canaries_intact(canaries)
 
     retention = start_gateway(isolated["base"] / f"retention-{uuid.uuid4().hex[:6]}", token=f"r-{uuid.uuid4().hex}",
-                              extra_args=("--sandbox", isolated["profile"], "--retention-days", "0.00002",
-                                          "--idle-pause-seconds", "4", "--pool-size", "0"))
+                              extra_args=(*isolated["args"], "--retention-days", "0.00002",
+                                          "--idle-pause-seconds", "4"))
     try:
         with retention.client() as other:
             ended = new_session(other)

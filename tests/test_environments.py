@@ -260,7 +260,9 @@ def test_an_operator_builds_checks_uses_and_removes_an_environment(tmp_path: Pat
     checked = env_cli(root, "check", "tiny")
     assert checked.returncode == 0 and "tiny: ok" in checked.stdout, checked.stdout
 
-    gateway = start_gateway(tmp_path / "data", extra_args=("--envs-dir", str(root), "--pool-size", "0"))
+    # this root has no python3 of its own: serve is not to spend minutes building one
+    gateway = start_gateway(tmp_path / "data", extra_args=("--envs-dir", str(root), "--pool-size", "0",
+                                                           "--build-environments", "false"))
     try:
         with gateway.client() as http:
             assert "tiny" in http.get("/api/kernelspecs").json()["kernelspecs"]

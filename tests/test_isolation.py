@@ -23,16 +23,18 @@ import websocket
 
 from gateway import volumes
 from gateway.sandbox import probe_profile
-from tests.conftest import GatewayProcess, isolated_gateway, run, start_gateway
+from tests.conftest import ISOLATING_PROFILES, GatewayProcess, engine_args, isolated_gateway, run, start_gateway
 
 
-@pytest.fixture(scope="module", params=["sandbox", "process"])
+@pytest.fixture(scope="module", params=ISOLATING_PROFILES)
 def isolated(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """A gateway of its own under each isolating profile that works on this machine: with
-    workspace volumes where they work under sandbox, and under process with the limit checked
-    between steps only (so both ways of holding the workspace limit are tested)."""
-    volumes_flag = "auto" if request.param == "sandbox" else "off"
+    workspace volumes where they work under sandbox and container, and under process with the
+    limit checked between steps only (so both ways of holding the workspace limit are tested);
+    container kernels on a real podman engine."""
+    volumes_flag = "off" if request.param == "process" else "auto"
     with isolated_gateway(request.param, "--pool-size", "1", "--workspace-volumes", volumes_flag,
+                          *engine_args(request, request.param),
                           prefix="agw-isolation-") as state:
         yield state
 
@@ -99,8 +101,8 @@ def test_a_session_cannot_reach_the_store_tokens_or_other_sessions(gateway: Gate
 
 def test_no_network_not_even_the_gateways_port(gateway: GatewayProcess, admin: httpx.Client,
                                                isolated: dict[str, Any]) -> None:
-    if isolated["profile"] != "sandbox":
-        pytest.skip(f"the {isolated['profile']} profile shares the host's network")
+    if isolated["profile"] == "process":
+        pytest.skip("the process profile shares the host's network")
     port = int(gateway.url.rsplit(":", 1)[1])
     session = new_session(admin)
     try:

@@ -8,6 +8,8 @@ planted in the server's own directories)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import shutil
@@ -243,6 +245,28 @@ def test_the_helper_serves_what_lies_beneath_its_anchor(helper: host.Host, helpe
     finally:
         reply.close()
     assert helper.call_sync("tree.size", root=str(workspace)) == len("inside")
+
+
+def test_a_request_its_caller_gave_up_on_does_not_cut_the_helper_off(helper: host.Host, helper_base: Path) -> None:
+    """A request whose caller was cancelled (a timed-out await) is answered into a cancelled
+    future: the reply is dropped (its descriptors closed) and later requests are answered."""
+    workspace = helper_base / "data" / "sessions" / "s1" / "workspace"
+    open_fds = len(os.listdir("/proc/self/fd"))
+    given_up = []
+    for _ in range(20):
+        future = helper.submit("file.open", root=str(workspace), parts=["file.txt"])  # its reply carries a descriptor
+        if future.cancel():
+            given_up.append(future)
+    assert given_up, "every reply came before its cancel: nothing was tested"
+
+    async def cancelled_await() -> None:
+        await asyncio.wait_for(helper.call("tree.size", root=str(workspace)), timeout=0)
+
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(cancelled_await())
+    for _ in range(3):
+        assert helper.call_sync("tree.size", root=str(workspace)) == len("inside")
+    assert len(os.listdir("/proc/self/fd")) <= open_fds + 1
 
 
 @pytest.mark.parametrize("op, args", [
