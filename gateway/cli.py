@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     image_cli.add_parser(commands)
     doctor = commands.add_parser("doctor", help="Report which kernel isolation profiles work on this machine, and why not.")
     doctor.add_argument("--json", action="store_true", help="print the facts as JSON")
+    doctor.add_argument("--container-engine", dest="container_engine", default=None,
+                        help="also check the container profile on this engine (env AGENT_GATEWAY_CONTAINER_ENGINE)")
     return parser
 
 
@@ -92,7 +94,8 @@ def doctor_command(args: argparse.Namespace) -> int:
 
     from gateway import doctor
 
-    facts = doctor.diagnose()
+    engine = Settings.resolve({"container_engine": args.container_engine} if args.container_engine else {})
+    facts = doctor.diagnose(container_engine=engine.container_engine)
     print(json.dumps(facts, indent=2) if args.json else doctor.format_report(facts))
     return 0 if facts.get("recommended", "none") != "none" else 1
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-from gateway import cgroups, sandbox, volumes
+from gateway import cgroups, containers, sandbox, volumes
 
 
 def _tool_version(name: str) -> str | None:
@@ -36,11 +36,15 @@ def _interpreters() -> dict[str, Any]:
     return chosen
 
 
-def diagnose(cgroup_parent: str = cgroups.DEFAULT_PARENT, refresh: bool = False) -> dict[str, Any]:
-    """Facts about isolation on this host, as a dict that serialises to JSON."""
+def diagnose(cgroup_parent: str = cgroups.DEFAULT_PARENT, refresh: bool = False,
+             container_engine: str | None = None) -> dict[str, Any]:
+    """Facts about isolation on this host, as a dict that serialises to JSON (``container_engine``:
+    the engine the container profile would use)."""
     support = cgroups.detect_cached(cgroup_parent)
     profiles = sandbox.probe_profiles(refresh=refresh, cgroup_parent=cgroup_parent)
+    engine, refused = containers.probe(container_engine)
     return {
+        "container": {"works": refused is None, "engine": engine, "reason": refused or f"kernels can run on {engine}"},
         "euid": os.geteuid(),
         "python": sys.version.split()[0],
         "tools": {"bwrap": _tool_version("bwrap"), "setpriv": _tool_version("setpriv")},
@@ -101,6 +105,8 @@ def format_report(facts: dict[str, Any]) -> str:
     lines += _cgroup_lines(facts) + [""] + _interpreter_lines(facts) + [""] + _profile_lines(facts)
     found = facts["workspace_volumes"]
     lines += ["", f"Workspace volumes: {'work' if found['works'] else 'DO NOT WORK'}: {found['reason']}"]
+    container = facts["container"]
+    lines += ["", f"Container profile: {'works' if container['works'] else 'not available'}: {container['reason']}"]
     lines += ["", f"Recommended profile here: {facts['recommended']}"]
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 
 from gateway.egress import Connection, InvalidRule, Policy, Proxy, Rule, public
-from tests.conftest import isolated_gateway, run, start_gateway
+from tests.conftest import engine_args, isolated_gateway, run, start_gateway
 from tests.test_environments import build_wheel
 
 INDEX_TOKEN = "idx-7f3c9e1b5a2d4c6e8f0a1b3c5d7e9f1a"
@@ -265,10 +265,12 @@ def index_credentials(index: Index) -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("profile", ["sandbox", "container"])
 def test_a_sandboxed_session_installs_from_a_private_index_through_the_proxy_and_keeps_the_package(
-        tmp_path: Path, index: Index) -> None:
+        request: pytest.FixtureRequest, index: Index, profile: str) -> None:
+    engine = engine_args(request, profile)
     with index_credentials(index) as credentials:
-        run_session_through_the_proxy(index, credentials)
+        run_session_through_the_proxy(index, credentials, profile, engine)
 
 
 @pytest.mark.slow
@@ -333,8 +335,8 @@ def test_an_admin_opens_and_closes_a_running_sessions_egress_and_every_change_is
             assert ended.status_code == 409, ended.text
 
 
-def run_session_through_the_proxy(index: Index, credentials: Path) -> None:
-    with isolated_gateway("sandbox", "--egress-credentials", str(credentials), "--pool-size", "0") as state:
+def run_session_through_the_proxy(index: Index, credentials: Path, profile: str, engine: tuple[str, ...]) -> None:
+    with isolated_gateway(profile, "--egress-credentials", str(credentials), "--pool-size", "0", *engine) as state:
         http = state["gateway"].client()
         created = http.post("/v1/sessions", json={"egress": [f"127.0.0.1:{index.port}"]})
         assert created.status_code == 201, created.text
@@ -382,8 +384,7 @@ def run_session_through_the_proxy(index: Index, credentials: Path) -> None:
 
         http.close()
         assert state["gateway"].stop() == 0
-        state["gateway"] = start_gateway(state["base"] / "data", extra_args=state["args"] + (
-            "--egress-credentials", str(credentials), "--pool-size", "0"))
+        state["gateway"] = start_gateway(state["base"] / "data", extra_args=state["args"])
         with state["gateway"].client() as again:
             after = run(again, sid, "import tinypkg; print(tinypkg.VALUE)")
             assert after["stdout"] == "42\n", after

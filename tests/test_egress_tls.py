@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.egress import BUNDLE_NAME, DIRECTORY, Connection, Policy, Proxy
 from gateway.egress_tls import AUTHORITY_NAME, Authority, kernel_bundle
-from tests.conftest import isolated_gateway, run
+from tests.conftest import engine_args, isolated_gateway, run
 from tests.test_egress import INDEX_TOKEN, Index, events_of, index_credentials, token_hunt
 from tests.test_environments import build_wheel
 
@@ -177,15 +177,17 @@ def test_the_proxy_ends_tls_only_for_hosts_with_credentials_and_verifies_the_hos
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("profile", ["sandbox", "container"])
 def test_a_sandboxed_session_installs_over_https_from_a_private_index_whose_token_it_never_sees(
-        pki: dict[str, Any]) -> None:
+        request: pytest.FixtureRequest, pki: dict[str, Any], profile: str) -> None:
+    engine = engine_args(request, profile)
     index = pki["index"]
     with index_credentials(index) as credentials:
         trust_file = credentials.parent / "trust.pem"
         trust_file.write_bytes(pki["trust_file"].read_bytes())
         trust_file.chmod(0o644)
-        with isolated_gateway("sandbox", "--egress-credentials", str(credentials), "--egress-trust",
-                              str(trust_file), "--pool-size", "0") as state:
+        with isolated_gateway(profile, "--egress-credentials", str(credentials), "--egress-trust",
+                              str(trust_file), "--pool-size", "0", *engine) as state:
             with state["gateway"].client() as http:
                 plain = pki["plain"]
                 created = http.post("/v1/sessions", json={"egress": [f"127.0.0.1:{index.port}",
