@@ -229,7 +229,8 @@ class Helper:
             raise Refused("connection_file must be the name of a .json file in the kernel's runtime dir")
         plan.hand_over(connection)
         if plan.profile == sandbox.CONTAINER:
-            return self._run_container(name, plan, command, variables), []
+            started = self._run_container(name, plan, command, variables)
+            return started, _pidfds(started.get("pid"))
         output = self._open_log(_path(log_file, "log_file")) if log_file is not None else None
         try:
             process = plan.start(command, variables, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
@@ -264,6 +265,12 @@ class Helper:
         if self.engine is None:
             raise Refused("this gateway has no container engine")
         return self.engine
+
+    def op_container__adopt(self, name: Any) -> tuple[dict[str, Any], list[int]]:
+        """The kernel's container, started before a crash: its state and, while it runs (on this
+        host's engine), a pidfd of its init."""
+        state = self.op_container__poll(name)
+        return state, _pidfds(state.get("pid")) if state.get("running") else []
 
     def op_container__poll(self, name: Any) -> dict[str, Any]:
         """Whether the kernel's container runs; its exit code and whether its memory limit ended it."""
@@ -553,6 +560,16 @@ class Helper:
                 os.rename(source.name, destination.name, src_dir_fd=from_parent, dst_dir_fd=to_parent)
         with safefs.opened(safefs.open_root(destination)) as fd:
             safefs.chown_tree(fd, *made)
+
+
+def _pidfds(pid: Any) -> list[int]:
+    """A pidfd of ``pid`` (a container's init, on this host when the engine is local), or none."""
+    if not isinstance(pid, int) or pid <= 1:
+        return []
+    try:
+        return [os.pidfd_open(pid)]
+    except OSError:  # the engine is on another host, or the process is gone already
+        return []
 
 
 def _is_wrapper(pid: int) -> bool:

@@ -106,7 +106,8 @@ class Isolation:
                  f"pids {limits.pids or 'unlimited'}", f"file size {human_bytes(limits.file_size_bytes)}",
                  f"workspace {human_bytes(limits.workspace_bytes)}"
                  f" ({'a volume each' if self.volumes else 'measured between steps: ' + self.volumes_reason})"]
-        return f"kernels run under the '{self.profile}' sandbox profile ({', '.join(parts)})"
+        engine = f", on {self.container_engine}" if self.profile == CONTAINER and self.container_engine else ""
+        return f"kernels run under the '{self.profile}' sandbox profile{engine} ({', '.join(parts)})"
 
     def available(self, profile: str) -> bool:
         """Whether kernels can run under ``profile`` here: the server's, a weaker local one, or

@@ -89,8 +89,11 @@ def base_rootfs(cache: Path, progress: Progress) -> Path:
         root = Path(scratch) / "root"
         progress(f"Debian {SUITE} root file system: debootstrap --variant=minbase ({len(PACKAGES)} packages more)")
         started = time.monotonic()
-        done = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
-                               str(root), MIRROR], capture_output=True, text=True, check=False)
+        try:
+            done = subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
+                                   str(root), MIRROR], capture_output=True, text=True, check=False)
+        finally:
+            _unmount_beneath(root)  # what a failed debootstrap left mounted (proc, sys) is not walked or removed
         if done.returncode:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-10:])
             raise EngineUnavailable(f"debootstrap failed:\n{tail}")
@@ -109,6 +112,13 @@ def base_rootfs(cache: Path, progress: Progress) -> Path:
         os.replace(partial, target)
         progress(f"Debian {SUITE} root file system: built in {time.monotonic() - started:.0f} s")
     return target
+
+
+def _unmount_beneath(root: Path) -> None:
+    with open("/proc/self/mounts") as mounts:
+        targets = [line.split()[1] for line in mounts if len(line.split()) > 1]
+    for target in sorted((t for t in targets if Path(t).is_relative_to(root)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True, check=False)
 
 
 def build(environment: Environment, engine: Engine, cache: Path, progress: Progress) -> KernelImage:

@@ -124,13 +124,15 @@ class ContainerProcess:
     stdin = stdout = stderr = None
     exit_known = True
 
-    def __init__(self, name: str, pid: int | None):
-        self.name, self.pid = name, pid
+    def __init__(self, name: str, pid: int | None, pidfd: int = -1):
+        self.name, self.pid, self.pidfd = name, pid, pidfd
         self.returncode: int | None = None
         self.oom_killed = False
 
     async def refresh(self) -> int | None:
-        if self.returncode is None:
+        """The exit code; the engine is asked only once the init's pidfd (where there is one:
+        a local engine) says it ended."""
+        if self.returncode is None and (self.pidfd < 0 or _pidfd_exited(self.pidfd)):
             state = await host.current().call("container.poll", name=self.name)
             if state.get("unreachable"):
                 return None  # the engine did not answer: the kernel is taken as running
@@ -138,6 +140,7 @@ class ContainerProcess:
             if not state["running"]:
                 self.returncode = UNKNOWN_EXIT if state["returncode"] is None else int(state["returncode"])
                 self.exit_known = state["returncode"] is not None
+                self.close()
         return self.returncode
 
     def poll(self) -> int | None:
@@ -147,7 +150,9 @@ class ContainerProcess:
         return self.returncode
 
     def close(self) -> None:
-        pass
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class AdoptedProcess:
@@ -276,7 +281,8 @@ class SandboxProvisioner(LocalProvisioner):
                                               env=dict(kwargs.get("env") or {}), connection_file=connection.name,
                                               log_file=str(self.spec.log_file) if self.spec.log_file else None)
         if self.in_container:
-            started: ContainerProcess | HelperProcess = ContainerProcess(self.spec.name, reply.result["pid"])
+            started: ContainerProcess | HelperProcess = ContainerProcess(
+                self.spec.name, reply.result["pid"], reply.fds[0] if reply.fds else -1)
         else:
             started = HelperProcess(self.spec.name, int(reply.result["pid"]), reply.fds[0])
         process = started
@@ -353,7 +359,7 @@ class SandboxProvisioner(LocalProvisioner):
             state = await host.current().call("kernel.release", name=self.launch_name,
                                               runtime_dir=str(self.runtime_dir) if final else None)
         self.last_oom_killed = self.last_oom_killed or bool(state["oom_killed"])
-        if isinstance(self.process, HelperProcess) and final:
+        if isinstance(self.process, (HelperProcess, ContainerProcess)) and final:
             self.process.close()
 
     async def get_provisioner_info(self) -> dict[str, Any]:
@@ -378,9 +384,12 @@ class SandboxProvisioner(LocalProvisioner):
             return
         if self.in_container:
             if self.launch_name:
-                state = await host.current().call("container.poll", name=self.launch_name)
-                if state["running"] is not False:  # running, or the engine did not answer (it may again)
-                    self.process = ContainerProcess(self.launch_name, state.get("pid"))  # type: ignore[assignment]
+                reply = await host.current().call_fds("container.adopt", name=self.launch_name)
+                if reply.result["running"] is not False:  # running, or the engine did not answer (it may again)
+                    self.process = ContainerProcess(  # type: ignore[assignment]
+                        self.launch_name, reply.result.get("pid"), reply.fds[0] if reply.fds else -1)
+                else:
+                    reply.close()
         elif self.isolated:
             if not self.launch_name:
                 return

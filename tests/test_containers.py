@@ -7,11 +7,14 @@ test_attacks_connection_file.py) and the egress tests run under this profile too
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -276,4 +279,37 @@ def test_an_operators_environment_gets_an_image_and_without_one_the_error_says_h
             assert used["stdout"] == "42 True\n", used
             assert run(admin, sid, "import pandas")["error"]["name"] == "ModuleNotFoundError"
     environment = Environments(root).current(next(d for d in Environments(root).definitions() if d.name == "tiny"))
+    assert environment is not None
     engine_client(container_engine).api.remove_image(kernel_image.image_tag(environment))
+
+
+def test_kernels_go_on_while_their_engine_is_down_and_new_ones_wait_for_it(tmp_path: Path,
+                                                                          container_engine: str) -> None:
+    """The engine's service stopped in the middle of a run: its containers keep running (their
+    monitor is not the service), so sessions keep their kernels and state; what needs the engine
+    (a new kernel) fails saying so, and works again once the engine is back."""
+    from tests.conftest import podman_service
+
+    engine_dir = Path(tempfile.mkdtemp(prefix="agw-engine-own-", dir="/tmp"))
+    with contextlib.ExitStack() as engines:  # the engine started again outlives the gateway
+        url, service = engines.enter_context(podman_service(engine_dir))
+        with isolated_gateway("container", "--pool-size", "0", "--container-engine", url,
+                              prefix="agw-container-down-") as state:
+            with state["gateway"].client() as admin:
+                sid = new_session(admin)
+                assert run(admin, sid, "x = 20")["status"] == "ok"
+                service.terminate()
+                service.wait(15)
+                assert run(admin, sid, "x * 2 + 2")["result"] == "42"  # the kernel never noticed
+                refused = admin.post("/v1/sessions", json={})
+                assert refused.status_code == 503, refused.text
+                assert "container engine" in refused.json()["error"]["message"]
+                again, _service = engines.enter_context(podman_service(engine_dir))
+                assert again == url
+                other = new_session(admin)
+                assert run(admin, other, "1 + 1")["result"] == "2"
+                assert run(admin, sid, "x")["result"] == "20"
+                kernel = launch_id(state["gateway"].data_dir, sid)
+                assert admin.delete(f"/v1/sessions/{sid}").status_code == 200
+                assert kernel not in containers_of(url, state["gateway"].data_dir)
+    shutil.rmtree(engine_dir, ignore_errors=True)

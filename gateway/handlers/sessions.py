@@ -25,7 +25,7 @@ NEW_SESSION = Body((
     Field("env", (dict,), "extra environment variables for the kernel (only the names are recorded)",
           schema={"additionalProperties": {"type": "string"}}),
     Field("setup", (str,), "code run once before the first step, recorded as step 0"),
-    Field("sandbox", (str,), "isolation profile: none, process or sandbox (admins only, other than the server's)"),
+    Field("sandbox", (str,), "isolation profile: none, process, sandbox or container (admins only, other than the server's)"),
     Field("limits", (dict,), "resource limits: memory, cpu, pids, file_size, workspace"),
     Field("egress", (list,), "hosts the kernel may reach through the gateway's egress proxy: host, host:port, "
           "*.domain:port,port (admins only, other than the server's)", schema={"items": {"type": "string"}}),
@@ -202,7 +202,7 @@ class EventsHandler(BaseHandler):
 
 
 class EgressHandler(BaseHandler):
-    operations = {"put": Operation("Replace the hosts the session's kernel may reach (admins; sandbox profile)",
+    operations = {"put": Operation("Replace the hosts the session's kernel may reach (admins; sandbox and container profiles)",
                                    "Session", body=EGRESS_RULES)}
 
     async def put(self, session_id: str) -> None:
