@@ -7,8 +7,9 @@ environment, built here and loaded into an engine with no registry.
 2. The environment's base interpreter (its standard library; not its own site-packages) and the
    environment itself, at the paths they have here: the kernel spec's argv runs unchanged, and
    the environment's packages are the ones its lock pinned and ``env check`` verifies.
-3. One tar, written in sorted order with owners, modes and times fixed (the same inputs give the
-   same bytes), imported through the engine's API (``images/create?fromSrc``) and tagged by
+3. One tar, written in sorted order, owned by root, the Debian part's times fixed and the
+   environment's kept (Python checks its bytecode caches against them): the same inputs give
+   the same bytes; imported through the engine's API (``images/create?fromSrc``) and tagged by
    the environment's directory name, which carries its content hash.
 
 Building needs root (debootstrap) and Debian's mirror; loading needs only the engine's API, so
@@ -40,7 +41,8 @@ MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("ca-certificates", "catatonit", "fontconfig-config", "libbz2-1.0", "libexpat1", "libffi8",
             "libgdbm6", "libgomp1", "liblzma5", "libncursesw6", "libnsl2", "libreadline8", "libsqlite3-0",
             "libssl3", "libstdc++6", "libtirpc3", "libuuid1", "zlib1g")
-EPOCH = 1_700_000_000  # every file's time in the image
+EPOCH = 1_700_000_000  # the time of the Debian part's files
+IMAGE_LAYOUT = 2  # raised when what an image holds, or where, changes
 IMAGES_DIR = ".images"
 REPOSITORY = "localhost/agent-gateway-kernel"  # a name no engine pulls: it is loaded, never fetched
 SKIPPED_ROOTFS = ("proc/", "sys/", "dev/", "run/", "tmp/", "var/cache/apt/", "var/lib/apt/lists/", "var/log/",
@@ -65,8 +67,8 @@ class KernelImage:
 def image_tag(environment: Environment) -> str:
     """``localhost/agent-gateway-kernel:<environment directory>-<its path's hash>``: a new build
     of the environment is a new tag, and so is the same one at another path (the image holds it
-    where it is here)."""
-    where = hashlib.sha256(str(environment.path).encode()).hexdigest()[:8]
+    where it is here), another Debian base or another layout of the image."""
+    where = hashlib.sha256(f"{environment.path}\n{base_key()}\n{IMAGE_LAYOUT}".encode()).hexdigest()[:8]
     return f"{REPOSITORY}:{environment.path.name}-{where}"
 
 
@@ -166,8 +168,8 @@ def write_image_tar(environment: Environment, base: Path, target: Path) -> None:
                     seen.add(name)
             for path in _walk(tree, skip):
                 name = path.relative_to("/").as_posix()
-                if name not in seen:
-                    tar.add(path, arcname=name, recursive=False, filter=_fixed)
+                if name not in seen:  # times kept: Python's bytecode caches are checked against them
+                    tar.add(path, arcname=name, recursive=False, filter=_owned_by_root)
                     seen.add(name)
         manifest = json.dumps({"environment": environment.identity(), "suite": SUITE, "base": base.name},
                               indent=1, sort_keys=True).encode()
@@ -207,6 +209,11 @@ def _walk(root: Path, skip: Callable[[Path], bool] = lambda _p: False) -> Iterat
 
 def _fixed(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.mtime = EPOCH
+    return _owned_by_root(info)
+
+
+def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
 
