@@ -118,8 +118,9 @@ class HelperProcess:
 
 class ContainerProcess:
     """A kernel's container on the engine (``gateway.containers``), started here or before a
-    crash: what jupyter_client asks of a ``Popen``, each question asked of the engine through
-    the helper. ``pid`` is the container's init on the engine's host."""
+    crash: what jupyter_client asks of a ``Popen``, answered by a pidfd of the container's init
+    (``pid``, on this host) and, once that ended or where there is none, by the engine through
+    the helper."""
 
     stdin = stdout = stderr = None
     exit_known = True
