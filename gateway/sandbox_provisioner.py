@@ -81,7 +81,7 @@ class HelperProcess:
 
     stdin = stdout = stderr = None
 
-    def __init__(self, name: str, pid: int, pidfd: int):
+    def __init__(self, name: str, pid: int | None, pidfd: int):
         self.name, self.pid, self.pidfd = name, pid, pidfd
         self.returncode: int | None = None
         self.exit_known = True
@@ -116,24 +116,13 @@ class HelperProcess:
             self.pidfd = -1
 
 
-class ContainerProcess:
+class ContainerProcess(HelperProcess):
     """A kernel's container on the engine (``gateway.containers``), started here or before a
-    crash: what jupyter_client asks of a ``Popen``, answered by a pidfd of the container's init
-    (``pid``, on this host) and, once that ended or where there is none, by the engine through
-    the helper."""
-
-    stdin = stdout = stderr = None
-    exit_known = True
-
-    def __init__(self, name: str, pid: int | None, pidfd: int = -1):
-        self.name, self.pid, self.pidfd = name, pid, pidfd
-        self.returncode: int | None = None
-        self.oom_killed = False
+    crash: answered by a pidfd of the container's init (``pid``, on this host; -1 when there is
+    none) and, once that ended or where there is none, by the engine through the helper."""
 
     async def refresh(self) -> int | None:
-        """The exit code; the engine is asked only once the init's pidfd (where there is one:
-        a local engine) says it ended."""
-        if self.returncode is None and (self.pidfd < 0 or _pidfd_exited(self.pidfd)):
+        if self.returncode is None and self.exited():
             state = await host.current().call("container.poll", name=self.name)
             if state.get("unreachable"):
                 return None  # the engine did not answer: the kernel is taken as running
@@ -143,17 +132,6 @@ class ContainerProcess:
                 self.exit_known = state["returncode"] is not None
                 self.close()
         return self.returncode
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        return self.returncode
-
-    def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
 
 
 class AdoptedProcess:
@@ -282,8 +260,8 @@ class SandboxProvisioner(LocalProvisioner):
                                               env=dict(kwargs.get("env") or {}), connection_file=connection.name,
                                               log_file=str(self.spec.log_file) if self.spec.log_file else None)
         if self.in_container:
-            started: ContainerProcess | HelperProcess = ContainerProcess(
-                self.spec.name, reply.result["pid"], reply.fds[0] if reply.fds else -1)
+            started: HelperProcess = ContainerProcess(self.spec.name, reply.result["pid"],
+                                                      reply.fds[0] if reply.fds else -1)
         else:
             started = HelperProcess(self.spec.name, int(reply.result["pid"]), reply.fds[0])
         process = started
@@ -294,7 +272,7 @@ class SandboxProvisioner(LocalProvisioner):
 
     async def poll(self) -> int | None:
         process = self.process
-        if isinstance(process, (HelperProcess, ContainerProcess)):
+        if isinstance(process, HelperProcess):
             code = await process.refresh()
             self.last_oom_killed = self.last_oom_killed or process.oom_killed
             return code
@@ -304,7 +282,7 @@ class SandboxProvisioner(LocalProvisioner):
         import asyncio
 
         process = self.process
-        if not isinstance(process, (HelperProcess, ContainerProcess)):
+        if not isinstance(process, HelperProcess):
             return await super().wait()
         while await self.poll() is None:
             await asyncio.sleep(0.05)
@@ -324,13 +302,13 @@ class SandboxProvisioner(LocalProvisioner):
             await host.current().call("kernel.signal", name=self.process.name, signum=int(signum))
 
     async def kill(self, restart: bool = False) -> None:
-        if not isinstance(self.process, (HelperProcess, ContainerProcess)):
+        if not isinstance(self.process, HelperProcess):
             await super().kill(restart)
         else:
             await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
-        if not isinstance(self.process, (HelperProcess, ContainerProcess)):
+        if not isinstance(self.process, HelperProcess):
             await super().terminate(restart)
         else:
             await self.send_signal(signal.SIGTERM)
@@ -360,7 +338,7 @@ class SandboxProvisioner(LocalProvisioner):
             state = await host.current().call("kernel.release", name=self.launch_name,
                                               runtime_dir=str(self.runtime_dir) if final else None)
         self.last_oom_killed = self.last_oom_killed or bool(state["oom_killed"])
-        if isinstance(self.process, (HelperProcess, ContainerProcess)) and final:
+        if isinstance(self.process, HelperProcess) and final:
             self.process.close()
 
     async def get_provisioner_info(self) -> dict[str, Any]:

@@ -181,14 +181,11 @@ def container_engine_problem() -> str | None:
 
 
 @contextmanager
-def podman_service(directory: Path, *, address: str | None = None,
-                   netns: str | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``podman system service`` of a test's own: on a unix socket in ``directory``, or on the
-    TCP ``address`` (inside the network namespace ``netns``). Yields its URL and process."""
-    url = f"tcp://{address}" if address else f"unix://{directory / 'podman.sock'}"
+def podman_service(directory: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``podman system service`` of a test's own, on a unix socket in ``directory``. Yields its
+    URL and process (stopped at the end)."""
+    url = f"unix://{directory / 'podman.sock'}"
     command = ["podman", *PODMAN_FLAGS, "system", "service", "--time=0", url]
-    if netns:
-        command = ["ip", "netns", "exec", netns, *command]
     log = open(directory / "podman-service.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(command, stdout=log, stderr=log)
     try:
