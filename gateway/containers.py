@@ -123,7 +123,7 @@ def create_settings(launch: ContainerLaunch) -> dict[str, Any]:
 
 
 class Engine:
-    """One Docker Engine API endpoint (``unix:///run/podman/podman.sock``, ``tcp://host:2375``)."""
+    """One Docker Engine API endpoint (``unix:///run/podman/podman.sock``)."""
 
     def __init__(self, url: str, timeout: float = 60.0, instance: str = ""):
         self.url, self.instance = url, instance
