@@ -12,7 +12,8 @@ Services raise these, never HTTP errors. The tree::
     ├── Conflict (409): session_ended, is_a_directory
     ├── PayloadTooLarge (413): body_too_large
     ├── InsufficientStorage (507): workspace_full
-    └── Unavailable (503): kernel_start_failed, shutting_down
+    └── Unavailable (503): kernel_start_failed, shutting_down, environment_not_built,
+                           image_not_built, engine_unavailable
 """
 
 from __future__ import annotations

@@ -272,6 +272,14 @@ class Helper:
         state = self.op_container__poll(name)
         return state, _pidfds(state.get("pid")) if state.get("running") else []
 
+    def op_container__image(self, environment: Any) -> dict[str, Any]:
+        """The kernel image of a built environment (its directory name), and whether the engine has it."""
+        image = kernel_image.image_tag(self._environment(environment))
+        try:
+            return {"image": image, "present": self._engine().has_image(image)}
+        except containers.EngineUnavailable as exc:
+            raise Refused(str(exc)) from None
+
     def op_container__poll(self, name: Any) -> dict[str, Any]:
         """Whether the kernel's container runs; its exit code and whether its memory limit ended it."""
         try:

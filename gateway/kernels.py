@@ -458,6 +458,23 @@ class KernelLauncher:
                               code="environment_not_defined", details={"kernel": spec_name})
         return environment
 
+    async def check_image(self, spec_name: str, isolation: SessionIsolation | None) -> None:
+        """Under the container profile the engine must hold the kernel image of the spec's
+        environment: 503 ``image_not_built`` (or ``engine_unavailable``) before anything is made."""
+        environment = self.environment_of(spec_name)
+        if isolation is None or isolation.profile != sandbox.CONTAINER or environment is None:
+            return
+        try:
+            found = await host.current().call("container.image", environment=environment.path.name)
+        except host.HelperRefused as exc:
+            raise Unavailable(f"The container engine cannot be used now: {exc}", code="engine_unavailable",
+                              details={"kernel": spec_name}) from None
+        if not found["present"]:
+            raise Unavailable(f"The container engine has no kernel image of the '{spec_name}' environment "
+                              f"({found['image']}): run `agent-gateway image build {spec_name}`.",
+                              code="image_not_built", details={"kernel": spec_name, "image": found["image"],
+                                                               "build": f"agent-gateway image build {spec_name}"})
+
     def build_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
         env.update(extra)

@@ -164,8 +164,9 @@ class Lifecycle:
 
     async def _resume(self, row: SessionRecord, principal: str, reason: str) -> None:
         manager = self.manager
-        # Its environment removed meanwhile: refused, and the session stays paused until it is built.
-        manager.launcher.environment_of(row.kernel)
+        # Its environment (or, under container, its image) removed meanwhile: refused, and the
+        # session stays paused until it is built.
+        await manager.launcher.check_image(row.kernel, manager.isolation_of(row))
         await self.ensure_room(resuming=row.id)
         started = time.monotonic()
         row = manager.store.get_session(row.id) or row

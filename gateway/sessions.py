@@ -228,6 +228,7 @@ class SessionManager:
         if isolation is None and self.launcher.isolation is not None:
             isolation = self.launcher.isolation.for_session(access.may_loosen_isolation(principal), sandbox, limits,
                                                             egress)
+        await self.launcher.check_image(kernel, isolation)
         await self.lifecycle.ensure_room()
         session_id = "s_" + secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")
         created = now_iso()

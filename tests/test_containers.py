@@ -266,9 +266,10 @@ def test_an_operators_environment_gets_an_image_and_without_one_the_error_says_h
                           str(root), "--build-environments", "false", prefix="agw-container-tiny-") as state:
         with state["gateway"].client() as admin:
             missing = admin.post("/v1/sessions", json={"kernel": "tiny"})
-            assert missing.status_code == 503, missing.text
-            assert "has no kernel image" in missing.json()["error"]["message"]
+            assert missing.status_code == 503 and missing.json()["error"]["code"] == "image_not_built", missing.text
             assert "agent-gateway image build tiny" in missing.json()["error"]["message"]
+            assert missing.json()["error"]["details"]["build"] == "agent-gateway image build tiny"
+            assert admin.get("/v1/sessions").json()["sessions"] == []  # nothing was created
 
             built = subprocess.run([sys.executable, "-m", "gateway", "image", "build", "tiny", "--container-engine",
                                     container_engine, "--envs-dir", str(root)],
@@ -278,9 +279,29 @@ def test_an_operators_environment_gets_an_image_and_without_one_the_error_says_h
             used = run(admin, sid, "import sys, tinypkg; print(tinypkg.VALUE, sys.prefix.startswith(%r))" % str(root))
             assert used["stdout"] == "42 True\n", used
             assert run(admin, sid, "import pandas")["error"]["name"] == "ModuleNotFoundError"
-    environment = Environments(root).current(next(d for d in Environments(root).definitions() if d.name == "tiny"))
+
+            # The image taken away while the session is paused: its resume is refused, it stays paused.
+            engine = engine_client(container_engine).api
+            tag = kernel_image.image_tag(tiny_environment(root))
+            repository, _, version = tag.rpartition(":")
+            assert admin.post(f"/v1/sessions/{sid}/pause").status_code == 200
+            engine.tag(tag, repository, "aside")
+            engine.remove_image(tag)
+            refused = admin.post(f"/v1/sessions/{sid}/resume")
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "image_not_built", refused.text
+            assert admin.get(f"/v1/sessions/{sid}").json()["state"] == "paused"
+            engine.tag(f"{repository}:aside", repository, version)
+            engine.remove_image(f"{repository}:aside")
+            assert admin.post(f"/v1/sessions/{sid}/resume").status_code == 200
+            assert run(admin, sid, "import tinypkg; tinypkg.VALUE")["result"] == "42"
+    engine_client(container_engine).api.remove_image(kernel_image.image_tag(tiny_environment(root)))
+
+
+def tiny_environment(root: Path) -> Any:
+    environments = Environments(root)
+    environment = environments.current(next(d for d in environments.definitions() if d.name == "tiny"))
     assert environment is not None
-    engine_client(container_engine).api.remove_image(kernel_image.image_tag(environment))
+    return environment
 
 
 def test_kernels_go_on_while_their_engine_is_down_and_new_ones_wait_for_it(tmp_path: Path,
@@ -302,8 +323,10 @@ def test_kernels_go_on_while_their_engine_is_down_and_new_ones_wait_for_it(tmp_p
                 service.wait(15)
                 assert run(admin, sid, "x * 2 + 2")["result"] == "42"  # the kernel never noticed
                 refused = admin.post("/v1/sessions", json={})
-                assert refused.status_code == 503, refused.text
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable", \
+                    refused.text
                 assert "container engine" in refused.json()["error"]["message"]
+                assert len(admin.get("/v1/sessions").json()["sessions"]) == 1  # nothing else was created
                 again, _service = engines.enter_context(podman_service(engine_dir))
                 assert again == url
                 other = new_session(admin)
