@@ -274,7 +274,11 @@ class Helper:
 
     def op_container__image(self, environment: Any) -> dict[str, Any]:
         """The kernel image of a built environment (its directory name), and whether the engine has it."""
-        image = kernel_image.image_tag(self._environment(environment))
+        built = self._environment(environment)
+        image = kernel_image.image_tag(built)
+        hidden = kernel_image.mounted_over(built)
+        if hidden:
+            return {"image": image, "present": False, "why": hidden}
         try:
             return {"image": image, "present": self._engine().has_image(image)}
         except containers.EngineUnavailable as exc:

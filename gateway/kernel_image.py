@@ -48,6 +48,7 @@ REPOSITORY = "localhost/agent-gateway-kernel"  # a name no engine pulls: it is l
 SKIPPED_ROOTFS = ("proc/", "sys/", "dev/", "run/", "tmp/", "var/cache/apt/", "var/lib/apt/lists/", "var/log/",
                   "var/cache/debconf/", "var/tmp/")
 EMPTY_DIRS = ("proc", "sys", "dev", "run", "tmp", "var/tmp", "workspace")  # mount points
+MOUNTED_OVER = ("/tmp", "/dev", "/proc", "/sys", "/workspace")  # a kernel's container mounts its own there
 SKIPPED_PREFIX = ("site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3")
 
 Progress = Callable[[str], None]
@@ -70,6 +71,16 @@ def image_tag(environment: Environment) -> str:
     where it is here), another Debian base or another layout of the image."""
     where = hashlib.sha256(f"{environment.path}\n{base_key()}\n{IMAGE_LAYOUT}".encode()).hexdigest()[:8]
     return f"{REPOSITORY}:{environment.path.name}-{where}"
+
+
+def mounted_over(environment: Environment) -> str | None:
+    """Why ``environment`` cannot be in an image: it lies where a kernel's container mounts its own."""
+    for path in (str(environment.path), environment.base_prefix):
+        covered = next((top for top in MOUNTED_OVER if Path(path).is_relative_to(top)), None)
+        if covered:
+            return (f"{path} lies under {covered}, which a kernel's container mounts its own {covered} over: "
+                    "build the environment elsewhere (--envs-dir) for the container profile")
+    return None
 
 
 def base_key() -> str:
@@ -126,6 +137,9 @@ def _unmount_beneath(root: Path) -> None:
 def build(environment: Environment, engine: Engine, cache: Path, progress: Progress) -> KernelImage:
     """Build and load the image of ``environment`` into ``engine`` (nothing when it has it already)."""
     image = KernelImage(environment)
+    hidden = mounted_over(environment)
+    if hidden:
+        raise EngineUnavailable(hidden)
     if engine.has_image(image.tag):
         progress(f"{image.tag}: present on the engine already")
         return image

@@ -470,8 +470,9 @@ class KernelLauncher:
             raise Unavailable(f"The container engine cannot be used now: {exc}", code="engine_unavailable",
                               details={"kernel": spec_name}) from None
         if not found["present"]:
+            how = found.get("why") or f"run `agent-gateway image build {spec_name}`"
             raise Unavailable(f"The container engine has no kernel image of the '{spec_name}' environment "
-                              f"({found['image']}): run `agent-gateway image build {spec_name}`.",
+                              f"({found['image']}): {how}.",
                               code="image_not_built", details={"kernel": spec_name, "image": found["image"],
                                                                "build": f"agent-gateway image build {spec_name}"})
 

@@ -177,6 +177,12 @@ def container_engine_problem() -> str | None:
             return f"{tool} is not installed (.ci/install test installs it)"
     if not any((REPO / "gateway-envs").glob("python3-*/environment.json")):
         return "the python3 environment is not built (.ci/install test builds it)"
+    from gateway.kernel_image import MOUNTED_OVER
+
+    covered = next((top for top in MOUNTED_OVER if (REPO / "gateway-envs").is_relative_to(top)), None)
+    if covered:
+        return (f"the checkout's environments lie under {covered}, which a kernel's container mounts its own "
+                f"{covered} over (clone the repository elsewhere)")
     return None
 
 

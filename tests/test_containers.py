@@ -260,7 +260,8 @@ def test_an_operators_environment_gets_an_image_and_without_one_the_error_says_h
     from tests.test_environments import env_cli, tiny_requirements
 
     _wheels, requirements = tiny_requirements(tmp_path)
-    root = tmp_path / "envs"
+    # not under /tmp, which a kernel's container mounts its own /tmp over (and so refuses to hold)
+    root = Path(tempfile.mkdtemp(prefix="agw-envs-", dir="/var/tmp")) / "envs"
     assert env_cli(root, "build", "tiny", "--requirements", str(requirements)).returncode == 0
     with isolated_gateway("container", "--pool-size", "0", "--container-engine", container_engine, "--envs-dir",
                           str(root), "--build-environments", "false", prefix="agw-container-tiny-") as state:
@@ -295,6 +296,7 @@ def test_an_operators_environment_gets_an_image_and_without_one_the_error_says_h
             assert admin.post(f"/v1/sessions/{sid}/resume").status_code == 200
             assert run(admin, sid, "import tinypkg; tinypkg.VALUE")["result"] == "42"
     engine_client(container_engine).api.remove_image(kernel_image.image_tag(tiny_environment(root)))
+    shutil.rmtree(root.parent, ignore_errors=True)
 
 
 def tiny_environment(root: Path) -> Any:
@@ -336,3 +338,15 @@ def test_kernels_go_on_while_their_engine_is_down_and_new_ones_wait_for_it(tmp_p
                 assert admin.delete(f"/v1/sessions/{sid}").status_code == 200
                 assert kernel not in containers_of(url, state["gateway"].data_dir)
     shutil.rmtree(engine_dir, ignore_errors=True)
+
+
+def test_an_environment_where_a_container_mounts_its_own_directories_gets_no_image() -> None:
+    from gateway.environments import Environment
+
+    for path, base in (("/tmp/clone/gateway-envs/python3-0123456789ab", "/usr"),
+                       ("/srv/envs/python3-0123456789ab", "/workspace/python")):
+        environment = Environment("python3", "0" * 64, Path(path), "3.11.7", base)
+        why = kernel_image.mounted_over(environment)
+        assert why is not None and "build the environment elsewhere" in why, why
+    assert kernel_image.mounted_over(python3_environment()) is None or str(REPO).startswith("/tmp")
+
