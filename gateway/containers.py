@@ -23,8 +23,10 @@ after a crash finds them (they run on: the engine, not the gateway, is their par
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from gateway.sandbox import SANDBOX_WORKSPACE
 
 if TYPE_CHECKING:
     import docker
@@ -35,7 +37,6 @@ CONTAINER_PROFILE = "container"
 NAME_PREFIX = "agent-gateway-"
 KERNEL_LABEL = "io.agent-gateway.kernel"  # its value: the kernel's name (its launch id)
 INSTANCE_LABEL = "io.agent-gateway.instance"  # which gateway (its data directory) started it
-WORKSPACE = "/workspace"
 TMP_BYTES = 256 * 1024 * 1024
 OPEN_FILES = 4096
 API_VERSION = "1.41"  # what podman 4 and Docker 20.10+ both serve
@@ -84,7 +85,6 @@ class ContainerState:
     oom_killed: bool = False
     pid: int | None = None  # its init's pid on the engine's host (0 or None when stopped)
     id: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
 
 
 def container_name(kernel: str) -> str:
@@ -104,12 +104,12 @@ def create_settings(launch: ContainerLaunch) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "image": launch.image, "command": [*WRAPPER, *launch.argv], "name": launch.name,
         "hostname": launch.hostname,
-        "environment": dict(launch.env), "user": f"{launch.uid}:{launch.gid}", "working_dir": WORKSPACE,
+        "environment": dict(launch.env), "user": f"{launch.uid}:{launch.gid}", "working_dir": SANDBOX_WORKSPACE,
         "network_mode": "none", "read_only": True, "init": True, "detach": True,
         "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"], "ipc_mode": "private",
         "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={TMP_BYTES},mode=1777",
                   "/dev/shm": f"rw,nosuid,nodev,size={TMP_BYTES},mode=1777"},
-        "mounts": [Mount(target=WORKSPACE, source=launch.workspace, type="bind", read_only=False),
+        "mounts": [Mount(target=SANDBOX_WORKSPACE, source=launch.workspace, type="bind", read_only=False),
                    Mount(target=launch.runtime_dir, source=launch.runtime_dir, type="bind", read_only=False)],
         "ulimits": ulimits, "labels": {KERNEL_LABEL: launch.kernel, INSTANCE_LABEL: launch.instance},
     }
@@ -282,5 +282,4 @@ def _state(attributes: dict[str, Any]) -> ContainerState:
     if code == OOM_EXIT:
         code = 128 + int(signal.SIGKILL)  # what the OOM killer did to the kernel
     return ContainerState(running=running, exit_code=code, oom_killed=oom, pid=int(status.get("Pid") or 0) or None,
-                          id=str(attributes.get("Id") or ""),
-                          labels=dict((attributes.get("Config") or {}).get("Labels") or {}))
+                          id=str(attributes.get("Id") or ""))
