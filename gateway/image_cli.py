@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from gateway import kernel_image
-from gateway.containers import Engine, EngineUnavailable
 from gateway.environments import EnvironmentProblem, Environments
 
 
@@ -30,6 +28,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def run(args: argparse.Namespace, root: Path, engine_url: str | None) -> int:
+    """Build or list images; the engine's modules are the server extra's, so they are imported here."""
+    from gateway import kernel_image
+    from gateway.containers import Engine, EngineUnavailable
+
     if not engine_url:
         print("agent-gateway image: name the engine with --container-engine URL", file=sys.stderr)
         return 2

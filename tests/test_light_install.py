@@ -19,7 +19,30 @@ HTTPX_AND_ITS_OWN = {"httpx", "httpcore", "h11", "anyio", "idna", "certifi", "sn
                      "exceptiongroup"}
 INSTALLER = {"pip", "setuptools", "wheel"}
 
-pytestmark = pytest.mark.slow
+SERVER_MODULES = ("tornado", "jupyter_client", "ipykernel", "zmq", "nbformat", "sqlite_utils", "psutil", "mcp",
+                  "cryptography", "docker", "certifi", "cloudpickle")
+WITHOUT_THE_SERVER_EXTRA = textwrap.dedent("""
+    import importlib.abc, sys
+    class Absent(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in sys.argv[1].split(","):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Absent())
+    from gateway.cli import main
+    for command in sys.argv[2:]:
+        print(main(command.split()))
+""")
+
+
+def test_every_server_command_says_it_needs_the_extra_when_its_modules_are_missing(tmp_path: Path) -> None:
+    """The fast guard of the light install: no module the command line loads imports the server's own."""
+    commands = [f"serve --data-dir {tmp_path}", "image list --container-engine unix:///nowhere",
+                f"env list --envs-dir {tmp_path}", "doctor"]
+    ran = subprocess.run([sys.executable, "-c", WITHOUT_THE_SERVER_EXTRA, ",".join(SERVER_MODULES), *commands],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert ran.stdout.split() == ["2"] * len(commands), (ran.stdout, ran.stderr)
+    assert ran.stderr.count("pip install 'agent-kernel-gateway[server]'") == len(commands)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +57,7 @@ def light_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@pytest.mark.slow
 def test_the_light_install_holds_httpx_and_nothing_of_the_server(light_venv: Path) -> None:
     listing = subprocess.run([str(light_venv / "bin" / "pip"), "list", "--format", "json"], capture_output=True,
                              text=True, check=True)
@@ -43,6 +67,7 @@ def test_the_light_install_holds_httpx_and_nothing_of_the_server(light_venv: Pat
     assert not names & {"tornado", "jupyter-client", "ipykernel", "pyzmq", "mcp", "nbformat"}
 
 
+@pytest.mark.slow
 def test_the_light_install_drives_a_gateway(light_venv: Path, gateway: GatewayProcess) -> None:
     script = textwrap.dedent("""
         import sys
@@ -64,6 +89,7 @@ def test_the_light_install_drives_a_gateway(light_venv: Path, gateway: GatewayPr
     assert ran.stdout.split() == ["42", "light", "session_not_found"]
 
 
+@pytest.mark.slow
 def test_the_server_commands_say_which_extra_they_need(light_venv: Path, tmp_path: Path) -> None:
     served = subprocess.run([str(light_venv / "bin" / "agent-gateway"), "serve", "--data-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=60, cwd="/")
